@@ -1,0 +1,319 @@
+"""Run configuration: typed sections, YAML/JSON file + CLI overrides, all problems reported at once.
+
+Everything here is pure Python + pydantic: it runs before any process group exists, so a bad config
+costs the user one second, not a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in the run config. Carries every problem found, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the run configuration:\n{lines}")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str | None = Field(None, description="HF save_pretrained folder of the SFT backbone")
+    tokenizer: str | None = Field(None, description="tokenizer folder; defaults to model.path")
+    random_init: bool = Field(False, description="build the backbone from path's config.json with random weights")
+    gradient_checkpointing: bool = Field(False, description="activation checkpointing of the decoder layers")
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
+    head_init_std: float | None = Field(None, gt=0, description="std of the score head; default 1/sqrt(H+1)")
+
+
+class DataConfig(Section):
+    train_path: str | None = Field(None, description=".jsonl/.json/.parquet (optionally .gz) of preference pairs")
+    test_path: str | None = Field(None, description="held-out file; else test_fraction of train is held out")
+    test_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    format: Literal["auto", "hh", "prompt"] = "auto"
+    max_len: int = Field(512, ge=8, description="tokens per sequence (prompt + response + EOS)")
+
+
+class TrainConfig(Section):
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    micro_batch_size: int = Field(4, ge=1, description="pairs per rank per micro step (2x sequences)")
+    grad_accum: int = Field(1, ge=1, description="micro steps per optimizer step")
+    eval_batch_size: int | None = Field(None, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = Field(1e-8, gt=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs")
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    seed: int = 42
+    eval_every: int = Field(0, ge=0, description="steps between evals; 0 = only at the end")
+    save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    log_every: int = Field(1, ge=1)
+
+
+class OutputConfig(Section):
+    output_dir: str | None = None
+    tensorboard: bool = True
+    verify_consolidation: bool = Field(True, description="re-score a probe batch from reward.pt vs the engine")
+
+
+class RunConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+    ds_config: str | None = Field(None, description="DeepSpeed JSON; default ds_configs/zero2.json")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        # Collected into one error so pydantic reports them alongside field errors.
+        problems = []
+        if not self.model.path:
+            problems.append("model.path (--model) is required: an HF save_pretrained folder")
+        if not self.data.train_path:
+            problems.append("data.train_path (--data) is required: a .jsonl/.json/.parquet file")
+        if not self.output.output_dir:
+            problems.append("output.output_dir (--output_dir) is required")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.train.eval_batch_size or self.train.micro_batch_size
+
+
+SECTIONS = ("model", "data", "train", "output")
+# Short flags users know from the seed script and from other trainers, beyond the automatic
+# "unique field name" short forms (--lr, --max_len, --micro_batch_size, ...).
+ALIASES = {
+    "model": "model.path",
+    "data": "data.train_path",
+    "train_data": "data.train_path",
+    "test_data": "data.test_path",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size",
+    "learning_rate": "train.lr",
+    "deepspeed_config": "ds_config",
+}
+# Flags consumed by launchers rather than by the config.
+LAUNCHER_FLAGS = {"local_rank", "local-rank"}
+BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
+
+
+def _field_index() -> dict[str, str]:
+    """Map every accepted flag name to its dotted config path."""
+    index: dict[str, str] = {"ds_config": "ds_config"}
+    seen: dict[str, list[str]] = {}
+    for sec in SECTIONS:
+        cls = RunConfig.model_fields[sec].annotation
+        for name in cls.model_fields:
+            index[f"{sec}.{name}"] = f"{sec}.{name}"
+            seen.setdefault(name, []).append(sec)
+    for name, secs in seen.items():
+        if len(secs) == 1:
+            index.setdefault(name, f"{secs[0]}.{name}")
+    index.update(ALIASES)
+    return index
+
+
+def _is_bool_field(dotted: str) -> bool:
+    if "." not in dotted:
+        return False
+    sec, name = dotted.split(".", 1)
+    return RunConfig.model_fields[sec].annotation.model_fields[name].annotation is bool
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = tree.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{'.'.join(parts[:-1])} is not a section")
+        tree = node
+    tree[parts[-1]] = value
+
+
+def _parse_value(dotted: str, raw: str) -> Any:
+    # Tuples/lists come as JSON ("[0.9, 0.95]") or comma lists; everything else stays a string and
+    # pydantic coerces it ("1e-5" -> float, "8" -> int, "true" -> bool).
+    if dotted.endswith("adam_betas"):
+        raw = raw.strip()
+        return json.loads(raw) if raw.startswith("[") else [s.strip() for s in raw.split(",")]
+    return raw
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"--config {path}: file not found"])
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError([f"--config {path}: cannot parse: {e}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"--config {path}: top level must be a mapping of sections"])
+    return data
+
+
+def parse_cli(argv: list[str]) -> tuple[dict, list[str], set[str]]:
+    """Parse ``--key value`` overrides into a nested dict.
+
+    Returns (overrides, problems, top-level flags such as dry_run). Unknown flags are problems with a
+    did-you-mean hint, collected rather than raised so the user sees all of them at once.
+    """
+    index = _field_index()
+    overrides: dict = {}
+    problems: list[str] = []
+    flags: set[str] = set()
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if not tok.startswith("--"):
+            problems.append(f"unexpected argument {tok!r}: options look like --train.lr 1e-5")
+            continue
+        key, eq, val = tok[2:].partition("=")
+        if key in LAUNCHER_FLAGS:  # deepspeed passes --local_rank=N; LOCAL_RANK env says the same
+            if not eq and i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+            continue
+        if key in ("config", "dry-run", "dry_run"):
+            if key == "config":
+                if not eq:
+                    if i >= len(argv):
+                        problems.append("--config needs a file path")
+                        continue
+                    val = argv[i]
+                    i += 1
+                overrides.setdefault("__config_files__", []).append(val)
+            else:
+                flags.add("dry_run")
+            continue
+        dotted = index.get(key) or index.get(key.replace("-", "_"))
+        if dotted is None:
+            hint = difflib.get_close_matches(key, list(index), n=1)
+            problems.append(f"unknown option --{key}" + (f" (did you mean --{hint[0]}?)" if hint else ""))
+            if not eq and i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+            continue
+        if not eq:
+            nxt = argv[i] if i < len(argv) else None
+            if _is_bool_field(dotted) and (nxt is None or nxt.startswith("--") or nxt.lower() not in BOOL_WORDS):
+                val = "true"  # bare boolean flag
+            elif nxt is None or (nxt.startswith("--") and not _looks_numeric(nxt)):
+                problems.append(f"--{key} needs a value")
+                continue
+            else:
+                val = nxt
+                i += 1
+        _set_dotted(overrides, dotted, _parse_value(dotted, val))
+    return overrides, problems, flags
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _pydantic_problems(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        if e["type"] == "value_error" and not loc:
+            problems.extend(m.strip() for m in msg.split(";"))
+            continue
+        got = e.get("input")
+        shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+        problems.append(f"{loc}: {msg}{shown}")
+    return problems
+
+
+def _path_problems(cfg: RunConfig) -> list[str]:
+    problems = []
+    m = cfg.model
+    if m.path and not Path(m.path).is_dir():
+        problems.append(f"model.path {m.path!r}: not a folder (expected an HF save_pretrained folder)")
+    elif m.path and not (Path(m.path) / "config.json").is_file():
+        problems.append(f"model.path {m.path!r}: has no config.json")
+    tok = m.tokenizer or m.path
+    if tok and Path(tok).is_dir() and not any((Path(tok) / f).exists() for f in TOKENIZER_FILES):
+        problems.append(f"tokenizer folder {tok!r} has none of {', '.join(TOKENIZER_FILES)}")
+    for field in ("train_path", "test_path"):
+        p = getattr(cfg.data, field)
+        if p and not Path(p).exists():
+            problems.append(f"data.{field} {p!r}: file not found")
+    if cfg.ds_config and not Path(cfg.ds_config).is_file():
+        problems.append(f"ds_config {cfg.ds_config!r}: file not found")
+    return problems
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def load_run_config(argv: list[str]) -> tuple[RunConfig, set[str]]:
+    """Config file(s) < CLI overrides. Raises ConfigError listing every problem found."""
+    overrides, problems, flags = parse_cli(argv)
+    tree: dict = {}
+    for path in overrides.pop("__config_files__", []):
+        try:
+            tree = _merge(tree, load_config_file(path))
+        except ConfigError as e:
+            problems.extend(e.problems)
+    tree = _merge(tree, overrides)
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(problems + _pydantic_problems(e)) from None
+    problems += _path_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg, flags
+
+
+def explicitly_set(cfg: RunConfig) -> set[str]:
+    """Dotted names of the fields the user set (file or CLI), as opposed to defaults."""
+    out = {s for s in cfg.model_fields_set if s not in SECTIONS}
+    for sec in SECTIONS:
+        out |= {f"{sec}.{f}" for f in getattr(cfg, sec).model_fields_set}
+    return out
+
+
+def world_size_from_env() -> int:
+    # Launchers (deepspeed, torchrun, our slurm script) export WORLD_SIZE before the process starts,
+    # so the DeepSpeed JSON can be checked against the run config before any process group exists.
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,53 @@
+"""Bradley-Terry loss and the preference metrics, always in fp32.
+
+A half-precision reward difference loses the small margins that late training lives on, and
+logsigmoid of a bf16 value saturates early; the reward vectors are tiny (B,) so fp32 is free.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """-log sigma(r_c - r_r), averaged over pairs. logsigmoid is stable for any |delta|."""
+    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
+
+
+def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs ranked correctly (ties count as wrong: the model did not prefer chosen)."""
+    return (chosen_rewards.float() > rejected_rewards.float()).float().mean()
+
+
+def margin(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    return (chosen_rewards.float() - rejected_rewards.float()).mean()
+
+
+def pair_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-batch *sums* for exact aggregation across micro-batches and ranks.
+
+    Returns a float64 vector [n, loss_sum, correct_sum, margin_sum, chosen_sum, rejected_sum]; `weight`
+    (0/1 per pair) masks padding pairs that only exist to keep ranks in lock-step.
+    """
+    c, r = chosen_rewards.detach().double(), rejected_rewards.detach().double()
+    w = torch.ones_like(c) if weight is None else weight.to(c)
+    d = c - r
+    return torch.stack([
+        w.sum(),
+        (-F.logsigmoid(d) * w).sum(),
+        ((d > 0).double() * w).sum(),
+        (d * w).sum(),
+        (c * w).sum(),
+        (r * w).sum(),
+    ])
+
+
+SUM_FIELDS = ("n", "loss", "acc", "margin", "chosen_reward", "rejected_reward")
+
+
+def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    n = float(sums[0])
+    assert n > 0, "metrics over zero pairs"
+    return {name: float(sums[i]) / n for i, name in enumerate(SUM_FIELDS) if i > 0} | {"pairs": int(n)}
