@@ -34,8 +34,11 @@ def _open_text(path: str):
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
-def _locate_bad_json_line(path: str) -> str:
-    """datasets' JSON errors name no line; find the first one Python's json rejects."""
+def _scan_json_lines(path: str, fields: tuple[str, ...]) -> str | None:
+    """datasets' JSON errors name no line (and a type clash surfaces as an Arrow schema error);
+    find the first line that Python's json rejects or whose fields are not text."""
+    if not path.lower().removesuffix(".gz").endswith(".jsonl"):
+        return None
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -46,7 +49,11 @@ def _locate_bad_json_line(path: str) -> str:
                 return f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
             if not isinstance(obj, dict):
                 return f"{path}:{lineno}: each line must be a JSON object, got {type(obj).__name__}"
-    return f"{path}: could not be read as JSON lines"
+            for field in fields:
+                v = obj.get(field)
+                if field in obj and not isinstance(v, str) and v is not None:
+                    return f"{path}:{lineno}: field {field!r} is a {type(v).__name__}, not text; expected a string"
+    return None
 
 
 def row_location(path: str, row: int) -> str:
@@ -74,9 +81,8 @@ def read_pairs(path: str, fmt: str = "auto"):
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps parse errors in several exception types
-        if builder == "json":
-            raise ValueError(_locate_bad_json_line(path)) from None
-        raise ValueError(f"{path}: cannot be read as {builder}: {e}") from None
+        where = _scan_json_lines(path, ("prompt", "chosen", "rejected")) if builder == "json" else None
+        raise ValueError(where or f"{path}: cannot be read as {builder}: {e}") from None
     if len(ds) == 0:
         raise ValueError(f"{path}: contains no rows")
     cols = set(ds.column_names)
@@ -85,7 +91,8 @@ def read_pairs(path: str, fmt: str = "auto"):
     need = ["chosen", "rejected"] + (["prompt"] if fmt == "prompt" else [])
     missing = [c for c in need if c not in cols]
     if missing:
-        raise ValueError(f"{path}: no {', '.join(repr(m) for m in missing)} field in any row "
+        where = _scan_json_lines(path, tuple(need)) if builder == "json" else None
+        raise ValueError(where or f"{path}: no {', '.join(repr(m) for m in missing)} field in any row "
                          f"(found fields: {', '.join(sorted(cols))}); expected {need}")
     for col in need:
         values = ds[col]

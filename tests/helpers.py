@@ -1,0 +1,67 @@
+"""Launch real training runs (deepspeed launcher, torchrun, plain python) from tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHARED_HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # One thread per rank: 2 ranks on 2 cores, and the same kernels (same summation order) in every run.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def launch_cmd(launcher: str, nprocs: int) -> list[str]:
+    script = str(ROOT / "launch" / "train_reward.py")
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()), script]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", str(nprocs), "--master_port", str(free_port()),
+                "--master_addr", "127.0.0.1", script]
+    assert launcher == "python" and nprocs == 1
+    return [sys.executable, script]
+
+
+def train(out: Path, args: list[str], launcher: str = "deepspeed", nprocs: int = 2,
+          timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = launch_cmd(launcher, nprocs) + args + ["--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    (out.parent / f"{out.name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(out: Path, split: str = "train") -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in metrics(out)]
+
+
+def load_artifact(out: Path) -> dict:
+    return torch.load(out / "reward.pt", map_location="cpu", weights_only=True)

@@ -1,0 +1,55 @@
+import math
+
+import torch
+
+from rm_trainer.loss import (bradley_terry_loss, margin, metrics_from_sums, pair_sums,
+                             preference_accuracy)
+
+
+def test_bt_loss_matches_formula_and_chance_value():
+    c = torch.tensor([1.0, 0.0, -2.0])
+    r = torch.tensor([0.0, 0.0, 1.0])
+    want = sum(-math.log(1 / (1 + math.exp(-(a - b)))) for a, b in zip(c.tolist(), r.tolist(), strict=True)) / 3
+    assert abs(bradley_terry_loss(c, r).item() - want) < 1e-6
+    # equal rewards: loss is ln 2, the value a fresh reward model starts near
+    assert abs(bradley_terry_loss(torch.zeros(4), torch.zeros(4)).item() - math.log(2)) < 1e-7
+
+
+def test_bt_loss_gradient_is_closed_form():
+    c = torch.tensor([0.3, -1.2, 2.0, 0.0], requires_grad=True)
+    r = torch.tensor([0.1, 0.5, -1.0, 0.0], requires_grad=True)
+    bradley_terry_loss(c, r).backward()
+    d = (c - r).detach()
+    want = -torch.sigmoid(-d) / 4  # d/dc of -log sigma(c - r), averaged over B=4
+    assert torch.allclose(c.grad, want, atol=1e-7)
+    assert torch.allclose(r.grad, -want, atol=1e-7)
+
+
+def test_bt_loss_is_fp32_and_stable_for_half_inputs_and_huge_margins():
+    c = torch.tensor([8192.0, -8192.0], dtype=torch.bfloat16)  # exact in bf16
+    r = torch.zeros(2, dtype=torch.bfloat16)
+    loss = bradley_terry_loss(c, r)
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss) and abs(loss.item() - 8192 / 2) < 1e-3
+
+
+def test_accuracy_margin_and_ties():
+    c = torch.tensor([2.0, 0.0, 1.0, 5.0])
+    r = torch.tensor([1.0, 0.0, 3.0, 1.0])
+    assert preference_accuracy(c, r).item() == 0.5  # the tie counts as not preferred
+    assert margin(c, r).item() == (1 + 0 - 2 + 4) / 4
+
+
+def test_pair_sums_aggregate_exactly_and_mask_padding():
+    torch.manual_seed(0)
+    c, r = torch.randn(10), torch.randn(10)
+    whole = metrics_from_sums(pair_sums(c, r))
+    split = metrics_from_sums(pair_sums(c[:3], r[:3]) + pair_sums(c[3:], r[3:]))
+    for k in whole:
+        assert abs(whole[k] - split[k]) < 1e-12
+    assert abs(whole["loss"] - bradley_terry_loss(c, r).item()) < 1e-6
+    assert abs(whole["acc"] - preference_accuracy(c, r).item()) < 1e-12
+    # zero-weight filler pairs change nothing
+    padded = pair_sums(torch.cat([c, torch.tensor([9.0])]), torch.cat([r, torch.tensor([-9.0])]),
+                       torch.tensor([1.0] * 10 + [0.0]))
+    assert torch.allclose(padded, pair_sums(c, r))
