@@ -263,22 +263,29 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
     return problems
 
 
-def _path_problems(cfg: RunConfig) -> list[str]:
+def _path_problems(tree: dict) -> list[str]:
+    """File checks on the raw (merged) tree, so they are reported even when other fields are invalid."""
+    def get(sec: str, name: str) -> str | None:
+        node = tree.get(sec)
+        v = node.get(name) if isinstance(node, dict) else None
+        return str(v) if v not in (None, "") else None
+
     problems = []
-    m = cfg.model
-    if m.path and not Path(m.path).is_dir():
-        problems.append(f"model.path {m.path!r}: not a folder (expected an HF save_pretrained folder)")
-    elif m.path and not (Path(m.path) / "config.json").is_file():
-        problems.append(f"model.path {m.path!r}: has no config.json")
-    tok = m.tokenizer or m.path
+    path = get("model", "path")
+    if path and not Path(path).is_dir():
+        problems.append(f"model.path {path!r}: not a folder (expected an HF save_pretrained folder)")
+    elif path and not (Path(path) / "config.json").is_file():
+        problems.append(f"model.path {path!r}: has no config.json")
+    tok = get("model", "tokenizer") or path
     if tok and Path(tok).is_dir() and not any((Path(tok) / f).exists() for f in TOKENIZER_FILES):
         problems.append(f"tokenizer folder {tok!r} has none of {', '.join(TOKENIZER_FILES)}")
     for field in ("train_path", "test_path"):
-        p = getattr(cfg.data, field)
+        p = get("data", field)
         if p and not Path(p).exists():
             problems.append(f"data.{field} {p!r}: file not found")
-    if cfg.ds_config and not Path(cfg.ds_config).is_file():
-        problems.append(f"ds_config {cfg.ds_config!r}: file not found")
+    ds = tree.get("ds_config")
+    if ds and not Path(str(ds)).is_file():
+        problems.append(f"ds_config {ds!r}: file not found")
     return problems
 
 
@@ -295,11 +302,11 @@ def load_run_config(argv: list[str]) -> tuple[RunConfig, set[str]]:
         except ConfigError as e:
             problems.extend(e.problems)
     tree = _merge(tree, overrides)
+    problems += _path_problems(tree)
     try:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(problems + _pydantic_problems(e)) from None
-    problems += _path_problems(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg, flags

@@ -35,7 +35,8 @@ def make_pairs(n: int, seed: int) -> list[dict[str, str]]:
     for _ in range(n):
         topic = rng.choice(TOPICS)
         prompt = f"Human: tell me about {topic} please Assistant:"
-        hi, lo = rng.randint(2, 4), rng.randint(0, 1)
+        hi = rng.randint(1, 3)
+        lo = hi - 1  # chosen has one more helpful (and one fewer harmful) word than rejected
         rows.append({"prompt": prompt, "chosen": _response(rng, hi, lo), "rejected": _response(rng, lo, hi)})
     return rows
 

@@ -4,8 +4,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from rm_trainer.data import (PairSampler, collate, encode, eval_batches, get_preference_iterator, read_pairs,
-                             tokenize_pairs)
+from rm_trainer.data import (
+    PairSampler,
+    collate,
+    encode,
+    eval_batches,
+    get_preference_iterator,
+    read_pairs,
+    tokenize_pairs,
+)
 
 
 @pytest.fixture(scope="module")

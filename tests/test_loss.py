@@ -2,8 +2,7 @@ import math
 
 import torch
 
-from rm_trainer.loss import (bradley_terry_loss, margin, metrics_from_sums, pair_sums,
-                             preference_accuracy)
+from rm_trainer.loss import bradley_terry_loss, margin, metrics_from_sums, pair_sums, preference_accuracy
 
 
 def test_bt_loss_matches_formula_and_chance_value():
