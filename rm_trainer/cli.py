@@ -29,9 +29,8 @@ def main_train(argv: list[str] | None = None) -> int:
         cfg, ds_cfg = prepare(cfg)
     except ConfigError as e:
         return _fail(str(e))
-    if "dry_run" in flags:
-        print(json.dumps({"run": cfg.model_dump(mode="json"), "deepspeed": ds_cfg}, indent=2))
-        return 0
+    if flags.get("dry_run"):
+        return dry_run(cfg, ds_cfg, flags)
     from rm_trainer.trainer import train
 
     try:
@@ -40,6 +39,21 @@ def main_train(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     if "reward_pt" in result:
         print(json.dumps({"final": result}, indent=2), flush=True)
+    return 0
+
+
+def dry_run(cfg, ds_cfg: dict, flags: dict) -> int:
+    """Resolved configs + memory estimate; starts no process group and loads no weights."""
+    from dataclasses import asdict
+
+    from rm_trainer.config import world_size_from_env
+    from rm_trainer.estimate import estimate, report
+
+    world = flags.get("world_size") or world_size_from_env()
+    e = estimate(cfg.model.path, ds_cfg, world, flags.get("gpus_per_node"), cfg.train.micro_batch_size,
+                 cfg.data.max_len, cfg.train.dtype, cfg.model.gradient_checkpointing, flags.get("gpu_memory_gb"))
+    print(json.dumps({"run": cfg.model_dump(mode="json"), "deepspeed": ds_cfg, "estimate": asdict(e)}, indent=2))
+    print(report(e), flush=True)
     return 0
 
 

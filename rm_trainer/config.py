@@ -34,6 +34,11 @@ class ModelConfig(Section):
     tokenizer: str | None = Field(None, description="tokenizer folder; defaults to model.path")
     random_init: bool = Field(False, description="build the backbone from path's config.json with random weights")
     gradient_checkpointing: bool = Field(False, description="activation checkpointing of the decoder layers")
+    disable_dropout: bool = Field(True, description="set every dropout p to 0: chosen and rejected must see "
+                                  "the same network, and equivalence across world sizes needs determinism")
+    reward_path: Literal["fused", "plain"] = Field(
+        "fused", description="fused: gather last rows before the final norm + closed-form BT loss; "
+        "plain: norm and head over every token (for comparison)")
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
     head_init_std: float | None = Field(None, gt=0, description="std of the score head; default 1/sqrt(H+1)")
 
@@ -177,16 +182,20 @@ def load_config_file(path: str) -> dict:
     return data
 
 
-def parse_cli(argv: list[str]) -> tuple[dict, list[str], set[str]]:
+# Options of the --dry-run report, not of the run itself: name -> type.
+DRY_RUN_OPTIONS = {"gpu_memory_gb": float, "world_size": int, "gpus_per_node": int}
+
+
+def parse_cli(argv: list[str]) -> tuple[dict, list[str], dict[str, Any]]:
     """Parse ``--key value`` overrides into a nested dict.
 
-    Returns (overrides, problems, top-level flags such as dry_run). Unknown flags are problems with a
-    did-you-mean hint, collected rather than raised so the user sees all of them at once.
+    Returns (overrides, problems, extra flags: dry_run and its options). Unknown flags are problems
+    with a did-you-mean hint, collected rather than raised so the user sees all of them at once.
     """
     index = _field_index()
     overrides: dict = {}
     problems: list[str] = []
-    flags: set[str] = set()
+    flags: dict[str, Any] = {}
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -209,11 +218,20 @@ def parse_cli(argv: list[str]) -> tuple[dict, list[str], set[str]]:
                     i += 1
                 overrides.setdefault("__config_files__", []).append(val)
             else:
-                flags.add("dry_run")
+                flags["dry_run"] = True
+            continue
+        if key in DRY_RUN_OPTIONS:
+            if not eq:
+                val = argv[i] if i < len(argv) else ""
+                i += 1
+            try:
+                flags[key] = DRY_RUN_OPTIONS[key](val)
+            except ValueError:
+                problems.append(f"--{key} needs a {DRY_RUN_OPTIONS[key].__name__}, got {val!r}")
             continue
         dotted = index.get(key) or index.get(key.replace("-", "_"))
         if dotted is None:
-            hint = difflib.get_close_matches(key, list(index), n=1)
+            hint = difflib.get_close_matches(key, list(index) + list(DRY_RUN_OPTIONS), n=1)
             problems.append(f"unknown option --{key}" + (f" (did you mean --{hint[0]}?)" if hint else ""))
             if not eq and i < len(argv) and not argv[i].startswith("--"):
                 i += 1
@@ -292,7 +310,7 @@ def _path_problems(tree: dict) -> list[str]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
-def load_run_config(argv: list[str]) -> tuple[RunConfig, set[str]]:
+def load_run_config(argv: list[str]) -> tuple[RunConfig, dict[str, Any]]:
     """Config file(s) < CLI overrides. Raises ConfigError listing every problem found."""
     overrides, problems, flags = parse_cli(argv)
     tree: dict = {}

@@ -109,3 +109,21 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def model_states_memory(stage: int, total_params: int, largest_layer_params: int, gpus_per_node: int,
+                        num_nodes: int, offload_optimizer: bool, offload_param: bool) -> tuple[int, int]:
+    """(cpu bytes per node, gpu bytes per GPU) from DeepSpeed's own estimators (zero_init=True, the
+    way ZeRO-3 backbones are built here). Stages 0/1 have no estimator; they are reported as stage 2."""
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total_params, largest_layer_params, gpus_per_node, num_nodes, cpu_offload=offload_optimizer,
+            cpu_offload_params=offload_param, zero_init=True)
+        return int(cpu), int(gpu)
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cpu, gpu = estimate_zero2_model_states_mem_needs(total_params, gpus_per_node, num_nodes,
+                                                     cpu_offload=offload_optimizer)
+    return int(cpu), int(gpu)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
@@ -19,25 +22,68 @@ def gather_last(x: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), idx]
 
 
+# Where each decoder family keeps its final norm (applied per row, so it commutes with gather_last).
+FINAL_NORM = {
+    "llama": "norm", "mistral": "norm", "qwen2": "norm", "qwen3": "norm",
+    "gpt_neox": "final_layer_norm",
+    "gpt2": "ln_f",
+}
+REWARD_PATHS = ("fused", "plain")
+
+
+class ScoreHead(nn.Linear):
+    """`Linear(H, 1, bias=False)` that computes in its input's dtype (fp32 on the fused path)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+@contextmanager
+def bypass(module: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Temporarily replace submodule `name` by Identity; yields the original."""
+    original = module._modules[name]
+    module._modules[name] = nn.Identity()
+    try:
+        yield original
+    finally:
+        module._modules[name] = original
+
+
 class RewardModel(nn.Module):
     """Backbone from `AutoModel` (so no vocabulary logits are ever computed) + `score = Linear(H, 1)`.
 
     Batches are right-padded. Under causal attention the last real token never attends to the padding
     after it, so no attention mask is needed and the reward read there is exact.
+
+    reward_path="fused" (default): the decoder stack runs with its final norm bypassed, the last real
+    row of each sequence is gathered, and only those (2B, H) rows go through the final norm and, in
+    fp32, the head. Norms act per row, so this equals the plain path, but the full-sequence norm's
+    saved activations (HF RMSNorm keeps fp32 copies: ~4 layers' worth of checkpoints) never exist.
+    reward_path="plain": the seed's formulation, norm and head over every token, then gather.
     """
 
-    def __init__(self, backbone: nn.Module, head_init_std: float | None = None, seed: int = 0):
+    def __init__(self, backbone: nn.Module, head_init_std: float | None = None, seed: int = 0,
+                 reward_path: str = "fused"):
         super().__init__()
+        assert reward_path in REWARD_PATHS, reward_path
         self.backbone = backbone
         hidden = backbone.config.hidden_size
         dtype = next(backbone.parameters()).dtype
         # Same dtype as the backbone: ZeRO-3 flattens all parameters into one dtype.
-        self.score = nn.Linear(hidden, 1, bias=False, dtype=dtype)
+        self.score = ScoreHead(hidden, 1, bias=False, dtype=dtype)
         # Seeded generator: every rank (and every world size) starts from the same head.
         g = torch.Generator().manual_seed(seed)
         std = head_init_std or 1.0 / math.sqrt(hidden + 1)
         with torch.no_grad():
             self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=g) * std)
+        self.reward_path = reward_path
+        self.final_norm_name = FINAL_NORM.get(backbone.config.model_type)
+        if reward_path == "fused" and (self.final_norm_name is None
+                                       or self.final_norm_name not in backbone._modules):
+            warnings.warn(f"rm_trainer: fused reward path does not know where {type(backbone).__name__} keeps "
+                          "its final norm; running that norm over all tokens (correct, less memory-lean)",
+                          stacklevel=2)
+            self.final_norm_name = None
 
     @property
     def config(self) -> PretrainedConfig:
@@ -48,12 +94,17 @@ class RewardModel(nn.Module):
         return self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) in fp32, read at position seq_lengths - 1.
-
-        The head runs on the gathered (B, H) rows only, never on every token.
-        """
-        h = gather_last(self.forward_hidden(input_ids), seq_lengths)
-        return self.score(h).squeeze(-1).float()
+        """Rewards (B,) in fp32, read at position seq_lengths - 1."""
+        if self.reward_path == "plain":
+            per_token = self.score(self.forward_hidden(input_ids)).squeeze(-1)  # (B, T): every token
+            return gather_last(per_token, seq_lengths).float()
+        if self.final_norm_name is None:
+            rows = gather_last(self.forward_hidden(input_ids), seq_lengths)
+        else:
+            with bypass(self.backbone, self.final_norm_name) as norm:
+                h = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+            rows = norm(gather_last(h, seq_lengths))  # (B, H): the only rows that carry a reward
+        return self.score(rows.float()).squeeze(-1)
 
     @torch.no_grad()
     def score_texts(self, texts: list[str], batch_size: int = 8) -> torch.Tensor:
@@ -69,6 +120,30 @@ class RewardModel(nn.Module):
             lens = torch.tensor([len(s) for s in ids], device=device)
             out.append(self(pad_right(ids, self.pad_token_id).to(device), lens))
         return torch.cat(out)
+
+
+def disable_dropout(module: nn.Module) -> int:
+    """p = 0 for every dropout layer and every *dropout* config field; returns how many were non-zero."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            m.p, n = 0.0, n + 1
+    cfg = getattr(module, "config", None)
+    for key, value in (vars(cfg).items() if cfg is not None else []):
+        # some attention implementations read the probability from the config, not from a module
+        if "dropout" in key and isinstance(value, float) and value > 0:
+            setattr(cfg, key, 0.0)
+            n += 1
+    return n
+
+
+def enable_checkpointing(backbone: nn.Module, use_reentrant: bool = False) -> None:
+    """Activation checkpointing of every decoder layer (transformers v5 renamed the method)."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_backbone(path: str, dtype: torch.dtype, random_init: bool = False,

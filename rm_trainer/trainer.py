@@ -23,8 +23,8 @@ from rm_trainer.data import (
 )
 from rm_trainer.ds_config import fill_scheduler_steps, resolve_ds_config
 from rm_trainer.logger import MetricsLogger
-from rm_trainer.loss import bradley_terry_loss, metrics_from_sums, pair_sums
-from rm_trainer.model import DTYPES, RewardModel, build_backbone
+from rm_trainer.loss import bradley_terry_loss, fused_bradley_terry, metrics_from_sums, pair_sums
+from rm_trainer.model import DTYPES, RewardModel, build_backbone, disable_dropout, enable_checkpointing
 from rm_trainer.optim import build_optimizer, scheduler_factory, warmup_steps
 
 PROBE_PAIRS = 4
@@ -86,19 +86,26 @@ def evaluate(eng, test, cfg: RunConfig, rt: engine.Runtime, pad_id: int) -> dict
     with torch.no_grad():
         for idx, w in eval_batches(len(test), rt.world_size, rt.rank, cfg.eval_batch_size):
             b = collate([test[i] for i in idx], pad_id)
-            c, r = score_batch(eng, b, rt.device)
-            sums += pair_sums(c, r, torch.tensor(w)).cpu()
+            rewards = score_batch(eng, b, rt.device)
+            B = len(idx)
+            sums += pair_sums(rewards[:B], rewards[B:], torch.tensor(w)).cpu()
     eng.train()
     return metrics_from_sums(engine.all_reduce_sum(sums.to(rt.device)).cpu())
 
 
-def score_batch(eng, b: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # One 2B forward: chosen and rejected share every weight gather (ZeRO-3) and kernel launch.
-    B = b["chosen_ids"].shape[0]
+def score_batch(eng, b: dict, device: torch.device) -> torch.Tensor:
+    """Rewards (2B,) = [chosen; rejected] from ONE forward: both halves share every ZeRO-3 weight
+    gather and kernel launch."""
     ids = torch.cat([b["chosen_ids"], b["rejected_ids"]]).to(device)
     lens = torch.cat([b["chosen_len"], b["rejected_len"]]).to(device)
-    rewards = eng(ids, lens)
-    return rewards[:B], rewards[B:]
+    return eng(ids, lens)
+
+
+def loss_fn(rewards: torch.Tensor, fused: bool) -> torch.Tensor:
+    if fused:
+        return fused_bradley_terry(rewards)[0]
+    B = rewards.shape[0] // 2
+    return bradley_terry_loss(rewards[:B], rewards[B:])
 
 
 def save(eng, out: Path, step: int, meta: dict, probe: dict, tok, rt: engine.Runtime) -> str:
@@ -149,9 +156,11 @@ def train(cfg: RunConfig, ds_cfg: dict) -> dict:
     dtype = DTYPES[t.dtype]
     z3 = engine.zero3_context(ds_cfg)
     backbone = build_backbone(cfg.model.path, dtype, cfg.model.random_init, cfg.model.attn_implementation)
+    if cfg.model.disable_dropout:
+        disable_dropout(backbone)
     if cfg.model.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed)
+        enable_checkpointing(backbone)
+    model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed, reward_path=cfg.model.reward_path)
     optimizer = None if "optimizer" in ds_cfg else build_optimizer(model, t)
     scheduler = None if "scheduler" in ds_cfg else scheduler_factory(t, total_steps)
     eng = engine.initialize(model, ds_cfg, optimizer, scheduler)
@@ -172,11 +181,12 @@ def train(cfg: RunConfig, ds_cfg: dict) -> dict:
         lr = eng.get_lr()[0]
         sums = torch.zeros(7, dtype=torch.float64)  # 6 pair sums + tokens
         for b in micro_batches:
-            c, r = score_batch(eng, b, rt.device)
-            loss = bradley_terry_loss(c, r)
+            rewards = score_batch(eng, b, rt.device)
+            loss = loss_fn(rewards, fused=cfg.model.reward_path == "fused")
             eng.backward(loss)  # DeepSpeed scales by 1/grad_accum and reduces across ranks
             eng.step()  # applies the update only at the accumulation boundary
-            sums[:6] += pair_sums(c, r).cpu()
+            B = b["chosen_ids"].shape[0]
+            sums[:6] += pair_sums(rewards[:B], rewards[B:]).cpu()
             sums[6] += float(b["chosen_len"].sum() + b["rejected_len"].sum())
         sums = engine.all_reduce_sum(sums.to(rt.device)).cpu()
         dt = time.perf_counter() - t0

@@ -13,7 +13,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SHARED_HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+# ../shared sits beside the checkout (also in CI); RM_TRAINER_SHARED points elsewhere if needed.
+SHARED = Path(os.environ.get("RM_TRAINER_SHARED", ROOT.parent / "shared"))
+SHARED_HH = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
 def free_port() -> int:

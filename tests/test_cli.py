@@ -34,7 +34,7 @@ def test_dry_run_prints_resolved_configs(tmp_path, demo_assets):
     p = run_cli(["--model", demo_assets["model"], "--data", demo_assets["train"], "--dry-run",
                  "--ds_config", "ds_configs/zero3.json", "--micro_batch_size", "3", "--output_dir", str(tmp_path)])
     assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout[p.stdout.index("{"):])
+    out = json.loads(p.stdout[p.stdout.index("{"):p.stdout.rindex("}") + 1])
     assert out["deepspeed"]["train_micro_batch_size_per_gpu"] == 3 and out["run"]["train"]["micro_batch_size"] == 3
 
 

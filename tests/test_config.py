@@ -17,7 +17,7 @@ def test_short_and_dotted_overrides_and_float_parsing(paths):
     assert cfg.data.max_len == 768
     assert cfg.train.grad_accum == 4 and cfg.train.micro_batch_size == 2
     assert cfg.model.gradient_checkpointing is True
-    assert flags == set()
+    assert flags == {}
 
 
 def test_deepspeed_local_rank_flag_is_accepted(paths):
@@ -64,7 +64,7 @@ def test_json_config_and_dry_run_flag(tmp_path, paths):
     f = tmp_path / "run.json"
     f.write_text(json.dumps({"train": {"adam_betas": [0.9, 0.99]}}))
     cfg, flags = load_run_config(["--config", str(f), "--dry-run"] + paths)
-    assert cfg.train.adam_betas == (0.9, 0.99) and flags == {"dry_run"}
+    assert cfg.train.adam_betas == (0.9, 0.99) and flags == {"dry_run": True}
 
 
 def test_negative_number_value_is_not_a_flag():

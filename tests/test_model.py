@@ -51,3 +51,17 @@ def test_head_is_seeded_same_dtype_and_bias_free(demo_assets):
 
 def test_backbone_has_no_lm_head(tiny):
     assert not any("lm_head" in n for n, _ in tiny.named_parameters())
+
+
+def test_disable_dropout_makes_training_forward_deterministic():
+    from transformers import GPT2Config
+
+    from rm_trainer.model import disable_dropout
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)  # dropout 0.1 by default
+    m = RewardModel(AutoModel.from_config(cfg)).train()
+    ids, lens = torch.randint(0, 50, (2, 8)), torch.tensor([8, 5])
+    assert not torch.equal(m(ids, lens), m(ids, lens))  # the check can fail: dropout is live
+    assert disable_dropout(m.backbone) > 0
+    assert torch.equal(m(ids, lens), m(ids, lens))

@@ -18,7 +18,7 @@ from rm_trainer import load_reward_model
 
 pytestmark = pytest.mark.slow
 
-STEPS = 6
+STEPS = 12
 TOL = 1e-5  # fp32, as the core issue asks
 
 # name: (launcher, ranks, ds_config, extra args)
@@ -28,6 +28,7 @@ RUNS = {
     "torchrun_z3_w2": ("torchrun", 2, "zero3", ["--micro_batch_size", "2"]),
     "single_accum": ("python", 1, "zero2", ["--micro_batch_size", "2", "--grad_accum", "2"]),
     "ds_z3_gc": ("deepspeed", 2, "zero3", ["--micro_batch_size", "2", "--gradient_checkpointing"]),
+    "ds_z3_plain": ("deepspeed", 2, "zero3", ["--micro_batch_size", "2", "--reward_path", "plain"]),
 }
 
 
@@ -43,28 +44,32 @@ def run(demo_assets, tiny_pretrained, tmp_path_factory):
             train(out, ["--model", tiny_pretrained, "--data", demo_assets["train"], "--test_data",
                         demo_assets["test"], "--ds_config", f"ds_configs/{ds}.json", "--dtype", "fp32",
                         "--lr", "1e-3", "--max_steps", str(STEPS), "--warmup_steps", "1", "--max_len", "64",
-                        "--seed", "7", "--eval_every", "3"] + extra, launcher=launcher, nprocs=n)
+                        "--seed", "7", "--eval_every", "6"] + extra, launcher=launcher, nprocs=n)
             done[name] = out
         return done[name]
 
     return get
 
 
-def assert_same_curve(a, b):
+def assert_same_curve(a, b, tol=TOL):
     la, lb = losses(a), losses(b)
     assert len(la) == len(lb) == STEPS
     diffs = [abs(x - y) for x, y in zip(la, lb, strict=True)]
-    assert max(diffs) <= TOL, f"per-step loss differs by {max(diffs):.3g}: {la} vs {lb}"
+    assert max(diffs) <= tol, f"per-step loss differs by {max(diffs):.3g}: {la} vs {lb}"
     ea, eb = metrics(a, "eval"), metrics(b, "eval")
-    assert [e["step"] for e in ea] == [3, 6] == [e["step"] for e in eb]
+    assert [e["step"] for e in ea] == [6, 12] == [e["step"] for e in eb]
     for x, y in zip(ea, eb, strict=True):
-        assert abs(x["loss"] - y["loss"]) <= TOL and x["acc"] == y["acc"]
+        assert abs(x["loss"] - y["loss"]) <= tol and x["acc"] == y["acc"]
     return max(diffs)
 
 
-def test_loss_actually_moves(run):
-    ls = losses(run("single_z2"))
-    assert 0.3 < ls[0] < 1.2 and ls[-1] < 0.5 * ls[0], ls  # starts near ln 2, then learns
+def test_model_learns(run):
+    out = run("single_z2")
+    ls, ev = losses(out), metrics(out, "eval")
+    print("train losses", ls, "eval", ev)
+    assert 0.3 < ls[0] < 1.2, ls  # a fresh head starts near ln 2 = 0.693
+    # held-out pairs after 12 steps of 4 pairs: clearly better than chance (loss 0.693, acc 0.5)
+    assert ev[-1]["loss"] < 0.6 and ev[-1]["acc"] >= 0.7, ev
 
 
 def test_zero2_two_ranks_equals_one_process(run):
@@ -81,6 +86,11 @@ def test_grad_accumulation_equals_bigger_micro_batch(run):
 
 def test_activation_checkpointing_under_zero3_changes_nothing(run):
     print("observed max |dloss|", assert_same_curve(run("torchrun_z3_w2"), run("ds_z3_gc")))
+
+
+def test_fused_path_equals_plain_path_under_two_rank_zero3(run):
+    # the plain path runs the final norm and head over every token; fused gathers first
+    print("observed max |dloss|", assert_same_curve(run("torchrun_z3_w2"), run("ds_z3_plain"), tol=1e-6))
 
 
 def test_consolidated_reward_pt_matches_live_engine(run):
