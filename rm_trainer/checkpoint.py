@@ -1,144 +1,171 @@
-"""Checkpoints and the `reward.pt` artifact.
+"""Training checkpoints that can be trusted: atomic commit, rotation, exact resume, refusal when a
+resume cannot be exact.
 
-A training checkpoint is DeepSpeed's sharded state plus, in the same tag folder, `rm_trainer_meta.json`
-(resolved config, backbone config, token ids, and a probe batch scored by the live engine) and the
-tokenizer files. That makes `consolidate()` self-sufficient: checkpoint folder in, verified `reward.pt`
-out.
+Layout of OUT/checkpoints/:
+  step_N/                  a committed checkpoint: DeepSpeed shards of every rank, rm_state_rank{r}.pt
+                           (step, RNG states), rm_trainer_meta.json (resolved config, hashes, probe),
+                           tokenizer/, and manifest.json, written last, listing every file and its size
+  step_N.tmp/              being written (or left by a killed run: ignored, then removed)
+  latest                   the newest committed tag, replaced atomically (DeepSpeed's own tools read it)
 
-`reward.pt` holds only tensors, strings and numbers, so it loads with `torch.load(weights_only=True)`:
-safe to load from anywhere. DeepSpeed's checkpoint files need pickle: load those only from
-directories you trust.
+Commit: every rank writes into step_N.tmp/ -> barrier -> rank 0 writes the manifest, renames the folder,
+then replaces `latest` -> rotation deletes the oldest committed folders beyond keep_last.
+Loading a DeepSpeed checkpoint unpickles its files: resume only from directories you trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import tempfile
+import os
+import random
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from rm_trainer.model import DTYPES, RewardModel, backbone_from_config_dict
-
-FORMAT = "rm_trainer.reward.v1"
+MANIFEST = "manifest.json"
 META_FILE = "rm_trainer_meta.json"
 TOKENIZER_DIR = "tokenizer"
+LATEST = "latest"
 
 
-def resolve_tag(checkpoint_dir: str | Path, tag: str | None) -> str:
-    ckpt = Path(checkpoint_dir)
-    if tag is None:
-        latest = ckpt / "latest"
-        if not latest.is_file():
-            raise ValueError(f"{ckpt}: no 'latest' file; pass --tag (one of: "
-                             f"{', '.join(sorted(p.name for p in ckpt.iterdir() if p.is_dir())) or 'none'})")
-        tag = latest.read_text().strip()
-    if not (ckpt / tag).is_dir():
-        raise ValueError(f"{ckpt}: no checkpoint folder {tag!r}")
-    return tag
+def tag_for(step: int) -> str:
+    return f"step_{step}"
 
 
-def write_checkpoint_meta(tag_dir: Path, meta: dict[str, Any], tokenizer) -> None:
-    """Rank 0 only, after the engine has written the tag folder."""
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(tag_dir / TOKENIZER_DIR)
-    (tag_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+def committed(root: Path) -> list[tuple[int, Path]]:
+    """Committed checkpoints under root, oldest first."""
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and not d.name.endswith(".tmp") and (d / MANIFEST).is_file():
+                out.append((json.loads((d / MANIFEST).read_text())["step"], d))
+    return sorted(out)
 
 
-def _tokenizer_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    # Raw bytes as uint8 tensors: works for tokenizer.json and sentencepiece .model files alike,
-    # and keeps reward.pt loadable with weights_only=True.
-    return {p.name: torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
-            for p in sorted(folder.iterdir()) if p.is_file()}
+def clean_partial(root: Path) -> list[str]:
+    """Remove step_*.tmp folders left by a killed run (rank 0, before training). Returns their names."""
+    removed = []
+    if root.is_dir():
+        for d in sorted(root.glob("*.tmp")):
+            warnings.warn(f"rm_trainer: ignoring and removing the half-written checkpoint {d} (a run was "
+                          "killed while saving; it was never committed)", stacklevel=2)
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed
 
 
-def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | None = None,
-                verify: bool = True) -> dict[str, Any]:
-    """Merge a ZeRO-2/3 checkpoint into one `reward.pt` and (optionally) verify it.
+def verify_manifest(tag_dir: Path) -> dict:
+    """Raise if any file listed in the manifest is missing or has another size (e.g. a lost rank)."""
+    manifest_path = tag_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"{tag_dir}: no {MANIFEST}: the checkpoint was never committed (or predates it)")
+    manifest = json.loads(manifest_path.read_text())
+    problems = []
+    for name, size in manifest["files"].items():
+        f = tag_dir / name
+        if not f.is_file():
+            problems.append(f"missing {name}")
+        elif f.stat().st_size != size:
+            problems.append(f"{name} has {f.stat().st_size} bytes, manifest says {size}")
+    if problems:
+        raise ValueError(f"{tag_dir}: checkpoint is incomplete: {'; '.join(problems)}")
+    return manifest
 
-    Verification rebuilds the model from the artifact alone and re-scores the probe batch that the live
-    engine scored when the checkpoint was saved. A mismatch (lost head, empty shard, wrong layout)
-    raises instead of shipping a silently broken reward model.
-    """
-    from rm_trainer import engine  # deepspeed is only needed here, not to *load* reward.pt
 
-    ckpt = Path(checkpoint_dir)
-    tag = resolve_tag(ckpt, tag)
-    meta_path = ckpt / tag / META_FILE
-    if not meta_path.is_file():
-        raise ValueError(f"{ckpt / tag}: no {META_FILE}; was this checkpoint written by rm_trainer?")
-    meta = json.loads(meta_path.read_text())
-    dtype = DTYPES[meta["dtype"]]
-    fp32 = engine.consolidated_state_dict(str(ckpt), tag=tag)
-    # Training dtype: equal to the live engine's weights (its half weights are casts of these masters).
-    state = {k: v.to(dtype).contiguous() for k, v in fp32.items()}
-    artifact = {
-        "format": FORMAT,
-        "state_dict": state,
-        "backbone_config": json.dumps(meta["backbone_config"]),
-        "tokenizer_files": _tokenizer_tensors(ckpt / tag / TOKENIZER_DIR),
-        "pad_token_id": meta["pad_token_id"],
-        "eos_token_id": meta["eos_token_id"],
-        "max_len": meta["max_len"],
-        "dtype": meta["dtype"],
-        "step": meta["step"],
-        "run_config": json.dumps(meta["run_config"]),
-        "probe": {k: torch.tensor(v) for k, v in meta["probe"].items()},
+def write_manifest(tag_dir: Path, step: int, world_size: int) -> None:
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+    _atomic_write(tag_dir / MANIFEST, json.dumps({"step": step, "world_size": world_size, "files": files},
+                                                 indent=1))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".writing")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def commit(root: Path, step: int, world_size: int, keep_last: int) -> list[str]:
+    """Rank 0, after every rank has written step_N.tmp/: manifest, rename, latest, rotation."""
+    tmp, final = root / (tag_for(step) + ".tmp"), root / tag_for(step)
+    write_manifest(tmp, step, world_size)
+    if final.exists():  # re-saving the same step after a resume: replace the old commit
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write(root / LATEST, final.name)
+    rotated = []
+    for _, d in committed(root)[:-keep_last]:
+        shutil.rmtree(d, ignore_errors=True)
+        rotated.append(d.name)
+    return rotated
+
+
+def rank_state(step: int) -> dict[str, Any]:
+    """Per-rank state that DeepSpeed does not keep: the step and every RNG (python, numpy, torch)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "step": step,
+        "python_rng": [py[0], list(py[1]), py[2]],
+        "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
+                      float(np_state[4])],
+        "torch_rng": torch.get_rng_state(),
     }
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save(artifact, tmp)
-    tmp.replace(out_path)  # never leave a half-written reward.pt behind
-    report = {"path": str(out_path), "tag": tag, "tensors": len(state),
-              "params": sum(v.numel() for v in state.values())}
-    if verify:
-        report.update(verify_artifact(out_path))
-    return report
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
 
 
-def probe_tolerance(dtype: str) -> float:
-    # fp32: the same arithmetic on the same weights; half precision: CPU fp32 re-scoring vs the live
-    # engine's half-precision kernels differs by rounding, so only gross errors should trip it.
-    return 1e-4 if dtype == "fp32" else 5e-2
+def restore_rank_state(path: Path) -> int:
+    s = torch.load(path, weights_only=True)  # our own file: tensors and plain values only
+    random.setstate((s["python_rng"][0], tuple(s["python_rng"][1]), s["python_rng"][2]))
+    n = s["numpy_rng"]
+    np.random.set_state((n[0], n[1].numpy(), n[2], n[3], n[4]))
+    torch.set_rng_state(s["torch_rng"])
+    if "cuda_rng" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda_rng"])
+    return int(s["step"])
 
 
-def verify_artifact(path: str | Path) -> dict[str, float]:
-    art = torch.load(path, map_location="cpu", weights_only=True)
-    model = load_reward_model(path, dtype=torch.float32)
-    probe = art["probe"]
-    with torch.no_grad():
-        got = model(probe["input_ids"], probe["seq_lengths"])
-    want = probe["rewards"].float()
-    err = float((got - want).abs().max())
-    scale = float(want.abs().max().clamp(min=1.0))
-    tol = probe_tolerance(art["dtype"]) * scale
-    if not err <= tol:
-        raise RuntimeError(f"{path}: consolidated weights score the probe batch differently from the live "
-                           f"engine (max |diff| {err:.3g} > {tol:.3g}); the checkpoint is inconsistent")
-    return {"probe_max_abs_diff": err, "probe_tolerance": tol}
+def fingerprint(paths: list[str | None], tokenizer_dir: str | None) -> str:
+    """sha256 over the data files' bytes and the tokenizer files: a resume on other data is refused."""
+    h = hashlib.sha256()
+    files = [Path(p) for p in paths if p]
+    if tokenizer_dir:
+        files += sorted(p for p in Path(tokenizer_dir).glob("*") if p.is_file() and "token" in p.name)
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
-def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = None) -> RewardModel:
-    """Rebuild the reward model from `reward.pt` alone (no network, no original folders).
+def resume_target(root: Path, mode: str) -> Path | None:
+    """`never` -> None; `auto` -> newest committed (or None); else a committed checkpoint folder."""
+    if mode == "never":
+        return None
+    if mode == "auto":
+        found = committed(root)
+        return found[-1][1] if found else None
+    p = Path(mode)
+    if not p.exists():
+        raise ValueError(f"--resume {mode}: no such checkpoint folder")
+    if not (p / MANIFEST).is_file() and (p / LATEST).is_file():  # a checkpoints/ root was given
+        p = p / (p / LATEST).read_text().strip()
+    verify_manifest(p)
+    return p
 
-    Returns it in eval mode with `.tokenizer` and `.max_len` attached; call `model(ids, lengths)` or
-    `model.score_texts([...])`. This is what a PPO stage calls.
-    """
-    from transformers import AutoTokenizer
 
-    art = torch.load(path, map_location="cpu", weights_only=True)
-    if art.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an rm_trainer reward.pt (format {art.get('format')!r})")
-    dtype = dtype or DTYPES[art["dtype"]]
-    backbone = backbone_from_config_dict(json.loads(art["backbone_config"]), dtype)
-    model = RewardModel(backbone)
-    model.load_state_dict({k: v.to(dtype) for k, v in art["state_dict"].items()}, strict=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in art["tokenizer_files"].items():
-            (Path(tmp) / name).write_bytes(data.numpy().tobytes())
-        model.tokenizer = AutoTokenizer.from_pretrained(tmp)
-    model.max_len = int(art["max_len"])
-    model.pad_token_id = int(art["pad_token_id"])
-    return model.to(device).eval()
+def resume_differences(tag_dir: Path, now: dict[str, Any]) -> list[str]:
+    """What would make a resume inexact: each item names the field, the checkpoint's and the current value."""
+    meta = json.loads((tag_dir / META_FILE).read_text())
+    then = meta["resume_keys"]
+    return [f"{k}: checkpoint has {then.get(k)!r}, this run has {now[k]!r}" for k in now if then.get(k) != now[k]]

@@ -65,7 +65,7 @@ def main_consolidate(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the one named in 'latest')")
     p.add_argument("--no-verify", action="store_true", help="skip re-scoring the probe batch")
     args = p.parse_args(argv)
-    from rm_trainer.checkpoint import consolidate
+    from rm_trainer.artifact import consolidate
 
     try:
         report = consolidate(args.checkpoint_dir, args.out, args.tag, verify=not args.no_verify)

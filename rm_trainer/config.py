@@ -70,6 +70,10 @@ class TrainConfig(Section):
     seed: int = 42
     eval_every: int = Field(0, ge=0, description="steps between evals; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep_last: int = Field(3, ge=2, description="committed checkpoints kept (>= 2: one may be mid-rotation)")
+    resume: str = Field("auto", description="auto (newest committed in OUT/checkpoints), never, or a PATH")
+    resume_force: bool = Field(False, description="resume although data, model, max_len, seed or batch differ")
+    max_consecutive_skips: int = Field(5, ge=1, description="abort after this many non-finite steps in a row")
     log_every: int = Field(1, ge=1)
 
 
@@ -77,6 +81,8 @@ class OutputConfig(Section):
     output_dir: str | None = None
     tensorboard: bool = True
     verify_consolidation: bool = Field(True, description="re-score a probe batch from reward.pt vs the engine")
+    hf_out: str | None = Field(None, description="HF AutoModelForSequenceClassification folder; default OUT/hf")
+    hf_export: bool = Field(True, description="write the HF folder at the end of training")
 
 
 class RunConfig(Section):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +191,12 @@ class PairSampler:
             self._perm = (epoch, torch.randperm(self.n, generator=g))
         return self._perm[1]
 
+    def global_batch_indices(self, step: int) -> list[int]:
+        """Every pair of step's global batch (all ranks, all micro steps)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        base = within * self.global_batch
+        return self.permutation(epoch)[base:base + self.global_batch].tolist()
+
     def micro_batches(self, step: int) -> list[list[int]]:
         assert self.steps_per_epoch > 0
         epoch, within = divmod(step, self.steps_per_epoch)
@@ -230,3 +236,45 @@ def eval_batches(n: int, world: int, rank: int, batch_size: int) -> list[tuple[l
 
 def write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {cfg.model.tokenizer or cfg.model.path} has no eos_token; the reward "
+                         "is read at the final EOS, so set eos_token in tokenizer_config.json")
+    if tok.pad_token_id is None:  # pad positions are never read (right padding + causal attention)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_data(cfg, tok, out: Path, is_main: bool, barrier: Callable[[], None]):
+    """Rank 0 reads and tokenizes once and saves the result; the other ranks load it from disk."""
+    import datasets
+
+    cache = out / "data_cache"
+    if is_main:
+        raw = read_pairs(cfg.data.train_path, cfg.data.format)
+        if cfg.data.test_path:
+            test_raw = read_pairs(cfg.data.test_path, cfg.data.format)
+        elif cfg.data.test_fraction > 0:
+            split = raw.train_test_split(test_size=cfg.data.test_fraction, seed=cfg.train.seed)
+            raw, test_raw = split["train"], split["test"]
+        else:
+            test_raw = None
+        train, train_report = tokenize_pairs(raw, tok, cfg.data.max_len)
+        report = {"train": train_report}
+        train.save_to_disk(str(cache / "train"))
+        if test_raw is not None:
+            test, report["test"] = tokenize_pairs(test_raw, tok, cfg.data.max_len)
+            test.save_to_disk(str(cache / "test"))
+        write_report(out / "data_report.json", report)
+        print(f"[rm_trainer] data: {json.dumps(report)}", flush=True)
+    barrier()
+    train = datasets.load_from_disk(str(cache / "train")).with_format("python")
+    test = datasets.load_from_disk(str(cache / "test")).with_format("python") if (cache / "test").exists() else None
+    if len(train) == 0:
+        raise ValueError(f"{cfg.data.train_path}: no usable pairs left (see {out / 'data_report.json'})")
+    return train, test

@@ -83,8 +83,18 @@ def grad_norm(engine) -> float | None:
     return float(g.item() if torch.is_tensor(g) else g)
 
 
-def save_checkpoint(engine, save_dir: str, tag: str, client_state: dict | None = None) -> None:
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {})
+def save_checkpoint(engine, save_dir: str, tag: str) -> None:
+    # save_latest=False: DeepSpeed would point `latest` at the uncommitted tag; checkpoint.commit()
+    # writes it after the rename instead.
+    engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+
+
+def load_checkpoint(engine, load_dir: str, tag: str) -> None:
+    """Weights, optimizer and LR-scheduler state. Unpickles DeepSpeed files: trusted directories only."""
+    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
 
 
 def consolidated_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:

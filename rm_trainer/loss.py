@@ -59,8 +59,9 @@ def pair_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
               weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-batch *sums* for exact aggregation across micro-batches and ranks.
 
-    Returns a float64 vector [n, loss_sum, correct_sum, margin_sum, chosen_sum, rejected_sum]; `weight`
-    (0/1 per pair) masks padding pairs that only exist to keep ranks in lock-step.
+    Returns a float64 vector [n, loss_sum, correct_sum, margin_sum, chosen_sum, rejected_sum,
+    sum of squared rewards (chosen and rejected)]; `weight` (0/1 per pair) masks padding pairs that only
+    exist to keep ranks in lock-step.
     """
     c, r = chosen_rewards.detach().double(), rejected_rewards.detach().double()
     w = torch.ones_like(c) if weight is None else weight.to(c)
@@ -72,13 +73,19 @@ def pair_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
         (d * w).sum(),
         (c * w).sum(),
         (r * w).sum(),
+        ((c * c + r * r) * w).sum(),
     ])
 
 
-SUM_FIELDS = ("n", "loss", "acc", "margin", "chosen_reward", "rejected_reward")
+SUM_FIELDS = ("n", "loss", "acc", "margin", "chosen_reward", "rejected_reward", "reward_sq")
+N_SUMS = len(SUM_FIELDS)
 
 
 def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    """Means per pair, plus the mean and std of all 2n rewards (the normalisation statistics)."""
     n = float(sums[0])
     assert n > 0, "metrics over zero pairs"
-    return {name: float(sums[i]) / n for i, name in enumerate(SUM_FIELDS) if i > 0} | {"pairs": int(n)}
+    out = {name: float(sums[i]) / n for i, name in enumerate(SUM_FIELDS[:-1]) if i > 0}
+    mean = (out["chosen_reward"] + out["rejected_reward"]) / 2
+    var = max(float(sums[6]) / (2 * n) - mean * mean, 0.0)
+    return out | {"reward_mean": mean, "reward_std": var ** 0.5, "pairs": int(n)}

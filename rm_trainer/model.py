@@ -74,9 +74,11 @@ class RewardModel(nn.Module):
         # Seeded generator: every rank (and every world size) starts from the same head.
         g = torch.Generator().manual_seed(seed)
         std = head_init_std or 1.0 / math.sqrt(hidden + 1)
-        with torch.no_grad():
-            self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=g) * std)
+        if self.score.weight.device.type != "meta":  # meta: shape-only model for checks and estimates
+            with torch.no_grad():
+                self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=g) * std)
         self.reward_path = reward_path
+        self.normalization: tuple[float, float] | None = None  # (mean, std) applied in forward if set
         self.final_norm_name = FINAL_NORM.get(backbone.config.model_type)
         if reward_path == "fused" and (self.final_norm_name is None
                                        or self.final_norm_name not in backbone._modules):
@@ -84,6 +86,9 @@ class RewardModel(nn.Module):
                           "its final norm; running that norm over all tokens (correct, less memory-lean)",
                           stacklevel=2)
             self.final_norm_name = None
+
+    def set_normalization(self, mean: float, std: float) -> None:
+        self.normalization = (float(mean), max(float(std), 1e-6))
 
     @property
     def config(self) -> PretrainedConfig:
@@ -97,14 +102,18 @@ class RewardModel(nn.Module):
         """Rewards (B,) in fp32, read at position seq_lengths - 1."""
         if self.reward_path == "plain":
             per_token = self.score(self.forward_hidden(input_ids)).squeeze(-1)  # (B, T): every token
-            return gather_last(per_token, seq_lengths).float()
-        if self.final_norm_name is None:
-            rows = gather_last(self.forward_hidden(input_ids), seq_lengths)
+            r = gather_last(per_token, seq_lengths).float()
         else:
-            with bypass(self.backbone, self.final_norm_name) as norm:
-                h = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
-            rows = norm(gather_last(h, seq_lengths))  # (B, H): the only rows that carry a reward
-        return self.score(rows.float()).squeeze(-1)
+            if self.final_norm_name is None:
+                rows = gather_last(self.forward_hidden(input_ids), seq_lengths)
+            else:
+                with bypass(self.backbone, self.final_norm_name) as norm:
+                    h = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+                rows = norm(gather_last(h, seq_lengths))  # (B, H): the only rows that carry a reward
+            r = self.score(rows.float()).squeeze(-1)
+        if self.normalization is not None:
+            r = (r - self.normalization[0]) / self.normalization[1]
+        return r
 
     @torch.no_grad()
     def score_texts(self, texts: list[str], batch_size: int = 8) -> torch.Tensor:

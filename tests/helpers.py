@@ -46,9 +46,10 @@ def launch_cmd(launcher: str, nprocs: int) -> list[str]:
 
 
 def train(out: Path, args: list[str], launcher: str = "deepspeed", nprocs: int = 2,
-          timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+          timeout: int = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = launch_cmd(launcher, nprocs) + args + ["--output_dir", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env() | (env or {}), capture_output=True, text=True,
+                          timeout=timeout)
     (out.parent / f"{out.name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
@@ -67,3 +68,12 @@ def losses(out: Path) -> list[float]:
 
 def load_artifact(out: Path) -> dict:
     return torch.load(out / "reward.pt", map_location="cpu", weights_only=True)
+
+
+def start(out: Path, args: list[str], launcher: str = "deepspeed", nprocs: int = 2,
+          env: dict | None = None) -> subprocess.Popen:
+    """Start a run in its own process group, so a test can SIGKILL the launcher and every rank."""
+    cmd = launch_cmd(launcher, nprocs) + args + ["--output_dir", str(out)]
+    log = open(out.parent / f"{out.name}.killed.log", "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=run_env() | (env or {}), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)

@@ -1,0 +1,113 @@
+"""Export `reward.pt` as a folder plain transformers loads with AutoModelForSequenceClassification.
+
+    python -m rm_trainer.hf_export OUT/reward.pt OUT/hf
+
+The folder has the *ForSequenceClassification architecture, num_labels=1, the head named `score`,
+pad_token_id set, safetensors weights, the tokenizer, the held-out reward mean/std in the config, and a
+model card showing how to read the raw reward (the logit, not a sigmoid of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+CARD = """---
+library_name: transformers
+tags: [reward-model, rlhf, rm_trainer]
+---
+# Reward model (Bradley-Terry), trained with rm_trainer
+
+A scalar reward head (`score`, Linear(H, 1, bias=False)) on a {base} backbone. The reward of a text
+is the raw logit at its last real token; higher means more preferred. Use the logit itself: a sigmoid
+of a single reward is not a probability. `sigmoid(r_a - r_b)` is the modelled probability that a is
+preferred to b.
+
+```python
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("{path}")
+rm = AutoModelForSequenceClassification.from_pretrained("{path}").eval()
+texts = ["Human: hi Assistant: Hello! How can I help?"]
+# exactly as in training: the text ends in EOS, where the reward is read
+batch = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True,
+            add_special_tokens=True)
+with torch.no_grad():
+    reward = rm(**batch).logits[:, 0]          # raw reward, one per text
+normalized = (reward - rm.config.reward_mean) / rm.config.reward_std   # held-out statistics
+```
+
+Held-out reward statistics: mean {mean}, std {std}. Max length in training: {max_len} tokens.
+Padding token for batching: `{pad}` (id {pad_id}), which differs from EOS so that the pooled
+position is the final EOS.
+"""
+
+
+def export_hf(reward_pt: str | Path, out_dir: str | Path) -> Path:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from rm_trainer.artifact import load_reward_model
+
+    art = torch.load(reward_pt, map_location="cpu", weights_only=True)
+    rm = load_reward_model(reward_pt)
+    tok = rm.tokenizer
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = json.loads(art["backbone_config"])
+    config = AutoConfig.for_model(**cfg_dict)
+    config.num_labels = 1
+    config.problem_type = "regression"
+    # HF pools at the last token that is not pad_token_id. With pad == eos (common for Llama-3), that
+    # would skip our final EOS, where the reward lives; pick another special token as the pad.
+    pad_id = tok.pad_token_id
+    if pad_id is None or pad_id == tok.eos_token_id:
+        for candidate in (tok.bos_token, tok.unk_token):
+            if candidate is not None and tok.convert_tokens_to_ids(candidate) != tok.eos_token_id:
+                tok.pad_token = candidate
+                break
+        else:
+            raise ValueError("the tokenizer has no special token other than EOS to pad with; add a pad token")
+        pad_id = tok.pad_token_id
+    config.pad_token_id = pad_id
+    stats = art.get("reward_stats") or {}
+    config.reward_mean = float(stats.get("mean", 0.0))
+    config.reward_std = float(stats.get("std", 1.0))
+    with torch.device("meta"):
+        hf = AutoModelForSequenceClassification.from_config(config)
+    prefix = hf.base_model_prefix
+    state = {}
+    for k, v in art["state_dict"].items():
+        if k.startswith("backbone."):
+            state[f"{prefix}.{k.removeprefix('backbone.')}"] = v
+        elif k == "score.weight":
+            state["score.weight"] = v
+    hf = AutoModelForSequenceClassification.from_config(config, dtype=state["score.weight"].dtype)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    # buffers such as rotary inv_freq are rebuilt from the config; every parameter must be covered
+    params = {n for n, _ in hf.named_parameters()}
+    if set(missing) & params or unexpected:
+        raise RuntimeError(f"HF export: missing {sorted(set(missing) & params)}, unexpected {unexpected}")
+    hf.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "README.md").write_text(CARD.format(base=type(hf).__name__.removesuffix("ForSequenceClassification"),
+                                               path=str(out), mean=round(config.reward_mean, 4),
+                                               std=round(config.reward_std, 4), max_len=art["max_len"],
+                                               pad=tok.pad_token, pad_id=pad_id))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("reward_pt")
+    ap.add_argument("out_dir")
+    a = ap.parse_args(argv)
+    print(export_hf(a.reward_pt, a.out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
