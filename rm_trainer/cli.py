@@ -54,6 +54,12 @@ def dry_run(cfg, ds_cfg: dict, flags: dict) -> int:
                  cfg.data.max_len, cfg.train.dtype, cfg.model.gradient_checkpointing, flags.get("gpu_memory_gb"))
     print(json.dumps({"run": cfg.model_dump(mode="json"), "deepspeed": ds_cfg, "estimate": asdict(e)}, indent=2))
     print(report(e), flush=True)
+    from rm_trainer.data import dry_run_report, load_tokenizer
+
+    try:
+        print(dry_run_report(cfg, load_tokenizer(cfg)), flush=True)
+    except ValueError as err:
+        return _fail(str(err))
     return 0
 
 

@@ -43,12 +43,36 @@ class ModelConfig(Section):
     head_init_std: float | None = Field(None, gt=0, description="std of the score head; default 1/sqrt(H+1)")
 
 
+class SourceConfig(Section):
+    """One preference source of a mixture."""
+    path: str = Field(description="file, save_to_disk folder or hub dataset name")
+    name: str | None = Field(None, description="label in reports and eval metrics; default: file stem")
+    weight: float = Field(1.0, gt=0, description="rows drawn per row available: 0.5 = half, 2 = each twice")
+    test_path: str | None = None
+    test_fraction: float | None = Field(None, ge=0.0, lt=1.0, description="default: data.test_fraction")
+
+
 class DataConfig(Section):
-    train_path: str | None = Field(None, description=".jsonl/.json/.parquet (optionally .gz) of preference pairs")
+    train_path: str | None = Field(None, description="preference file (or use data.sources for a mixture)")
     test_path: str | None = Field(None, description="held-out file; else test_fraction of train is held out")
     test_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    format: Literal["auto", "hh", "prompt"] = "auto"
+    sources: list[SourceConfig] | None = Field(None, description="a mixture: several sources with weights")
+    format: Literal["auto", "hh", "prompt", "conversational"] = "auto"
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    margin_key: str | None = Field(None, description="optional column: loss = -log sigma(r_c - r_r - margin)")
+    chat_template: str | None = Field(None, description="Jinja file, for tokenizers without a chat template")
     max_len: int = Field(512, ge=8, description="tokens per sequence (prompt + response + EOS)")
+    on_error: Literal["error", "skip"] = Field("error", description="malformed rows: stop, or count and skip")
+    max_drop_fraction: float = Field(0.05, ge=0.0, le=1.0, description="abort if a source drops more than this")
+    num_proc: int | None = Field(None, ge=1, description="tokenization processes (datasets.map)")
+
+    def source_list(self) -> list[SourceConfig]:
+        if self.sources:
+            return self.sources
+        return [SourceConfig(path=self.train_path, name="train", test_path=self.test_path,
+                             test_fraction=self.test_fraction)] if self.train_path else []
 
 
 class TrainConfig(Section):
@@ -98,8 +122,14 @@ class RunConfig(Section):
         problems = []
         if not self.model.path:
             problems.append("model.path (--model) is required: an HF save_pretrained folder")
-        if not self.data.train_path:
-            problems.append("data.train_path (--data) is required: a .jsonl/.json/.parquet file")
+        if not self.data.train_path and not self.data.sources:
+            problems.append("data.train_path (--data) is required: a .jsonl/.json/.parquet file "
+                            "(or data.sources for a mixture)")
+        if self.data.train_path and self.data.sources:
+            problems.append("data.train_path and data.sources are both set: put every file in data.sources")
+        names = [s.name or Path(s.path).stem for s in self.data.sources or []]
+        if len(set(names)) != len(names):
+            problems.append(f"data.sources: names must be unique, got {names}")
         if not self.output.output_dir:
             problems.append("output.output_dir (--output_dir) is required")
         if problems:
@@ -303,14 +333,24 @@ def _path_problems(tree: dict) -> list[str]:
     tok = get("model", "tokenizer") or path
     if tok and Path(tok).is_dir() and not any((Path(tok) / f).exists() for f in TOKENIZER_FILES):
         problems.append(f"tokenizer folder {tok!r} has none of {', '.join(TOKENIZER_FILES)}")
-    for field in ("train_path", "test_path"):
-        p = get("data", field)
-        if p and not Path(p).exists():
-            problems.append(f"data.{field} {p!r}: file not found")
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    paths = [(f"data.{f}", get("data", f)) for f in ("train_path", "test_path", "chat_template")]
+    for i, src in enumerate(data.get("sources") or []):
+        if isinstance(src, dict):
+            paths += [(f"data.sources[{i}].{f}", src.get(f)) for f in ("path", "test_path")]
+    for field, p in paths:
+        if p and not Path(str(p)).exists() and not looks_like_hub_name(str(p)):
+            problems.append(f"{field} {p!r}: file not found")
     ds = tree.get("ds_config")
     if ds and not Path(str(ds)).is_file():
         problems.append(f"ds_config {ds!r}: file not found")
     return problems
+
+
+def looks_like_hub_name(p: str) -> bool:
+    """'org/name' without a file extension: a dataset on the hub rather than a missing local file."""
+    return (p.count("/") == 1 and not p.startswith((".", "/", "~"))
+            and not any(p.lower().endswith(e) for e in (".json", ".jsonl", ".gz", ".parquet", ".arrow", ".jinja")))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

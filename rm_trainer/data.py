@@ -1,237 +1,203 @@
-"""Preference pairs: read through `datasets`, validate, tokenize once, and batch deterministically.
+"""Preference data: read every source (formats.py), tokenize once with `datasets.map`, truncate by the
+policy in truncation.py, account for every row, mix sources by weight, and hand rank-ready datasets to
+the trainer. Batching lives in batching.py.
 
-Two row shapes:
-  * HH-RLHF full text: {"chosen": "<dialogue + good answer>", "rejected": "<dialogue + bad answer>"}
-  * explicit:          {"prompt": "...", "chosen": "<response>", "rejected": "<response>"}
-Every row is either used or counted under a named reason; a malformed row is an error naming the
-file, line and field.
+Every row ends up either used or counted under a named reason, per source and split, in
+OUT/data_report.json. A source that loses more than data.max_drop_fraction aborts the run with the
+report, so a wrong column name or max_len cannot quietly train on nothing.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-REASONS = ("empty_response", "identical_raw", "identical_after_truncation")
+from rm_trainer.batching import (  # noqa: F401  (re-exported: the seed's names live here)
+    PairSampler,
+    collate,
+    eval_batches,
+    get_preference_iterator,
+    pad_right,
+)
+from rm_trainer.formats import Keys, detect_format, load_rows, render_conversation, split_hh
+from rm_trainer.truncation import truncate_pair
 
-
-def _loader_for(path: str) -> str:
-    name = path.lower().removesuffix(".gz")
-    for suffix, builder in ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet")):
-        if name.endswith(suffix):
-            return builder
-    raise ValueError(f"{path}: unsupported data file type; use .jsonl, .json or .parquet (optionally .gz)")
-
-
-def _open_text(path: str):
-    import gzip
-
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+DROP_REASONS = ("malformed", "empty_response", "identical_raw", "identical_after_truncation")
+KEPT_NOTES = ("prompt_truncated", "response_truncated", "hh_no_common_prompt")
 
 
-def _scan_json_lines(path: str, fields: tuple[str, ...]) -> str | None:
-    """datasets' JSON errors name no line (and a type clash surfaces as an Arrow schema error);
-    find the first line that Python's json rejects or whose fields are not text."""
-    if not path.lower().removesuffix(".gz").endswith(".jsonl"):
-        return None
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
-            if not isinstance(obj, dict):
-                return f"{path}:{lineno}: each line must be a JSON object, got {type(obj).__name__}"
-            for field in fields:
-                v = obj.get(field)
-                if field in obj and not isinstance(v, str) and v is not None:
-                    return f"{path}:{lineno}: field {field!r} is a {type(v).__name__}, not text; expected a string"
-    return None
+def special_prefix(tok) -> list[int]:
+    """Leading special tokens the tokenizer adds (e.g. BOS); kept at the front of every sequence."""
+    ids = tok("", add_special_tokens=True)["input_ids"]
+    return [i for i in ids if i != tok.eos_token_id]
 
 
-def row_location(path: str, row: int) -> str:
-    """'file:line' for JSON-lines files (row i is the i-th non-blank line), 'file row N' otherwise."""
-    if path.lower().removesuffix(".gz").endswith(".jsonl"):
-        with _open_text(path) as f:
-            seen = -1
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    seen += 1
-                    if seen == row:
-                        return f"{path}:{lineno}"
-    return f"{path} row {row}"
+def encode(tok, prompt: str, response: str, max_len: int, chat: bool = False):
+    """Token ids exactly as in training: [BOS] + prompt + response, truncated by the policy, + EOS.
+    Returns the Truncated record (ids in .chosen)."""
+    prefix = [] if chat else special_prefix(tok)
+    p = prefix + tok(prompt, add_special_tokens=False)["input_ids"]
+    r = tok(response, add_special_tokens=False)["input_ids"]
+    return truncate_pair(p, r, r, tok.eos_token_id, max_len, keep_prefix=len(prefix))
 
 
-def read_pairs(path: str, fmt: str = "auto"):
-    """Load a preference file as a `datasets.Dataset` with columns prompt/chosen/rejected (strings)."""
-    import datasets
-
-    builder = _loader_for(path)
-    if not Path(path).is_file():
-        raise ValueError(f"{path}: file not found")
-    if Path(path).stat().st_size == 0:
-        raise ValueError(f"{path}: file is empty")
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # datasets wraps parse errors in several exception types
-        where = _scan_json_lines(path, ("prompt", "chosen", "rejected")) if builder == "json" else None
-        raise ValueError(where or f"{path}: cannot be read as {builder}: {e}") from None
-    if len(ds) == 0:
-        raise ValueError(f"{path}: contains no rows")
-    cols = set(ds.column_names)
-    if fmt == "auto":
-        fmt = "prompt" if "prompt" in cols else "hh"
-    need = ["chosen", "rejected"] + (["prompt"] if fmt == "prompt" else [])
-    missing = [c for c in need if c not in cols]
-    if missing:
-        where = _scan_json_lines(path, tuple(need)) if builder == "json" else None
-        raise ValueError(where or f"{path}: no {', '.join(repr(m) for m in missing)} field in any row "
-                         f"(found fields: {', '.join(sorted(cols))}); expected {need}")
-    for col in need:
-        values = ds[col]
-        for i, v in enumerate(values):
-            if not isinstance(v, str):
-                what = "missing" if v is None else f"a {type(v).__name__}, not text"
-                raise ValueError(f"{row_location(path, i)}: field {col!r} is {what}; expected a string")
-    if fmt == "hh":
-        ds = ds.add_column("prompt", [""] * len(ds))
-    return ds.select_columns(["prompt", "chosen", "rejected"])
+def _texts(row: dict, fmt: str, keys: Keys, tok, template: str | None) -> tuple[str, str, str, bool, str]:
+    """(prompt, chosen response, rejected response, chat-rendered?, note)."""
+    c, r = row[keys.chosen], row[keys.rejected]
+    f = detect_format(row, keys) if fmt == "auto" else fmt
+    if f == "conversational":
+        p, c, r = render_conversation(tok, row.get(keys.prompt), c, r, template)
+        return p, c, r, True, ""
+    if f == "prompt":
+        return row[keys.prompt], c, r, False, ""
+    split = split_hh(c, r)
+    if split is None:
+        return "", c, r, False, "hh_no_common_prompt"
+    return (*split, False, "")
 
 
-def encode(tokenizer, text: str, max_len: int) -> tuple[list[int], bool]:
-    """Token ids ending in EOS, at most max_len long. The reward is read at the final EOS, so a
-    truncated sequence keeps it (cut the tail, re-append EOS). Returns (ids, was_truncated)."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if not ids or ids[-1] != eos:
-        ids = ids + [eos]
-    if len(ids) > max_len:
-        return ids[: max_len - 1] + [eos], True
-    return ids, False
-
-
-def tokenize_pairs(ds, tokenizer, max_len: int, num_proc: int | None = None):
-    """Tokenize once with datasets.map; returns (kept dataset, report dict)."""
+def tokenize_source(ds, tok, cfg, source_id: int = 0):
+    """datasets.map over one source -> (kept rows with ids, counts by reason, length arrays)."""
+    d = cfg.data
+    keys = Keys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key)
+    template = Path(d.chat_template).read_text() if d.chat_template else None
+    prefix = special_prefix(tok)
+    eos = tok.eos_token_id
 
     def fn(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_len", "rejected_len",
-                                                 "drop", "truncated")}
-        for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"], strict=False):
-            c_ids, c_tr = encode(tokenizer, p + c, max_len)
-            r_ids, r_tr = encode(tokenizer, p + r, max_len)
+                                                 "margin", "source", "status", "prompt_tokens",
+                                                 "chosen_tokens", "rejected_tokens")}
+        rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+        for row in rows:
+            try:
+                p, c, r, chat, note = _texts(row, d.format, keys, tok, template)
+            except ValueError as e:  # e.g. no chat template for conversational rows
+                raise ValueError(f"cannot render a conversational row: {e}; pass --chat_template FILE") from None
+            pre = [] if chat else prefix
+            p_ids = pre + tok(p, add_special_tokens=False)["input_ids"]
+            c_ids = tok(c, add_special_tokens=False)["input_ids"]
+            r_ids = tok(r, add_special_tokens=False)["input_ids"]
+            t = truncate_pair(p_ids, c_ids, r_ids, eos, d.max_len, keep_prefix=len(pre))
             if not c.strip() or not r.strip():
-                drop = "empty_response"
+                status = "empty_response"
             elif c == r:
-                drop = "identical_raw"
-            elif c_ids == r_ids:
-                drop = "identical_after_truncation"
+                status = "identical_raw"
+            elif t.identical:
+                status = "identical_after_truncation"
             else:
-                drop = ""
-            out["chosen_ids"].append(c_ids)
-            out["rejected_ids"].append(r_ids)
-            out["chosen_len"].append(len(c_ids))
-            out["rejected_len"].append(len(r_ids))
-            out["drop"].append(drop)
-            out["truncated"].append(c_tr or r_tr)
+                status = note or ("response_truncated" if t.response_cut else
+                                  "prompt_truncated" if t.prompt_cut else "")
+            out["chosen_ids"].append(t.chosen)
+            out["rejected_ids"].append(t.rejected)
+            out["chosen_len"].append(len(t.chosen))
+            out["rejected_len"].append(len(t.rejected))
+            out["margin"].append(float(row.get(keys.margin) or 0.0) if keys.margin else 0.0)
+            out["source"].append(source_id)
+            out["status"].append(status)
+            out["prompt_tokens"].append(len(p_ids))
+            out["chosen_tokens"].append(len(c_ids) + 1)
+            out["rejected_tokens"].append(len(r_ids) + 1)
         return out
 
-    tok = ds.map(fn, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
-                 desc="tokenizing pairs")
-    drops = Counter(d for d in tok["drop"] if d)
-    kept = tok.filter(lambda d: d == "", input_columns="drop")
-    report = {"rows": len(ds), "used": len(kept), "dropped": {r: drops.get(r, 0) for r in REASONS},
-              "truncated_kept": int(sum(kept["truncated"]))}
-    return kept.remove_columns(["drop", "truncated"]).with_format("python"), report
+    cols = ds.column_names
+    tokd = ds.map(fn, batched=True, batch_size=256, remove_columns=cols, num_proc=d.num_proc,
+                  desc="tokenizing pairs")
+    status = tokd["status"]
+    counts = Counter(status)
+    lengths = {k: np.asarray(tokd[k]) for k in ("prompt_tokens", "chosen_tokens", "rejected_tokens")}
+    kept = tokd.filter(lambda s: s not in DROP_REASONS, input_columns="status")
+    drop = ["status", "prompt_tokens", "chosen_tokens", "rejected_tokens"] + ([] if keys.margin else ["margin"])
+    return kept.remove_columns(drop), counts, lengths
 
 
-def pad_right(seqs: list[list[int]], pad_id: int, length: int | None = None) -> torch.Tensor:
-    T = length or max(len(s) for s in seqs)
-    out = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
+def _as_dataset(rows):
+    import datasets
+
+    return rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(rows)
 
 
-def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad chosen and rejected to one common length so they can be concatenated into 2B rows."""
-    T = max(max(r["chosen_len"], r["rejected_len"]) for r in rows)
-    return {
-        "chosen_ids": pad_right([r["chosen_ids"] for r in rows], pad_id, T),
-        "rejected_ids": pad_right([r["rejected_ids"] for r in rows], pad_id, T),
-        "chosen_len": torch.tensor([r["chosen_len"] for r in rows], dtype=torch.long),
-        "rejected_len": torch.tensor([r["rejected_len"] for r in rows], dtype=torch.long),
-    }
+def _report(n_rows: int, malformed: int, counts: Counter, lengths: dict, max_len: int) -> dict:
+    rep = {"rows": n_rows, "used": sum(v for k, v in counts.items() if k not in DROP_REASONS),
+           "dropped": {r: (malformed if r == "malformed" else counts.get(r, 0)) for r in DROP_REASONS},
+           "kept_with_note": {k: counts.get(k, 0) for k in KEPT_NOTES}}
+    if len(lengths["prompt_tokens"]):
+        rep["token_length_percentiles"] = {
+            k.removesuffix("_tokens"): {f"p{q}": int(np.percentile(v, q)) for q in (50, 90, 99)} | {"max": int(v.max())}
+            for k, v in lengths.items()}
+        full = lengths["prompt_tokens"] + np.maximum(lengths["chosen_tokens"], lengths["rejected_tokens"])
+        rep["fraction_truncated_at_max_len"] = round(float((full > max_len).mean()), 4)
+    return rep
 
 
-class PairSampler:
-    """Seeded, rank-sharded sampling that is a pure function of the step.
+def _mix(ds, weight: float, seed: int):
+    """weight 0.5: a seeded half; 2: every row twice; 1.5: once plus a seeded half."""
+    import datasets
 
-    Global batch g at step s is perm_e[s' * G : (s'+1) * G] (e = epoch, s' = step within it), the same
-    permutation on every rank. Micro step a of rank r takes slice (a * W + r) of it. So any world size
-    or accumulation split with the same global batch sees the same pairs per optimizer step, and a
-    resumed run can jump to any step without replaying the data.
-    """
-
-    def __init__(self, n: int, micro: int, accum: int, world: int, rank: int, seed: int):
-        self.n, self.micro, self.accum, self.world, self.rank, self.seed = n, micro, accum, world, rank, seed
-        self.global_batch = micro * accum * world
-        self.steps_per_epoch = n // self.global_batch
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g))
-        return self._perm[1]
-
-    def global_batch_indices(self, step: int) -> list[int]:
-        """Every pair of step's global batch (all ranks, all micro steps)."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        base = within * self.global_batch
-        return self.permutation(epoch)[base:base + self.global_batch].tolist()
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        assert self.steps_per_epoch > 0
-        epoch, within = divmod(step, self.steps_per_epoch)
-        perm = self.permutation(epoch)
-        base = within * self.global_batch
-        return [perm[base + (a * self.world + self.rank) * self.micro:][: self.micro].tolist()
-                for a in range(self.accum)]
+    whole, frac = int(weight), weight - int(weight)
+    parts = [ds] * whole
+    if frac > 0:
+        rng = np.random.default_rng(seed)
+        parts.append(ds.select(sorted(rng.choice(len(ds), round(frac * len(ds)), replace=False).tolist())))
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def get_preference_iterator(dataset, sampler: PairSampler, pad_id: int, start_step: int,
-                            total_steps: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
-    """Yield (step, [micro-batch, ...]) for steps start_step..total_steps-1, right-padded."""
-    for step in range(start_step, total_steps):
-        yield step, [collate(_rows(dataset, idx), pad_id) for idx in sampler.micro_batches(step)]
+def prepare_sources(cfg, tok) -> tuple[Any, Any, dict, list[str]]:
+    """(train dataset, test dataset or None, report, source names). Pure: no process group."""
+    import datasets
+
+    d = cfg.data
+    keys = Keys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key)
+    trains, tests, report, names = [], [], {}, []
+    for i, src in enumerate(d.source_list()):
+        name = src.name or Path(src.path).stem
+        names.append(name)
+        rows, bad = load_rows(src.path, d.format, keys, d.on_error)
+        ds = _as_dataset(rows)
+        frac = d.test_fraction if src.test_fraction is None else src.test_fraction
+        test_ds, test_bad = None, 0
+        if src.test_path:
+            test_rows, test_bad = load_rows(src.test_path, d.format, keys, d.on_error)
+            test_ds = _as_dataset(test_rows)
+        elif frac > 0 and len(ds) > 1:
+            split = ds.train_test_split(test_size=frac, seed=cfg.train.seed)
+            ds, test_ds = split["train"], split["test"]
+        tr, counts, lengths = tokenize_source(ds, tok, cfg, i)
+        report[name] = {"path": src.path, "weight": src.weight,
+                        "train": _report(len(ds) + bad, bad, counts, lengths, d.max_len)}
+        trains.append(_mix(tr, src.weight, cfg.train.seed + i) if src.weight != 1 else tr)
+        if test_ds is not None:
+            te, tcounts, tlengths = tokenize_source(test_ds, tok, cfg, i)
+            report[name]["test"] = _report(len(test_ds) + test_bad, test_bad, tcounts, tlengths, d.max_len)
+            tests.append(te)
+    _check_drops(report, d.max_drop_fraction)
+    train = datasets.concatenate_datasets(trains) if len(trains) > 1 else trains[0]
+    test = (datasets.concatenate_datasets(tests) if len(tests) > 1 else tests[0]) if tests else None
+    if len(train) == 0:
+        raise ValueError(f"no usable training pairs in any source: {json.dumps(report)}")
+    report["_total"] = {"train_pairs": len(train), "test_pairs": len(test) if test is not None else 0}
+    return train, test, report, names
 
 
-def _rows(dataset, idx: list[int]) -> list[dict[str, Any]]:
-    cols = dataset[idx]  # column-major dict of lists
-    return [dict(zip(cols, vals, strict=False)) for vals in zip(*cols.values(), strict=False)]
-
-
-def eval_batches(n: int, world: int, rank: int, batch_size: int) -> list[tuple[list[int], list[float]]]:
-    """Every test pair exactly once across ranks: rank r takes r, r+W, ... Ranks with fewer pairs get
-    zero-weight filler so all ranks run the same number of forwards (ZeRO-3 gathers are collective)."""
-    mine = list(range(rank, n, world))
-    per_rank = -(-n // world)
-    n_batches = max(1, -(-per_rank // batch_size))
-    out = []
-    for b in range(n_batches):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
-        w = [1.0] * len(idx)
-        if not idx:
-            idx, w = [0], [0.0]
-        out.append((idx, w))
-    return out
+def _check_drops(report: dict, limit: float) -> None:
+    problems = []
+    for name, rep in report.items():
+        for split in ("train", "test"):
+            r = rep.get(split)
+            if r and r["rows"] and sum(r["dropped"].values()) / r["rows"] > limit:
+                frac = sum(r["dropped"].values()) / r["rows"]
+                problems.append(f"source {name!r} ({split}): {frac:.1%} of {r['rows']} rows dropped "
+                                f"{ {k: v for k, v in r['dropped'].items() if v} }")
+    if problems:
+        raise ValueError("too many rows dropped (data.max_drop_fraction = "
+                         f"{limit:g}): " + "; ".join(problems) + ". Check the column names (data.chosen_key, "
+                         "data.rejected_key, data.prompt_key), max_len and data.on_error; the full report: "
+                         + json.dumps(report))
 
 
 def write_report(path: Path, report: dict) -> None:
@@ -255,26 +221,45 @@ def load_data(cfg, tok, out: Path, is_main: bool, barrier: Callable[[], None]):
     import datasets
 
     cache = out / "data_cache"
+    names_file = cache / "sources.json"
     if is_main:
-        raw = read_pairs(cfg.data.train_path, cfg.data.format)
-        if cfg.data.test_path:
-            test_raw = read_pairs(cfg.data.test_path, cfg.data.format)
-        elif cfg.data.test_fraction > 0:
-            split = raw.train_test_split(test_size=cfg.data.test_fraction, seed=cfg.train.seed)
-            raw, test_raw = split["train"], split["test"]
-        else:
-            test_raw = None
-        train, train_report = tokenize_pairs(raw, tok, cfg.data.max_len)
-        report = {"train": train_report}
+        train, test, report, names = prepare_sources(cfg, tok)
         train.save_to_disk(str(cache / "train"))
-        if test_raw is not None:
-            test, report["test"] = tokenize_pairs(test_raw, tok, cfg.data.max_len)
+        if test is not None:
             test.save_to_disk(str(cache / "test"))
+        elif (cache / "test").exists():
+            import shutil
+
+            shutil.rmtree(cache / "test")
+        names_file.write_text(json.dumps(names))
         write_report(out / "data_report.json", report)
         print(f"[rm_trainer] data: {json.dumps(report)}", flush=True)
     barrier()
     train = datasets.load_from_disk(str(cache / "train")).with_format("python")
     test = datasets.load_from_disk(str(cache / "test")).with_format("python") if (cache / "test").exists() else None
-    if len(train) == 0:
-        raise ValueError(f"{cfg.data.train_path}: no usable pairs left (see {out / 'data_report.json'})")
-    return train, test
+    return train, test, json.loads(names_file.read_text())
+
+
+def dry_run_report(cfg, tok) -> str:
+    """Per-source counts and drops, token-length percentiles, the truncated fraction, and one rendered
+    example with the scoring token marked. No process group, no model."""
+    train, _, report, _ = prepare_sources(cfg, tok)
+    lines = []
+    for name, rep in report.items():
+        if name.startswith("_"):
+            continue
+        for split in ("train", "test"):
+            r = rep.get(split)
+            if not r:
+                continue
+            lines.append(f"{name}/{split}: {r['rows']} rows, {r['used']} used, dropped "
+                         f"{ {k: v for k, v in r['dropped'].items() if v} or 0}, kept with note "
+                         f"{ {k: v for k, v in r['kept_with_note'].items() if v} or 0}")
+            if "token_length_percentiles" in r:
+                lines.append(f"  token lengths {r['token_length_percentiles']}; "
+                             f"{r['fraction_truncated_at_max_len']:.1%} of pairs exceed max_len={cfg.data.max_len}")
+    ex = train[0]
+    ids = ex["chosen_ids"]
+    lines.append("example (chosen), the reward is read at the marked token:")
+    lines.append("  " + tok.decode(ids[:-1]) + " \u27e6" + tok.decode(ids[-1:]) + "\u27e7")
+    return "\n".join(lines)

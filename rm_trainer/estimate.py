@@ -100,10 +100,13 @@ def estimate(model_path: str, ds_cfg: dict, world_size: int, gpus_per_node: int 
                     None if total_gpu is None else round(total_gpu / GiB, 2), gpu_memory_gb, fits)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} K"
+
+
 def report(e: Estimate) -> str:
     lines = [
-        f"parameters: {e.params / 1e9:.3f} B (largest layer {e.largest_layer or '?'}: "
-        f"{e.largest_layer_params / 1e6:.1f} M)",
+        f"parameters: {_count(e.params)} (largest layer {e.largest_layer or '?'}: {_count(e.largest_layer_params)})",
         f"ZeRO-{e.zero_stage} on {e.world_size} GPUs ({e.gpus_per_node} per node), offload optimizer="
         f"{e.offload_optimizer}, param={e.offload_param}:",
         f"  model states per GPU: {e.model_states_gpu_gib:.2f} GiB; CPU per node: {e.model_states_cpu_gib:.2f} GiB",

@@ -10,9 +10,14 @@ import torch
 import torch.nn.functional as F
 
 
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-    """-log sigma(r_c - r_r), averaged over pairs. logsigmoid is stable for any |delta|."""
-    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: torch.Tensor | None = None) -> torch.Tensor:
+    """-log sigma(r_c - r_r [- margin]), averaged over pairs. logsigmoid is stable for any |delta|.
+    The optional per-pair margin asks for a larger gap on clearer preferences (Llama-2 style)."""
+    delta = chosen_rewards.float() - rejected_rewards.float()
+    if margin is not None:
+        delta = delta - margin.float()
+    return -F.logsigmoid(delta).mean()
 
 
 def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -32,27 +37,30 @@ class _FusedBT(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(ctx, rewards: torch.Tensor, margin: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         B = rewards.shape[0] // 2
         delta = rewards[:B].float() - rewards[B:].float()
-        ctx.save_for_backward(delta)
+        z = delta if margin is None else delta - margin.float()
+        ctx.save_for_backward(z)
         ctx.in_dtype = rewards.dtype
-        loss = F.softplus(-delta).mean()  # = -logsigmoid(delta), stable for any |delta|
+        loss = F.softplus(-z).mean()  # = -logsigmoid(z), stable for any |z|
         acc = (delta > 0).float().mean()
         ctx.mark_non_differentiable(acc)
         return loss, acc, delta.mean().detach()
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_acc, _grad_margin):
-        (delta,) = ctx.saved_tensors
-        g = -torch.sigmoid(-delta) * (grad_loss / delta.shape[0])
-        return torch.cat([g, -g]).to(ctx.in_dtype)
+        (z,) = ctx.saved_tensors
+        g = -torch.sigmoid(-z) * (grad_loss / z.shape[0])
+        return torch.cat([g, -g]).to(ctx.in_dtype), None
 
 
-def fused_bradley_terry(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, accuracy, margin) from the concatenated [chosen; rejected] rewards of one 2B forward."""
+def fused_bradley_terry(rewards: torch.Tensor, margin: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, accuracy, mean reward gap) from the concatenated [chosen; rejected] rewards of one 2B
+    forward; `margin` (B,) optionally shifts the target gap per pair."""
     assert rewards.dim() == 1 and rewards.shape[0] % 2 == 0, rewards.shape
-    return _FusedBT.apply(rewards)
+    return _FusedBT.apply(rewards, margin)
 
 
 def pair_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,

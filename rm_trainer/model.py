@@ -116,8 +116,9 @@ class RewardModel(nn.Module):
         return r
 
     @torch.no_grad()
-    def score_texts(self, texts: list[str], batch_size: int = 8) -> torch.Tensor:
-        """Rewards for full texts (prompt + response), tokenized exactly as in training.
+    def score_texts(self, texts: list, batch_size: int = 8) -> torch.Tensor:
+        """Rewards for texts, tokenized exactly as in training. Each item is a full text or a
+        (prompt, response) pair; pairs reproduce training tokenization bit for bit.
 
         Needs `.tokenizer`, `.max_len` and `.pad_token_id`, which `load_reward_model` attaches."""
         from rm_trainer.data import encode, pad_right
@@ -125,7 +126,8 @@ class RewardModel(nn.Module):
         device = self.score.weight.device
         out = []
         for i in range(0, len(texts), batch_size):
-            ids = [encode(self.tokenizer, t, self.max_len)[0] for t in texts[i:i + batch_size]]
+            ids = [encode(self.tokenizer, *(t if isinstance(t, (tuple, list)) else ("", t)), self.max_len).chosen
+                   for t in texts[i:i + batch_size]]
             lens = torch.tensor([len(s) for s in ids], device=device)
             out.append(self(pad_right(ids, self.pad_token_id).to(device), lens))
         return torch.cat(out)

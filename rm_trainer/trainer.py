@@ -79,18 +79,30 @@ def check_resume(cfg: RunConfig, world: int) -> Path | None:
     return target
 
 
-def evaluate(eng, test, cfg: RunConfig, rt: engine.Runtime, pad_id: int) -> dict[str, float]:
-    """Exact metrics over the whole test set: every pair once, sums all-reduced across ranks. Also the
-    mean/std of the held-out rewards (normalisation statistics: never computed on training data)."""
+def evaluate(eng, test, cfg: RunConfig, rt: engine.Runtime, pad_id: int,
+             sources: list[str]) -> dict[str, float]:
+    """Exact metrics over the whole test set: every pair once, sums all-reduced across ranks, overall
+    and per source. Also the mean/std of the held-out rewards (normalisation statistics: never
+    computed on training data)."""
     eng.eval()
-    sums = torch.zeros(N_SUMS, dtype=torch.float64)
+    sums = torch.zeros(len(sources), N_SUMS, dtype=torch.float64)
     with torch.no_grad():
         for idx, w in eval_batches(len(test), rt.world_size, rt.rank, cfg.eval_batch_size):
-            rewards = score_batch(eng, collate([test[i] for i in idx], pad_id), rt.device)
+            b = collate([test[i] for i in idx], pad_id)
+            rewards = score_batch(eng, b, rt.device).cpu()
             B = len(idx)
-            sums += pair_sums(rewards[:B], rewards[B:], torch.tensor(w)).cpu()
+            for s in b["source"].unique().tolist():
+                mask = (b["source"] == s).double() * torch.tensor(w, dtype=torch.float64)
+                sums[s] += pair_sums(rewards[:B], rewards[B:], mask)
     eng.train()
-    return metrics_from_sums(engine.all_reduce_sum(sums.to(rt.device)).cpu())
+    sums = engine.all_reduce_sum(sums.to(rt.device)).cpu()
+    result = metrics_from_sums(sums.sum(0))
+    if len(sources) > 1:
+        for s, name in enumerate(sources):
+            if sums[s, 0] > 0:
+                m = metrics_from_sums(sums[s])
+                result |= {f"{name}/{k}": m[k] for k in ("loss", "acc", "margin")}
+    return result
 
 
 def score_batch(eng, b: dict, device: torch.device) -> torch.Tensor:
@@ -101,11 +113,11 @@ def score_batch(eng, b: dict, device: torch.device) -> torch.Tensor:
     return eng(ids, lens)
 
 
-def loss_fn(rewards: torch.Tensor, fused: bool) -> torch.Tensor:
+def loss_fn(rewards: torch.Tensor, fused: bool, margin: torch.Tensor | None = None) -> torch.Tensor:
     if fused:
-        return fused_bradley_terry(rewards)[0]
+        return fused_bradley_terry(rewards, margin)[0]
     B = rewards.shape[0] // 2
-    return bradley_terry_loss(rewards[:B], rewards[B:])
+    return bradley_terry_loss(rewards[:B], rewards[B:], margin)
 
 
 def make_probe(ds, pad_id: int) -> dict[str, torch.Tensor]:
@@ -154,7 +166,7 @@ def train(cfg: RunConfig, ds_cfg: dict) -> dict:
 
     tok = load_tokenizer(cfg)
     pad_id = tok.pad_token_id
-    train_ds, test_ds = load_data(cfg, tok, out, rt.is_main, engine.barrier)
+    train_ds, test_ds, sources = load_data(cfg, tok, out, rt.is_main, engine.barrier)
     t = cfg.train
     sampler = PairSampler(len(train_ds), t.micro_batch_size, t.grad_accum, rt.world_size, rt.rank, t.seed)
     if sampler.steps_per_epoch == 0:
@@ -212,7 +224,8 @@ def train(cfg: RunConfig, ds_cfg: dict) -> dict:
             if TEST_PAUSE:
                 test_pause(done, micro, out, rt.rank)
             rewards = score_batch(eng, b, rt.device)
-            loss = loss_fn(rewards, fused=cfg.model.reward_path == "fused")
+            margin = b["margin"].to(rt.device) if "margin" in b else None
+            loss = loss_fn(rewards, fused=cfg.model.reward_path == "fused", margin=margin)
             if TEST_NAN == f"{done}:{rt.rank}" and micro == 0:
                 loss = loss * float("nan")
             eng.backward(loss)  # DeepSpeed scales by 1/grad_accum and reduces across ranks
@@ -242,7 +255,7 @@ def train(cfg: RunConfig, ds_cfg: dict) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.4f}", skipped=skipped)
         if test_ds is not None and (done == total_steps or (t.eval_every and done % t.eval_every == 0)):
-            last_eval = evaluate(eng, test_ds, cfg, rt, pad_id)
+            last_eval = evaluate(eng, test_ds, cfg, rt, pad_id, sources)
             log.log("eval", done, {k: v for k, v in last_eval.items() if k != "pairs"})
             meta["reward_stats"] = {"mean": last_eval["reward_mean"], "std": last_eval["reward_std"],
                                     "pairs": last_eval["pairs"], "step": done}
@@ -250,7 +263,7 @@ def train(cfg: RunConfig, ds_cfg: dict) -> dict:
             save(eng, out, done, meta, probe, tok, rt)
     bar.close()
     if test_ds is not None and not last_eval:  # resumed at the very end: still report and normalise
-        last_eval = evaluate(eng, test_ds, cfg, rt, pad_id)
+        last_eval = evaluate(eng, test_ds, cfg, rt, pad_id, sources)
         meta["reward_stats"] = {"mean": last_eval["reward_mean"], "std": last_eval["reward_std"],
                                 "pairs": last_eval["pairs"], "step": total_steps}
 

@@ -34,8 +34,9 @@ def test_dry_run_prints_resolved_configs(tmp_path, demo_assets):
     p = run_cli(["--model", demo_assets["model"], "--data", demo_assets["train"], "--dry-run",
                  "--ds_config", "ds_configs/zero3.json", "--micro_batch_size", "3", "--output_dir", str(tmp_path)])
     assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout[p.stdout.index("{"):p.stdout.rindex("}") + 1])
+    out = json.JSONDecoder().raw_decode(p.stdout[p.stdout.index("{"):])[0]
     assert out["deepspeed"]["train_micro_batch_size_per_gpu"] == 3 and out["run"]["train"]["micro_batch_size"] == 3
+    assert "train/train: " in p.stdout and "\u27e6" in p.stdout  # the data part of the dry run
 
 
 def test_malformed_data_file_is_a_clear_error(tmp_path, demo_assets):

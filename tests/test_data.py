@@ -1,18 +1,13 @@
+"""Tokenization, the truncation policy in practice, accounting, mixtures, and the real HH-RLHF file."""
+
 import json
 
 import pytest
-import torch
+from helpers import SHARED_HH
 from transformers import AutoTokenizer
 
-from rm_trainer.data import (
-    PairSampler,
-    collate,
-    encode,
-    eval_batches,
-    get_preference_iterator,
-    read_pairs,
-    tokenize_pairs,
-)
+from rm_trainer.config import load_run_config
+from rm_trainer.data import dry_run_report, encode, prepare_sources
 
 
 @pytest.fixture(scope="module")
@@ -20,122 +15,116 @@ def tok(demo_assets):
     return AutoTokenizer.from_pretrained(demo_assets["model"])
 
 
-def write(tmp_path, name, lines):
+def cfg_for(demo_assets, tmp_path, *args):
+    cfg, _ = load_run_config(["--model", demo_assets["model"], "--output_dir", str(tmp_path / "o"), *args])
+    return cfg
+
+
+def write(tmp_path, name, rows):
     p = tmp_path / name
-    p.write_text("".join(line + "\n" for line in lines))
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(p)
 
 
 def test_encode_ends_in_eos_and_truncation_keeps_it(tok):
-    ids, truncated = encode(tok, "Human: hi Assistant: the answer is clear", 64)
-    assert ids[-1] == tok.eos_token_id and not truncated
-    long_text = " ".join(["the"] * 50)
-    ids, truncated = encode(tok, long_text, 16)
-    assert truncated and len(ids) == 16 and ids[-1] == tok.eos_token_id
-    assert ids.count(tok.eos_token_id) == 1
+    t = encode(tok, "Human: hi Assistant:", " the answer is clear", 64)
+    assert t.chosen[-1] == tok.eos_token_id and not t.response_cut and t.prompt_cut == 0
+    t = encode(tok, "Human: " + "the " * 40 + "Assistant:", " clear kind", 8)
+    assert len(t.chosen) == 8 and t.chosen[-1] == tok.eos_token_id and t.prompt_cut > 0
+    assert tok.decode(t.chosen[-3:-1]) == "clear kind"  # the response survived, the prompt's head did not
 
 
-def test_collate_right_pads_to_common_length():
-    rows = [{"chosen_ids": [5, 6, 7], "rejected_ids": [5, 8], "chosen_len": 3, "rejected_len": 2},
-            {"chosen_ids": [9], "rejected_ids": [9, 9, 9, 9], "chosen_len": 1, "rejected_len": 4}]
-    b = collate(rows, pad_id=0)
-    assert b["chosen_ids"].tolist() == [[5, 6, 7, 0], [9, 0, 0, 0]]
-    assert b["rejected_ids"].tolist() == [[5, 8, 0, 0], [9, 9, 9, 9]]
-    assert b["chosen_len"].tolist() == [3, 1] and b["rejected_len"].tolist() == [2, 4]
-    # the 2B concatenation of the trainer works because both halves share T
-    assert torch.cat([b["chosen_ids"], b["rejected_ids"]]).shape == (4, 4)
+def test_every_row_is_used_or_counted(tmp_path, demo_assets):
+    rows = [{"prompt": "Human: hi Assistant:", "chosen": " clear kind", "rejected": " rude wrong"},
+            {"prompt": "Human: hi Assistant:", "chosen": " ", "rejected": " rude"},          # empty_response
+            {"prompt": "Human: hi Assistant:", "chosen": " same", "rejected": " same"},      # identical_raw
+            {"prompt": "Human: " + "the " * 30, "chosen": " clear " + "a " * 20 + "x",
+             "rejected": " clear " + "a " * 20 + "y"},                                     # identical after cut
+            {"prompt": "Human: " + "the " * 30 + "Assistant:", "chosen": " kind", "rejected": " rude"}]  # prompt cut
+    path = write(tmp_path, "p.jsonl", rows)
+    cfg = cfg_for(demo_assets, tmp_path, "--data", path, "--test_fraction", "0", "--max_len", "12",
+                  "--max_drop_fraction", "1")
+    train, test, report, names = prepare_sources(cfg, AutoTokenizer.from_pretrained(demo_assets["model"]))
+    r = report["train"]["train"]
+    assert r["rows"] == 5 and r["used"] == 2 and len(train) == 2 and test is None and names == ["train"]
+    assert r["dropped"] == {"malformed": 0, "empty_response": 1, "identical_raw": 1, "identical_after_truncation": 1}
+    assert r["kept_with_note"]["prompt_truncated"] == 1
+    assert all(x["chosen_ids"][-1] == 3 and len(x["chosen_ids"]) <= 12 for x in train)  # EOS id 3, within max_len
 
 
-def test_both_formats_and_drop_accounting(tmp_path, tok):
-    hh = write(tmp_path, "hh.jsonl", [
-        json.dumps({"chosen": "Human: hi Assistant: clear answer", "rejected": "Human: hi Assistant: rude answer"}),
-        json.dumps({"chosen": "Human: hi Assistant: same", "rejected": "Human: hi Assistant: same"}),
-    ])
-    ds = read_pairs(hh)
-    assert ds.column_names == ["prompt", "chosen", "rejected"] and ds[0]["prompt"] == ""
-    kept, report = tokenize_pairs(ds, tok, max_len=64)
-    assert report["rows"] == 2 and report["used"] == 1 and report["dropped"]["identical_raw"] == 1
-    pr = write(tmp_path, "p.jsonl", [
-        json.dumps({"prompt": "Human: hi Assistant:", "chosen": " clear kind", "rejected": " rude wrong"}),
-        json.dumps({"prompt": "Human: hi Assistant:", "chosen": " ", "rejected": " rude"}),
-        json.dumps({"prompt": "Human: " + "the " * 40, "chosen": " clear", "rejected": " rude"}),
-    ])
-    kept, report = tokenize_pairs(read_pairs(pr), tok, max_len=12)
-    assert report["dropped"] == {"empty_response": 1, "identical_raw": 0, "identical_after_truncation": 1}
-    assert report["used"] == 1
-    row = kept[0]
-    assert row["chosen_len"] == len(row["chosen_ids"]) and row["chosen_ids"][-1] == tok.eos_token_id
+def test_max_drop_fraction_aborts_with_the_report(tmp_path, demo_assets):
+    rows = [{"prompt": "q", "chosen": " same", "rejected": " same"}] * 3
+    rows.append({"prompt": "q", "chosen": " a", "rejected": " b"})
+    cfg = cfg_for(demo_assets, tmp_path, "--data", write(tmp_path, "d.jsonl", rows), "--test_fraction", "0")
+    with pytest.raises(ValueError, match=r"source 'train' \(train\): 75.0% of 4 rows dropped .*identical_raw"):
+        prepare_sources(cfg, AutoTokenizer.from_pretrained(demo_assets["model"]))
 
 
-def test_parquet_and_json_read(tmp_path):
-    import datasets
-
-    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3
-    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "x.parquet"))
-    (tmp_path / "x.json").write_text(json.dumps(rows))
-    assert len(read_pairs(str(tmp_path / "x.parquet"))) == 3
-    assert len(read_pairs(str(tmp_path / "x.json"))) == 3
-
-
-@pytest.mark.parametrize("lines,expected", [
-    (['{"chosen": "a", "rejected": "b"}', '{"chosen": "a", "rejected": '], r"bad\.jsonl:2: invalid JSON"),
-    (['{"chosen": "a", "rejected": "b"}', "", '{"chosen": 3, "rejected": "b"}'],
-     r"bad\.jsonl:3: field 'chosen' is a int, not text"),
-    (['{"chosen": "a", "rejected": "b"}', '{"chosen": "a"}'], r"bad\.jsonl:2: field 'rejected' is missing"),
-    (['{"chosen": "a", "answer": "b"}'], r"bad\.jsonl: no 'rejected' field in any row"),
-    (['[1, 2]'], r"bad\.jsonl:1: each line must be a JSON object"),
-])
-def test_malformed_rows_name_file_and_line(tmp_path, lines, expected):
-    with pytest.raises(ValueError, match=expected):
-        read_pairs(write(tmp_path, "bad.jsonl", lines))
+def test_mixture_weights_and_per_source_splits(tmp_path, demo_assets):
+    a = write(tmp_path, "a.jsonl", [{"prompt": "q", "chosen": f" clear {i}", "rejected": " rude"} for i in range(10)])
+    b = write(tmp_path, "b.jsonl", [{"chosen": f"Human: q Assistant: kind {i}", "rejected": "Human: q Assistant: no"}
+                                    for i in range(8)])
+    cfg_file = tmp_path / "mix.yaml"
+    cfg_file.write_text(f"data:\n  sources:\n    - {{path: {a}, weight: 2}}\n"
+                        f"    - {{path: {b}, name: hh, weight: 0.5, test_fraction: 0.25}}\n  test_fraction: 0\n")
+    cfg = cfg_for(demo_assets, tmp_path, "--config", str(cfg_file))
+    train, test, report, names = prepare_sources(cfg, AutoTokenizer.from_pretrained(demo_assets["model"]))
+    assert names == ["a", "hh"]
+    assert report["a"]["train"]["rows"] == 10 and "test" not in report["a"]
+    assert report["hh"]["train"]["rows"] == 6 and report["hh"]["test"]["rows"] == 2
+    assert len(train) == 2 * 10 + 3  # every a-row twice, half of hh's 6
+    assert sorted(set(train["source"])) == [0, 1] and set(test["source"]) == {1}
 
 
-def test_empty_and_unsupported_files(tmp_path):
-    (tmp_path / "e.jsonl").write_text("")
-    with pytest.raises(ValueError, match="e.jsonl: file is empty"):
-        read_pairs(str(tmp_path / "e.jsonl"))
-    (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="unsupported data file type"):
-        read_pairs(str(tmp_path / "x.csv"))
+def test_conversational_rows_with_a_chat_template_file(tmp_path, demo_assets):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}")
+    msgs = lambda answer: [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": answer}]  # noqa: E731
+    path = write(tmp_path, "conv.jsonl", [{"chosen": msgs("clear kind"), "rejected": msgs("rude wrong")}] * 4)
+    cfg = cfg_for(demo_assets, tmp_path, "--data", path, "--chat_template", str(template), "--test_fraction", "0")
+    tok = AutoTokenizer.from_pretrained(demo_assets["model"])
+    train, _, report, _ = prepare_sources(cfg, tok)
+    assert report["train"]["train"]["used"] == 4
+    text = tok.decode(train[0]["chosen_ids"])
+    assert "tell me" in text and "clear kind" in text  # rendered through the template
+    assert train[0]["chosen_ids"][-1] == tok.eos_token_id
+    cfg = cfg_for(demo_assets, tmp_path, "--data", path, "--test_fraction", "0")  # no template anywhere
+    with pytest.raises(ValueError, match="--chat_template"):
+        prepare_sources(cfg, tok)
 
 
-def test_sampler_global_batch_is_independent_of_world_and_accumulation():
-    n, steps = 50, 14  # 12 full batches of 4 per epoch: crosses an epoch boundary
-    def global_batches(micro, accum, world):
-        out = []
-        for s in range(steps):
-            per_rank = [PairSampler(n, micro, accum, world, r, seed=5).micro_batches(s) for r in range(world)]
-            out.append(sorted(i for r in per_rank for mb in r for i in mb))
-        return out
-    ref = global_batches(4, 1, 1)
-    assert global_batches(2, 1, 2) == ref
-    assert global_batches(2, 2, 1) == ref
-    assert global_batches(1, 2, 2) == ref
-    first_epoch = [i for b in ref[:12] for i in b]
-    assert len(set(first_epoch)) == 48  # no pair twice within an epoch
-    assert ref[12] != ref[0]  # a new permutation each epoch
+def test_dry_run_report_shows_lengths_and_the_scoring_token(tmp_path, demo_assets, tok):
+    cfg = cfg_for(demo_assets, tmp_path, "--data", demo_assets["train"], "--test_data", demo_assets["test"],
+                  "--max_len", "16")
+    text = dry_run_report(cfg, tok)
+    assert "train/train: 256 rows" in text and "train/test: 48 rows" in text
+    assert "token lengths" in text and "exceed max_len=16" in text
+    assert "\u27e6</s>\u27e7" in text  # the scoring token, marked
 
 
-def test_sampler_ranks_are_disjoint_and_seed_matters():
-    a = PairSampler(64, 4, 2, 2, 0, seed=1).micro_batches(3)
-    b = PairSampler(64, 4, 2, 2, 1, seed=1).micro_batches(3)
-    assert not set(sum(a, [])) & set(sum(b, []))
-    assert PairSampler(64, 4, 2, 2, 0, seed=2).micro_batches(3) != a
+@pytest.mark.skipif(not SHARED_HH.is_file(), reason=f"real HH-RLHF pairs not found at {SHARED_HH}")
+@pytest.mark.parametrize("max_len", [256, 512])
+def test_real_hh_rlhf_prompt_split_and_drop_counts(tmp_path, demo_assets, max_len):
+    import gzip
 
+    from rm_trainer.demo import train_tokenizer
+    from rm_trainer.formats import split_hh
 
-def test_eval_batches_cover_each_pair_exactly_once_in_lockstep():
-    for n, world, bs in ((7, 2, 2), (1, 2, 4), (10, 3, 3), (8, 2, 4)):
-        per_rank = [eval_batches(n, world, r, bs) for r in range(world)]
-        assert len({len(p) for p in per_rank}) == 1  # same number of forwards on every rank
-        seen = [i for p in per_rank for idx, w in p for i, wt in zip(idx, w, strict=True) if wt > 0]
-        assert sorted(seen) == list(range(n))
-
-
-def test_preference_iterator_yields_collated_steps(tmp_path, tok):
-    pr = write(tmp_path, "p.jsonl", [json.dumps({"prompt": "q", "chosen": f" clear {i}", "rejected": " rude"})
-                                     for i in range(10)])
-    kept, _ = tokenize_pairs(read_pairs(pr), tok, 32)
-    sampler = PairSampler(len(kept), micro=2, accum=2, world=1, rank=0, seed=0)
-    steps = list(get_preference_iterator(kept, sampler, tok.pad_token_id, start_step=1, total_steps=3))
-    assert [s for s, _ in steps] == [1, 2]
-    assert all(len(mbs) == 2 and mbs[0]["chosen_ids"].shape[0] == 2 for _, mbs in steps)
+    rows = [json.loads(line) for line in gzip.open(SHARED_HH, "rt")]
+    tok_dir = tmp_path / "tok"
+    tok = train_tokenizer([r["chosen"] for r in rows[:800]] + [r["rejected"] for r in rows[:800]], tok_dir,
+                          vocab_size=1000, kind="bpe")
+    splits = [split_hh(r["chosen"], r["rejected"]) for r in rows]
+    for r, s in zip(rows, splits, strict=True):
+        if s is not None:  # the same prompt for both sides, and the texts rebuild exactly
+            assert r["chosen"] == s[0] + s[1] and r["rejected"] == s[0] + s[2] and s[0].endswith("Assistant:")
+    cfg, _ = load_run_config(["--model", demo_assets["model"], "--tokenizer", str(tok_dir), "--data", str(SHARED_HH),
+                              "--test_fraction", "0", "--max_len", str(max_len), "--output_dir", str(tmp_path / "o"),
+                              "--max_drop_fraction", "0.5"])
+    train, _, report, _ = prepare_sources(cfg, tok)
+    r = report["train"]["train"]
+    print(f"HH-RLHF max_len={max_len}: {json.dumps(r)}")
+    assert r["rows"] == 2312 and r["used"] + sum(r["dropped"].values()) == 2312
+    assert r["kept_with_note"]["hh_no_common_prompt"] == sum(s is None for s in splits)
+    assert all(len(x) <= max_len for x in train["chosen_ids"])

@@ -58,7 +58,7 @@ def test_dry_run_reports_fit_without_starting(llama3_8b, demo_assets, tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "model states per GPU: 17.68 GiB" in p.stdout and "FITS in 80 GB per GPU" in p.stdout
-    body = json.loads(p.stdout[p.stdout.index("{"):p.stdout.rindex("}") + 1])
+    body = json.JSONDecoder().raw_decode(p.stdout[p.stdout.index("{"):])[0]
     assert body["estimate"]["world_size"] == 8 and body["deepspeed"]["zero_optimization"]["stage"] == 3
     assert not out.exists()
     p = subprocess.run([sys.executable, "-m", "rm_trainer.estimate", "--model", llama3_8b, "--world_size", "1",

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from rm_trainer.loss import bradley_terry_loss, margin, metrics_from_sums, pair_sums, preference_accuracy
@@ -52,3 +53,20 @@ def test_pair_sums_aggregate_exactly_and_mask_padding():
     padded = pair_sums(torch.cat([c, torch.tensor([9.0])]), torch.cat([r, torch.tensor([-9.0])]),
                        torch.tensor([1.0] * 10 + [0.0]))
     assert torch.allclose(padded, pair_sums(c, r))
+
+
+def test_margin_shifts_the_target_gap_in_both_paths():
+    from rm_trainer.loss import fused_bradley_terry
+
+    c = torch.tensor([1.0, 0.5, -0.2], requires_grad=True)
+    r = torch.tensor([0.0, 0.7, -1.0], requires_grad=True)
+    m = torch.tensor([0.5, 0.0, 2.0])
+    want = -torch.nn.functional.logsigmoid(c - r - m).mean()
+    plain = bradley_terry_loss(c, r, m)
+    assert torch.allclose(plain, want)
+    plain.backward()
+    x = torch.cat([c, r]).detach().requires_grad_()
+    loss, acc, gap = fused_bradley_terry(x, m)
+    loss.backward()
+    assert torch.allclose(loss, want) and torch.allclose(x.grad, torch.cat([c.grad, r.grad]))
+    assert acc.item() == pytest.approx(2 / 3)  # accuracy is about r_c > r_r, not the margin

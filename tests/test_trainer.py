@@ -44,7 +44,7 @@ def run(demo_assets, tiny_pretrained, tmp_path_factory):
             train(out, ["--model", tiny_pretrained, "--data", demo_assets["train"], "--test_data",
                         demo_assets["test"], "--ds_config", f"ds_configs/{ds}.json", "--dtype", "fp32",
                         "--lr", "1e-3", "--max_steps", str(STEPS), "--warmup_steps", "1", "--max_len", "64",
-                        "--seed", "7", "--eval_every", "6"] + extra, launcher=launcher, nprocs=n)
+                        "--seed", "7", "--eval_every", "6", "--save_every", "6"] + extra, launcher=launcher, nprocs=n)
             done[name] = out
         return done[name]
 
@@ -112,7 +112,7 @@ def test_score_texts_matches_training_tokenization(run, demo_assets):
     out = run("single_z2")
     model = load_reward_model(out / "reward.pt")
     pair = json.loads(open(demo_assets["test"]).readline())
-    r = model.score_texts([pair["prompt"] + pair["chosen"], pair["prompt"] + pair["rejected"]])
+    r = model.score_texts([(pair["prompt"], pair["chosen"]), (pair["prompt"], pair["rejected"])])
     probe = load_artifact(out)["probe"]["rewards"]
     assert torch.allclose(r, probe[[0, 4]], atol=TOL)  # probe = 4 chosen then 4 rejected
 
@@ -139,14 +139,18 @@ def test_standalone_consolidate_reproduces_reward_pt(run, tmp_path):
 def test_run_writes_exactly_these_files(run):
     out = run("torchrun_z3_w2")
     top = sorted(p.name for p in out.iterdir())
-    assert top == ["checkpoints", "data_cache", "data_report.json", "final_metrics.json", "metrics.jsonl",
+    assert top == ["checkpoints", "data_cache", "data_report.json", "final_metrics.json", "hf", "metrics.jsonl",
                    "reward.pt", "run_config.json", "tb"]
     ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_12", "step_6", "zero_to_fp32.py",
+                                                   "zero_to_torch.py"]
     assert (ck / "latest").read_text().strip() == f"step_{STEPS}"
     tag = sorted(p.name for p in (ck / f"step_{STEPS}").iterdir())
-    assert tag == ["rm_trainer_meta.json", "tokenizer", "zero_pp_rank_0_mp_rank_00_model_states.pt",
-                   "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
-                   "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert tag == ["manifest.json", "rm_state_rank0.pt", "rm_state_rank1.pt", "rm_trainer_meta.json", "tokenizer",
+                   "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                   "zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert sorted(p.name for p in (out / "hf").iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                              "tokenizer.json", "tokenizer_config.json"]
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["deepspeed"]["train_batch_size"] == 4
     assert cfg["deepspeed"]["zero_optimization"]["stage"] == 3 and cfg["deepspeed"]["bf16"]["enabled"] is False
@@ -159,7 +163,7 @@ def test_metrics_jsonl_and_tensorboard_tags(run):
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
-        assert {"loss", "acc", "margin", "lr", "grad_norm", "pairs_per_s", "tokens_per_s"} <= r.keys()
+        assert {"loss", "acc", "margin", "lr", "grad_norm", "pairs_per_s", "tokens_per_s", "skipped_steps"} <= r.keys()
         assert r["grad_norm"] > 0 and r["pairs_per_s"] > 0
     ev = EventAccumulator(str(out / "tb"))
     ev.Reload()
@@ -197,7 +201,7 @@ def test_real_hh_rlhf_two_rank_zero3(tmp_path):
                 "--micro_batch_size", "4", "--max_steps", "3", "--lr", "1e-4"], launcher="deepspeed", nprocs=2)
     ls = losses(out)
     assert len(ls) == 3 and all(0 < x < 5 for x in ls)
-    report = json.loads((out / "data_report.json").read_text())
+    report = json.loads((out / "data_report.json").read_text())["train"]  # the single source
     assert report["train"]["rows"] + report["test"]["rows"] == 2312
     assert report["train"]["used"] + sum(report["train"]["dropped"].values()) == report["train"]["rows"]
     assert (out / "reward.pt").is_file()

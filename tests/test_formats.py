@@ -1,0 +1,121 @@
+"""Reading every shape, and a malformed-input suite: each error names file:line (or row) and field."""
+
+import json
+
+import pytest
+
+from rm_trainer.formats import Keys, load_rows, render_conversation, split_hh
+
+K = Keys()
+
+
+def jsonl(tmp_path, lines, name="bad.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return str(p)
+
+
+OK = {"chosen": "Human: hi Assistant: a", "rejected": "Human: hi Assistant: b"}
+MSG = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]
+
+# (rows written to the file, format, expected message: file:LINE: field ...)
+MALFORMED = [
+    ([OK, '{"chosen": "a", "rejected": '], "auto", r":2: invalid JSON"),
+    ([OK, "[1, 2]"], "auto", r":2: each row must be a JSON object, got list"),
+    ([OK, {"rejected": "b"}], "auto", r":2: field 'chosen' is missing"),
+    ([OK, {"chosen": "a"}], "auto", r":2: field 'rejected' is missing"),
+    ([OK, "", {"chosen": 3, "rejected": "b"}], "auto", r":3: field 'chosen' is a int, not text"),
+    ([OK, {"chosen": "a", "rejected": None}], "auto", r":2: field 'rejected' is missing"),
+    ([OK, {"chosen": "a", "rejected": {"x": 1}}], "auto", r":2: field 'rejected' is a dict, not text"),
+    ([OK, {"chosen": "a", "rejected": True}], "auto", r":2: field 'rejected' is a bool, not text"),
+    ([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": 5, "chosen": "a", "rejected": "b"}], "prompt",
+     r":2: field 'prompt' is a int; expected a string"),
+    ([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"chosen": "a", "rejected": "b"}], "prompt",
+     r":2: field 'prompt' is missing"),
+    ([{"chosen": MSG, "rejected": MSG}, {"chosen": [{"content": "hi"}], "rejected": MSG}], "auto",
+     r":2: field chosen\[0\].role is missing"),
+    ([{"chosen": MSG, "rejected": MSG}, {"chosen": MSG, "rejected": [{"role": "user"}]}], "auto",
+     r":2: field rejected\[0\].content is missing"),
+    ([{"chosen": MSG, "rejected": MSG}, {"chosen": [{"role": "user", "content": 7}], "rejected": MSG}], "auto",
+     r":2: field chosen\[0\].content is a int"),
+    ([{"chosen": MSG, "rejected": MSG}, {"chosen": ["hi"], "rejected": MSG}], "auto",
+     r":2: field chosen\[0\]: expected a \{role, content\} object, got str"),
+    ([{"chosen": MSG, "rejected": MSG}, {"chosen": [{"role": 1, "content": "x"}], "rejected": MSG}], "auto",
+     r":2: field chosen\[0\].role is a int"),
+    ([{"chosen": MSG, "rejected": MSG}, {"chosen": [], "rejected": MSG}], "conversational",
+     r":2: field 'chosen': expected a non-empty list"),
+    ([{"chosen": MSG, "rejected": MSG, "prompt": [{"role": "user"}]}], "conversational",
+     r":1: field prompt\[0\].content is missing"),
+    ([{"chosen": "a", "rejected": "b", "m": "big"}], "auto", r":1: field 'm' is a str; expected a number"),
+]
+
+
+@pytest.mark.parametrize("rows,fmt,expected", MALFORMED, ids=[f"case{i}" for i in range(len(MALFORMED))])
+def test_malformed_rows_name_file_line_and_field(tmp_path, rows, fmt, expected):
+    path = jsonl(tmp_path, rows)
+    keys = Keys(margin="m") if "'m'" in expected else K
+    with pytest.raises(ValueError, match=r"bad\.jsonl" + expected) as e:
+        load_rows(path, fmt, keys, on_error="error")
+    assert "data.on_error=skip" in str(e.value)  # says what to do
+
+
+def test_skip_counts_malformed_rows_instead(tmp_path):
+    path = jsonl(tmp_path, [OK, '{"chosen": ', OK, {"chosen": 3, "rejected": "b"}, [1]])
+    rows, bad = load_rows(path, "auto", K, on_error="skip")
+    assert len(rows) == 2 and bad == 3
+
+
+@pytest.mark.parametrize("setup,expected", [
+    (lambda t: str(t / "missing.jsonl"), "missing.jsonl: file not found"),
+    (lambda t: (t / "e.jsonl").write_text("") and None or str(t / "e.jsonl"), "e.jsonl: file is empty"),
+    (lambda t: (t / "x.csv").write_text("a,b\n") and None or str(t / "x.csv"), "unsupported data file type"),
+    (lambda t: jsonl(t, [{"answer": "a", "rejected": "b"}], "cols.jsonl"), "no 'chosen' field in any row"),
+])
+def test_file_level_errors(tmp_path, setup, expected):
+    with pytest.raises(ValueError, match=expected):
+        load_rows(setup(tmp_path), "auto", K, on_error="error")
+
+
+def test_configurable_column_names(tmp_path):
+    path = jsonl(tmp_path, [{"q": "p", "good": "a", "bad": "b"}])
+    rows, _ = load_rows(path, "prompt", Keys("q", "good", "bad"), "error")
+    assert rows[0]["good"] == "a"
+
+
+def test_all_file_kinds_load(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "x.parquet"))
+    (tmp_path / "x.json").write_text(json.dumps(rows))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    for p in ("x.parquet", "x.json", "saved", str(arrow.relative_to(tmp_path))):
+        loaded, bad = load_rows(str(tmp_path / p), "auto", K, "error")
+        assert len(loaded) == 3 and bad == 0, p
+
+
+def test_hh_split_at_last_common_assistant_turn():
+    c = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help me\n\nAssistant: Sure, here is how."
+    r = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help me\n\nAssistant: No."
+    p, cr, rr = split_hh(c, r)
+    assert p.endswith("Human: help me\n\nAssistant:") and cr == " Sure, here is how." and rr == " No."
+    # responses that start alike still split at the turn, not inside the answer
+    p2, cr2, rr2 = split_hh("Human: q Assistant: Sure, yes", "Human: q Assistant: Sure, no")
+    assert p2 == "Human: q Assistant:" and cr2 == " Sure, yes" and rr2 == " Sure, no"
+    assert split_hh("no turns here", "no turns there") is None
+
+
+def test_render_conversation_with_template(tmp_path, demo_assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_assets["model"])
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}" \
+               "{% if add_generation_prompt %}[assistant] {% endif %}"
+    chosen = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "clear kind"}]
+    rejected = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "rude"}]
+    p, c, r = render_conversation(tok, None, chosen, rejected, template)
+    assert p == "[user] hi [assistant] " and c == "clear kind " and r == "rude "
+    p, c, r = render_conversation(tok, "hi", chosen[1:], rejected[1:], template)
+    assert p == "[user] hi [assistant] " and c == "clear kind "
