@@ -31,12 +31,15 @@ def main_train(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     if flags.get("dry_run"):
         return dry_run(cfg, ds_cfg, flags)
-    from rm_trainer.trainer import train
+    from rm_trainer.trainer import EXIT_PREEMPTED, Preempted, train
 
     try:
         result = train(cfg, ds_cfg)
     except ValueError as e:  # data and size errors found after start-up; still user errors
         return _fail(str(e))
+    except Preempted as e:
+        print(f"rm_trainer: {e}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     if "reward_pt" in result:
         print(json.dumps({"final": result}, indent=2), flush=True)
     return 0

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -29,6 +30,28 @@ from rm_trainer.optim import build_optimizer, scheduler_factory, warmup_steps
 #                                          test can SIGKILL the job at an exact point (mid-accumulation)
 TEST_NAN = os.environ.get("RM_TRAINER_TEST_NAN")
 TEST_PAUSE = os.environ.get("RM_TRAINER_TEST_PAUSE_AT")
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly at a committed checkpoint; rerun to resume
+
+
+class Preempted(Exception):
+    """Raised on every rank after the preemption checkpoint is committed."""
+
+    def __init__(self, step: int, tag: str):
+        super().__init__(f"preempted: checkpoint {tag} committed at step {step}; rerun to resume")
+        self.step, self.tag = step, tag
+
+
+_stop_signal: list[str] = []
+
+
+def _on_stop_signal(signum, _frame) -> None:
+    # Only a flag: saving inside a signal handler could interleave with a collective in flight.
+    _stop_signal.append(signal.Signals(signum).name)
+
+
+def install_stop_handlers() -> None:
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _on_stop_signal)
 
 PROBE_PAIRS = 4
 
@@ -158,6 +181,7 @@ def train(cfg: RunConfig, ds_cfg: dict) -> dict:
     out = Path(cfg.output.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rt = engine.init_distributed()
+    install_stop_handlers()
     torch.manual_seed(cfg.train.seed)
     root = out / "checkpoints"
     if rt.is_main:
@@ -219,7 +243,7 @@ def train(cfg: RunConfig, ds_cfg: dict) -> dict:
         done = step + 1
         lr = eng.get_lr()[0]
         skipped_before = eng.skipped_steps
-        sums = torch.zeros(N_SUMS + 1, dtype=torch.float64)  # pair sums + tokens
+        sums = torch.zeros(N_SUMS + 2, dtype=torch.float64)  # pair sums, tokens, stop flag
         for micro, b in enumerate(micro_batches):
             if TEST_PAUSE:
                 test_pause(done, micro, out, rt.rank)
@@ -235,7 +259,9 @@ def train(cfg: RunConfig, ds_cfg: dict) -> dict:
             B = b["chosen_ids"].shape[0]
             sums[:N_SUMS] += pair_sums(rewards[:B], rewards[B:]).cpu()
             sums[N_SUMS] += float(b["chosen_len"].sum() + b["rejected_len"].sum())
-        sums = engine.all_reduce_sum(sums.to(rt.device)).cpu()  # a NaN on any rank reaches every rank
+        sums[N_SUMS + 1] = float(bool(_stop_signal))
+        # One all-reduce: a NaN, or a stop signal, seen by any rank reaches every rank at this boundary.
+        sums = engine.all_reduce_sum(sums.to(rt.device)).cpu()
         gnorm = engine.grad_norm(eng)
         skip = eng.skipped_steps > skipped_before or not math.isfinite(float(sums[1]))
         skipped += skip
@@ -259,8 +285,19 @@ def train(cfg: RunConfig, ds_cfg: dict) -> dict:
             log.log("eval", done, {k: v for k, v in last_eval.items() if k != "pairs"})
             meta["reward_stats"] = {"mean": last_eval["reward_mean"], "std": last_eval["reward_std"],
                                     "pairs": last_eval["pairs"], "step": done}
-        if t.save_every and done % t.save_every == 0 and done != total_steps:
+        saved = bool(t.save_every and done % t.save_every == 0 and done != total_steps)
+        if saved:
             save(eng, out, done, meta, probe, tok, rt)
+        if sums[N_SUMS + 1] > 0 and done != total_steps:  # preemption: every rank agrees, saves, stops
+            tag = ckpt.tag_for(done) if saved else save(eng, out, done, meta, probe, tok, rt)
+            if rt.is_main:
+                marker = Path(os.environ.get("RM_TRAINER_PREEMPT_FILE") or out / "preempted.json")
+                marker.write_text(json.dumps({"step": done, "tag": tag,
+                                              "ranks_signalled": int(sums[N_SUMS + 1])}) + "\n")
+            bar.close()
+            log.close()
+            engine.barrier()
+            raise Preempted(done, tag)
     bar.close()
     if test_ds is not None and not last_eval:  # resumed at the very end: still report and normalise
         last_eval = evaluate(eng, test_ds, cfg, rt, pad_id, sources)

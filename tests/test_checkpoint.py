@@ -263,3 +263,44 @@ def test_check_state_dict_catches_empty_and_misshapen_tensors(demo_assets):
     bad = {k: v for k, v in sd.items() if k != "score.weight"}
     with pytest.raises(ValueError, match="missing score.weight"):
         check_state_dict(bad, cfg, "x")
+
+
+def _rank_pid(out, local_rank: int) -> int | None:
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"--local_rank={local_rank}".encode() in cmd and str(out).encode() in cmd:
+                return int(d)
+    return None
+
+
+@pytest.mark.slow
+def test_stop_signal_on_one_rank_stops_every_rank_at_one_committed_checkpoint(tmp_path, demo_assets,
+                                                                             tiny_pretrained):
+    """Preemption without slurm: USR1 reaches only rank 1; the ranks agree at the next step boundary,
+    commit one checkpoint and exit 75 (nobody hangs); the rerun resumes and matches an uninterrupted run."""
+    steps = 60
+    args = base_args(demo_assets, tiny_pretrained) + ["--max_steps", str(steps), "--save_every", "1000"]
+    out = tmp_path / "sig"
+    proc = start(out, args)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and metrics(out)):
+        assert proc.poll() is None and time.time() < deadline, "training never started"
+        time.sleep(0.1)
+    pid = _rank_pid(out, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGUSR1)
+    assert proc.wait(timeout=300) != 0  # the launcher reports the ranks' exit code 75
+    marker = json.loads((out / "preempted.json").read_text())
+    stopped = marker["step"]
+    assert marker["ranks_signalled"] == 1 and 1 <= stopped < steps
+    assert [s for s, _ in ckpt.committed(out / "checkpoints")] == [stopped]
+    assert max(r["step"] for r in metrics(out)) == stopped
+    p = train(out, args)
+    assert f"resumed from {out}/checkpoints/step_{stopped}" in p.stdout
+    ref = tmp_path / "ref"
+    train(ref, args)
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(ref)]
