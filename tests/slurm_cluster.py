@@ -67,7 +67,9 @@ class Cluster:
             f"SlurmctldPort={ctl_port}",
             "SlurmUser=root",
             "SlurmdUser=root",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire also sets how long a requeued job waits before it may start again (default
+            # 120 s); a test cluster need not wait that long.
+            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r}/spool-%n",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}",
