@@ -15,6 +15,7 @@ Loading a DeepSpeed checkpoint unpickles its files: resume only from directories
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -136,10 +137,16 @@ def restore_rank_state(path: Path) -> int:
 
 def fingerprint(paths: list[str | None], tokenizer_dir: str | None) -> str:
     """sha256 over the data files' bytes and the tokenizer files: a resume on other data is refused."""
+    return _fingerprint(tuple(p for p in paths if p), tokenizer_dir)
+
+
+@functools.lru_cache(maxsize=8)  # hashed once per process, however often it is asked for
+def _fingerprint(paths: tuple[str, ...], tokenizer_dir: str | None) -> str:
     h = hashlib.sha256()
-    files = [Path(p) for p in paths if p]
+    files = [Path(p) for p in paths if Path(p).is_file()]  # hub names and save_to_disk folders: by name
     if tokenizer_dir:
         files += sorted(p for p in Path(tokenizer_dir).glob("*") if p.is_file() and "token" in p.name)
+    h.update("\0".join(p for p in paths if not Path(p).is_file()).encode())
     for f in files:
         h.update(f.name.encode())
         with open(f, "rb") as fh:

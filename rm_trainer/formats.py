@@ -123,8 +123,10 @@ def load_rows(path: str, fmt: str, keys: Keys, on_error: str) -> tuple[list[dict
     malformed rows were skipped. on_error="error" raises on the first malformed row."""
     import datasets
 
+    from rm_trainer.config import looks_like_hub_name
+
     p = Path(path)
-    if not p.exists() and ("/" not in path or path.startswith((".", "/"))):
+    if not p.exists() and not looks_like_hub_name(path):
         raise ValueError(f"{path}: file not found")
     if p.is_file() and p.stat().st_size == 0:
         raise ValueError(f"{path}: file is empty")

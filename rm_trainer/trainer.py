@@ -72,13 +72,17 @@ def resume_keys(cfg: RunConfig, world: int) -> dict:
     model_id = hashlib.sha256((Path(cfg.model.path) / "config.json").read_bytes()).hexdigest()[:16]
     return {
         "world_size": world,
-        "data_and_tokenizer_sha256": ckpt.fingerprint([cfg.data.train_path, cfg.data.test_path],
-                                                      cfg.model.tokenizer or cfg.model.path),
+        "data_and_tokenizer_sha256": ckpt.fingerprint(
+            [p for s in cfg.data.source_list() for p in (s.path, s.test_path)] + [cfg.data.chat_template],
+            cfg.model.tokenizer or cfg.model.path),
         "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
         "max_len": cfg.data.max_len,
         "seed": t.seed,
         "global_batch": t.micro_batch_size * t.grad_accum * world,
-        "test_fraction": cfg.data.test_fraction if not cfg.data.test_path else None,
+        # options that change which pairs exist or their order (file contents are in the hash above)
+        "data_options": {k: v for k, v in cfg.data.model_dump(mode="json").items()
+                         if k not in ("train_path", "test_path", "sources", "chat_template", "num_proc", "max_len")}
+        | {"sources": [[s.name, s.weight, s.test_fraction] for s in cfg.data.sources or []]},
     }
 
 
@@ -186,7 +190,9 @@ def train(cfg: RunConfig, ds_cfg: dict) -> dict:
     root = out / "checkpoints"
     if rt.is_main:
         ckpt.clean_partial(root)
-    resume_from = check_resume(cfg, rt.world_size)  # same answer on every rank (already vetted by rank 0)
+    # Which checkpoint: cheap, the same answer on every rank. Whether it may be resumed exactly was
+    # checked by rank 0 in prepare(), before the process group existed.
+    resume_from = ckpt.resume_target(root, cfg.train.resume)
 
     tok = load_tokenizer(cfg)
     pad_id = tok.pad_token_id
