@@ -157,6 +157,7 @@ def save(eng, out: Path, step: int, meta: dict, probe: dict, tok, rt: engine.Run
     """Atomic checkpoint (see checkpoint.py): all ranks write step_N.tmp/, rank 0 commits it."""
     root = out / "checkpoints"
     tag = ckpt.tag_for(step)
+    t0 = time.perf_counter()
     eng.eval()
     with torch.no_grad():  # the probe the consolidated weights must reproduce
         rewards = eng(probe["input_ids"].to(rt.device), probe["seq_lengths"].to(rt.device)).cpu()
@@ -170,7 +171,9 @@ def save(eng, out: Path, step: int, meta: dict, probe: dict, tok, rt: engine.Run
         (tmp / ckpt.META_FILE).write_text(json.dumps(meta | {"step": step, "probe": probe_json}, indent=1))
     engine.barrier()  # every rank's files are on disk before the commit
     if rt.is_main:
-        ckpt.commit(root, step, rt.world_size, meta["keep_last"])
+        rotated = ckpt.commit(root, step, rt.world_size, meta["keep_last"])
+        print(f"[rm_trainer] committed {tag} in {time.perf_counter() - t0:.2f}s"
+              + (f"; rotated out {', '.join(rotated)}" if rotated else ""), flush=True)
     engine.barrier()
     return tag
 
