@@ -179,9 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--gc", default="on,off", help="activation checkpointing settings to run")
+    ap.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = ap.parse_args(argv)
-    p = PRESETS[a.preset]
+    p = PRESETS[a.preset] | ({"vocab": a.vocab} if a.vocab else {})
     result = {"preset": a.preset, "shape": p, "device": a.device, "torch": torch.__version__,
               "device_name": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "runs": []}
     for dtype in a.dtypes.split(","):
