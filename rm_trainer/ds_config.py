@@ -40,10 +40,6 @@ def load_ds_json(path: str | None) -> dict:
     return data
 
 
-def zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
 def resolve_ds_config(
     cfg: RunConfig, world_size: int, hidden_size: int | None = None, cuda: bool = False
 ) -> tuple[dict, RunConfig]:

@@ -116,10 +116,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
 
 def model_states_memory(stage: int, total_params: int, largest_layer_params: int, gpus_per_node: int,
                         num_nodes: int, offload_optimizer: bool, offload_param: bool) -> tuple[int, int]:

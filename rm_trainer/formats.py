@@ -130,25 +130,23 @@ def load_rows(path: str, fmt: str, keys: Keys, on_error: str) -> tuple[list[dict
         raise ValueError(f"{path}: file not found")
     if p.is_file() and p.stat().st_size == 0:
         raise ValueError(f"{path}: file is empty")
+    builder = None
+    if p.is_file():
+        name = path.lower().removesuffix(".gz")
+        builder = next((b for suffix, b in ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet"),
+                                             (".arrow", "arrow")) if name.endswith(suffix)), None)
+        if builder is None:
+            raise ValueError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet, .arrow "
+                             "(optionally .gz), a save_to_disk folder or a hub dataset name")
     try:
         if p.is_dir():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds["train"]
-        elif p.is_file():
-            name = path.lower().removesuffix(".gz")
-            builder = next((b for s, b in ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet"),
-                                           (".arrow", "arrow")) if name.endswith(s)), None)
-            if builder is None:
-                raise ValueError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet, .arrow "
-                                 "(optionally .gz), a save_to_disk folder or a hub dataset name")
+        elif builder is not None:
             ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         else:
             ds = datasets.load_dataset(path, split="train")  # a hub name, where the network allows
-    except ValueError as e:
-        if "unsupported data file type" in str(e):
-            raise
-        ds = None
     except Exception:  # datasets wraps JSON and schema errors in several exception types
         ds = None
     if ds is None:

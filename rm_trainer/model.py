@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from typing import Any
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -158,18 +157,16 @@ def enable_checkpointing(backbone: nn.Module, use_reentrant: bool = False) -> No
 
 
 def build_backbone(path: str, dtype: torch.dtype, random_init: bool = False,
-                   attn_implementation: str | None = None, init_context: Any = None) -> nn.Module:
+                   attn_implementation: str | None = None) -> nn.Module:
     """Load an HF decoder as `AutoModel` (hidden states only), or build it from its config.
 
-    `init_context` is where the engine puts ZeRO-3's partitioned construction; transformers itself
-    also honours a live HfDeepSpeedConfig in from_pretrained/from_config.
+    Under ZeRO-3 the engine keeps an HfDeepSpeedConfig alive meanwhile, and transformers then builds
+    every layer already partitioned.
     """
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with init_context or nullcontext():
-        if random_init:
-            config = AutoConfig.from_pretrained(path)
-            return AutoModel.from_config(config, dtype=dtype, **kwargs)
-        return AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
+    if random_init:
+        return AutoModel.from_config(AutoConfig.from_pretrained(path), dtype=dtype, **kwargs)
+    return AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
 
 
 def backbone_from_config_dict(config: dict, dtype: torch.dtype) -> nn.Module:
