@@ -65,7 +65,8 @@ def two_node_run(cluster, demo_assets, tiny_pretrained, tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm_run")
     start = time.time()
     job, text = submit(cluster, d, args(demo_assets, tiny_pretrained, d / "out"), wait=True)
-    log = (d / f"slurm-{job}.out").read_text() if job > 0 else text
+    # two nodes append to one log, so a multi-byte character (tqdm's bar) can be split: replace it
+    log = (d / f"slurm-{job}.out").read_text(errors="replace") if job > 0 else text
     return d / "out", log, time.time() - start
 
 
@@ -107,7 +108,7 @@ def test_preemption_saves_requeues_resumes_and_finishes_identically(cluster, two
         assert time.time() < deadline + 300, f"job did not finish after requeue: {state}"
         assert state.get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT"), state
         time.sleep(0.5)
-    log = (tmp_path / f"slurm-{job}.out").read_text()
+    log = (tmp_path / f"slurm-{job}.out").read_text(errors="replace")
     print(f"preempted slurm job wall time {time.time() - start:.1f}s")
     m = re.search(r"preempted at \{\"step\": (\d+)", log)
     assert m, log[-4000:]
