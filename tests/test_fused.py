@@ -54,16 +54,25 @@ def step(model, ids, lens, fused: bool):
     return loss.detach(), rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to the largest |b| compared: the two paths sum in different orders, so fp32
+    results differ by a few ulps of the magnitudes involved, whatever the CPU's kernels."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
+
+
+RTOL_FP32 = 1e-5  # ~84 ulps of fp32; a real bug (a wrong row, a missing norm) is off by O(1)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fused_equals_plain_fp32(family):
     fused, plain = pair(family)
     ids, lens = batch()
     lf, rf, gf = step(fused, ids, lens, fused=True)
     lp, rp, gp = step(plain, ids, lens, fused=False)
-    assert (lf - lp).abs() <= 1e-6 and (rf - rp).abs().max() <= 1e-6
+    assert rel_err(lf, lp) <= RTOL_FP32 and rel_err(rf, rp) <= RTOL_FP32
     assert gf.keys() == gp.keys()
     for n in gf:
-        assert (gf[n] - gp[n]).abs().max() <= 1e-6, n
+        assert rel_err(gf[n], gp[n]) <= RTOL_FP32, (n, rel_err(gf[n], gp[n]))
     assert any(g.abs().max() > 0 for n, g in gf.items() if "norm" in n or "ln_f" in n)  # norm still learns
 
 
