@@ -15,14 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A user error in the run config. Carries every problem found, one per line."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in the run configuration:\n{lines}")
+from rm_trainer.errors import ConfigError  # noqa: F401  (re-exported: raised by the config's users too)
 
 
 class Section(BaseModel):
@@ -66,7 +59,12 @@ class DataConfig(Section):
     max_len: int = Field(512, ge=8, description="tokens per sequence (prompt + response + EOS)")
     on_error: Literal["error", "skip"] = Field("error", description="malformed rows: stop, or count and skip")
     max_drop_fraction: float = Field(0.05, ge=0.0, le=1.0, description="abort if a source drops more than this")
-    num_proc: int | None = Field(None, ge=1, description="tokenization processes (datasets.map)")
+    num_proc: int | None = Field(None, ge=1, description="tokenization processes (datasets.map); default: the "
+                                 "available cores, capped at 16, one per 10k rows")
+    cache_dir: str | None = Field(None, description="tokenized-dataset cache (default OUT/data_cache); one "
+                                  "folder per content key, reused by every start, resume and requeue")
+    prepare_timeout_s: float = Field(86400, gt=0, description="how long the other ranks wait for rank 0 to "
+                                     "prepare the data (they poll; no collective is pending meanwhile)")
 
     def source_list(self) -> list[SourceConfig]:
         if self.sources:
@@ -99,6 +97,8 @@ class TrainConfig(Section):
     resume_force: bool = Field(False, description="resume although data, model, max_len, seed or batch differ")
     max_consecutive_skips: int = Field(5, ge=1, description="abort after this many non-finite steps in a row")
     log_every: int = Field(1, ge=1)
+    dist_timeout_s: float = Field(1800, gt=0, description="collective timeout while training: a rank that "
+                                  "waits longer for the others fails instead of hanging")
 
 
 class OutputConfig(Section):
@@ -107,6 +107,10 @@ class OutputConfig(Section):
     verify_consolidation: bool = Field(True, description="re-score a probe batch from reward.pt vs the engine")
     hf_out: str | None = Field(None, description="HF AutoModelForSequenceClassification folder; default OUT/hf")
     hf_export: bool = Field(True, description="write the HF folder at the end of training")
+    hf_shard_size: str = Field("5GB", pattern=r"^\d+(\.\d+)?\s*[KMG]i?B$",
+                               description="largest safetensors shard of the HF export, e.g. 5GB, 500MB")
+    preempt_marker: str | None = Field(None, description="file rank 0 writes when the ranks stopped at a "
+                                       "committed checkpoint for a preemption (default OUT/preempted.json)")
 
 
 class RunConfig(Section):
@@ -243,6 +247,9 @@ def parse_cli(argv: list[str]) -> tuple[dict, list[str], dict[str, Any]]:
         if key in LAUNCHER_FLAGS:  # deepspeed passes --local_rank=N; LOCAL_RANK env says the same
             if not eq and i < len(argv) and not argv[i].startswith("--"):
                 i += 1
+            continue
+        if key in ("prepare-only", "prepare_only"):
+            flags["prepare_only"] = True
             continue
         if key in ("config", "dry-run", "dry_run"):
             if key == "config":
