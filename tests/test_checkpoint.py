@@ -1,9 +1,9 @@
-"""Checkpoints: atomic commit, rotation, exact resume after a real SIGKILL, the non-finite guard,
-verified consolidation, HF export and reward normalisation.
+"""Checkpoints: atomic commit, checksums, rotation that keeps an intact checkpoint, resume past a damaged
+one, exact resume after a real SIGKILL, the non-finite guard, verified consolidation, HF export and
+reward normalisation.
 
-Test hooks used here (environment variables read by rm_trainer.trainer, only when set):
-  RM_TRAINER_TEST_PAUSE_AT="STEP.MICRO"  every rank writes OUT/.paused_rank{r} and sleeps at that point
-  RM_TRAINER_TEST_NAN="STEP:RANK"        that rank's loss becomes NaN at that step
+Faults are injected by tests/fault_launch.py (RM_FAULT_PAUSE_AT, RM_FAULT_NAN_GRAD), a test-only entry
+point that patches the step function; see helpers.train(env=...).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from helpers import ROOT, load_artifact, metrics, run_env, start, train
 
 from rm_trainer import checkpoint as ckpt
 from rm_trainer import load_reward_model
+from rm_trainer.errors import CheckpointError
 
 
 # ---------------------------------------------------------------- unit: the commit protocol (no engine)
@@ -33,37 +34,103 @@ def fake_tag(root, step, files=("a.pt", "b.pt")):
     return d
 
 
+def commit_and_rotate(root, step, world_size=2, keep_last=2):
+    ckpt.commit(root, step, world_size)
+    return ckpt.rotate(root, keep_last)
+
+
 def test_commit_renames_writes_latest_and_rotates_after_commit(tmp_path):
     for step in (1, 2, 3, 4):
         fake_tag(tmp_path, step)
-        rotated = ckpt.commit(tmp_path, step, world_size=2, keep_last=2)
+        rotated = commit_and_rotate(tmp_path, step)
         assert (tmp_path / "latest").read_text() == f"step_{step}"
         assert not (tmp_path / f"step_{step}.tmp").exists()
         assert rotated == ([f"step_{step - 2}"] if step > 2 else [])
     assert [s for s, _ in ckpt.committed(tmp_path)] == [3, 4]
     manifest = ckpt.verify_manifest(tmp_path / "step_4")
     assert manifest["step"] == 4 and set(manifest["files"]) == {"a.pt", "b.pt"}
+    assert manifest["files"]["a.pt"]["size"] == 16 and manifest["files"]["a.pt"]["checksum"].startswith("crc32:")
 
 
 def test_half_written_checkpoints_are_never_loaded_and_get_cleaned(tmp_path):
     fake_tag(tmp_path, 1)
-    ckpt.commit(tmp_path, 1, 1, 3)
+    ckpt.commit(tmp_path, 1, 1)
     fake_tag(tmp_path, 2)  # killed before the commit
     assert ckpt.resume_target(tmp_path, "auto").name == "step_1"
     with pytest.warns(UserWarning, match="half-written checkpoint"):
         assert ckpt.clean_partial(tmp_path) == ["step_2.tmp"]
-    assert not (tmp_path / "step_2.tmp").exists()
+    assert not (tmp_path / "step_2.tmp").exists() and (tmp_path / ".trash-step_2.tmp").is_dir()
+    fake_tag(tmp_path, 2)  # a new save of that step cannot collide with the old folder
+    ckpt.purge_trash(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_1", "step_2.tmp"]
 
 
-def test_missing_or_truncated_rank_file_is_refused(tmp_path):
+def test_missing_truncated_or_corrupted_file_is_refused(tmp_path):
     fake_tag(tmp_path, 5)
-    ckpt.commit(tmp_path, 5, 2, 3)
-    (tmp_path / "step_5" / "b.pt").write_bytes(b"x")
-    with pytest.raises(ValueError, match="b.pt has 1 bytes, manifest says 16"):
+    ckpt.commit(tmp_path, 5, 2)
+    b = tmp_path / "step_5" / "b.pt"
+    b.write_bytes(bytes(x ^ 1 for x in b.read_bytes()))  # same size, other bytes: only the checksum sees it
+    with pytest.raises(CheckpointError, match="b.pt does not match its checksum"):
+        ckpt.verify_manifest(tmp_path / "step_5")
+    b.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="b.pt has 1 bytes, manifest says 16"):
         ckpt.verify_manifest(tmp_path / "step_5")
     (tmp_path / "step_5" / "a.pt").unlink()
-    with pytest.raises(ValueError, match="missing a.pt"):
+    with pytest.raises(CheckpointError, match="missing a.pt"):
         ckpt.verify_manifest(tmp_path / "step_5")
+
+
+def test_sampled_checksum_of_big_files_reads_little_and_sees_the_tail(tmp_path):
+    f = tmp_path / "big.pt"
+    data = bytearray(os.urandom(9 << 20))
+    f.write_bytes(data)
+    before = ckpt.file_checksum(f)
+    assert before.startswith("crc32s:")
+    data[-10] ^= 0xFF  # the last MiB is always read
+    f.write_bytes(data)
+    assert ckpt.file_checksum(f) != before
+
+
+def test_each_rank_checksums_its_own_files_and_rank0_merges(tmp_path):
+    d = fake_tag(tmp_path, 7, files=("zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                     "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rm_state_rank1.pt", "meta.json"))
+    assert [ckpt.owner_rank(n, 2) for n in sorted(p.name for p in d.iterdir())] == [0, 1, 0, 1]
+    ckpt.write_rank_checksums(d, 1, 2)
+    assert set(json.loads((d / ".checksums_rank1.json").read_text())) == {
+        "rm_state_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    ckpt.write_rank_checksums(d, 0, 2)
+    ckpt.commit(tmp_path, 7, 2)
+    files = ckpt.verify_manifest(tmp_path / "step_7")["files"]
+    assert len(files) == 4 and not list((tmp_path / "step_7").glob(".checksums*"))  # sidecars merged
+
+
+def test_resume_auto_skips_a_damaged_newest_checkpoint_and_path_refuses_it(tmp_path):
+    for step in (3, 6):
+        fake_tag(tmp_path, step)
+        ckpt.commit(tmp_path, step, 2)
+    (tmp_path / "step_6" / "b.pt").write_bytes(b"short")
+    with pytest.warns(UserWarning, match=r"skips .*step_6: checkpoint is damaged: b.pt has 5 bytes"):
+        assert ckpt.resume_target(tmp_path, "auto").name == "step_3"
+    with pytest.raises(CheckpointError, match=r"--resume .*step_6: refusing to load .*b.pt has 5 bytes"):
+        ckpt.resume_target(tmp_path, str(tmp_path / "step_6"))
+    (tmp_path / "step_3" / "a.pt").unlink()
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="every committed checkpoint .* is damaged"):
+        ckpt.resume_target(tmp_path, "auto")
+
+
+def test_rotation_never_deletes_the_newest_intact_checkpoint(tmp_path):
+    for step in (1, 2, 3):
+        fake_tag(tmp_path, step)
+        commit_and_rotate(tmp_path, step, keep_last=2)
+    assert [s for s, _ in ckpt.committed(tmp_path)] == [2, 3]
+    (tmp_path / "step_3" / "a.pt").write_bytes(b"")  # damaged after its commit
+    fake_tag(tmp_path, 4)
+    (tmp_path / "step_4.tmp" / "a.pt").write_bytes(b"")  # and the next save damaged too (checksummed as is)
+    ckpt.commit(tmp_path, 4, 2)
+    (tmp_path / "step_4" / "b.pt").unlink()
+    assert ckpt.rotate(tmp_path, keep_last=2) == []  # step_2 is the newest intact one: kept
+    fake_tag(tmp_path, 5)
+    assert commit_and_rotate(tmp_path, 5, keep_last=2) == ["step_2", "step_3"]  # step_5 is intact
 
 
 def test_resume_target_modes(tmp_path):
@@ -72,7 +139,7 @@ def test_resume_target_modes(tmp_path):
     with pytest.raises(ValueError, match="no such checkpoint folder"):
         ckpt.resume_target(tmp_path, str(tmp_path / "nope"))
     fake_tag(tmp_path, 3)
-    ckpt.commit(tmp_path, 3, 1, 3)
+    ckpt.commit(tmp_path, 3, 1)
     assert ckpt.resume_target(tmp_path, str(tmp_path)).name == "step_3"  # a checkpoints/ root works too
 
 
@@ -124,7 +191,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, demo_assets, tiny_pretrained
     a = tmp_path / "uninterrupted"
     train(a, args)
     b = tmp_path / "killed"
-    proc = start(b, args, env={"RM_TRAINER_TEST_PAUSE_AT": pause})
+    proc = start(b, args, env={"RM_FAULT_PAUSE_AT": pause})
     kill_when_paused(proc, b)
     assert [s for s, _ in ckpt.committed(b / "checkpoints")] == [3, 6]  # step 7 is done, 8 is in flight
     (b / "checkpoints" / "step_9.tmp").mkdir()  # as if the kill had landed mid-save
@@ -160,12 +227,16 @@ def test_resume_refuses_inexact_changes(tmp_path, demo_assets, tiny_pretrained):
 
 @pytest.mark.slow
 def test_nan_on_one_rank_skips_the_step_everywhere_and_training_continues(tmp_path, demo_assets, tiny_pretrained):
-    out = tmp_path / "nan"
     args = base_args(demo_assets, tiny_pretrained) + ["--max_steps", "5", "--save_every", "1", "--keep_last", "10"]
-    train(out, args, env={"RM_TRAINER_TEST_NAN": "3:1"}, timeout=400)
-    rows = {r["step"]: r for r in metrics(out)}
+    ref = tmp_path / "ref"
+    train(ref, args, timeout=400)
+    out = tmp_path / "nan"
+    train(out, args, env={"RM_FAULT_NAN_GRAD": "3:1"}, timeout=400)  # rank 1's gradients, not its loss
+    rows, ref_rows = {r["step"]: r for r in metrics(out)}, {r["step"]: r for r in metrics(ref)}
     assert rows[2]["skipped_steps"] == 0 and rows[3]["skipped_steps"] == 1 and rows[5]["skipped_steps"] == 1
     assert "grad_norm" not in rows[3] and rows[4]["grad_norm"] > 0
+    # the skipped step logs the mean pair loss of its batch (the weights before it are the reference's)
+    assert [rows[s]["loss"] for s in (1, 2, 3)] == [ref_rows[s]["loss"] for s in (1, 2, 3)]
     from rm_trainer.engine import consolidated_state_dict
 
     w = {s: consolidated_state_dict(str(out / "checkpoints"), f"step_{s}") for s in (2, 3, 4)}
@@ -178,10 +249,31 @@ def test_nan_on_one_rank_skips_the_step_everywhere_and_training_continues(tmp_pa
 def test_consecutive_non_finite_steps_abort_with_the_batch(tmp_path, demo_assets, tiny_pretrained):
     out = tmp_path / "abort"
     args = base_args(demo_assets, tiny_pretrained) + ["--max_steps", "4", "--max_consecutive_skips", "1"]
-    p = train(out, args, env={"RM_TRAINER_TEST_NAN": "2:0"}, check=False, timeout=400)
+    p = train(out, args, env={"RM_FAULT_NAN_GRAD": "2:0"}, check=False, timeout=400)
     assert p.returncode != 0
     assert "step 2: 1 consecutive steps with a non-finite loss" in p.stdout + p.stderr
     assert "training pairs [" in p.stdout + p.stderr
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(tmp_path, demo_assets, tiny_pretrained):
+    """The issue's case: one rank's optimizer shard of the newest committed checkpoint is truncated."""
+    out = tmp_path / "run"
+    args = base_args(demo_assets, tiny_pretrained) + ["--max_steps", "6", "--keep_last", "3"]
+    train(out, args)
+    want_losses, want = [r["loss"] for r in metrics(out)], load_artifact(out)["state_dict"]
+    bad = out / "checkpoints" / "step_6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    p = train(out, args + ["--resume", str(bad.parent)], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"refusing to load {bad.parent}: checkpoint is damaged: {bad.name} has" in p.stderr
+    p = train(out, args)  # --resume auto
+    assert f"skips {bad.parent}: checkpoint is damaged: {bad.name} has" in p.stderr
+    assert f"resumed from {out}/checkpoints/step_3 at step 3" in p.stdout
+    assert [r["loss"] for r in metrics(out)] == want_losses  # steps 4-6 redone exactly
+    got = load_artifact(out)["state_dict"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    ckpt.verify_manifest(bad.parent)  # step_6 was written anew
 
 
 # ---------------------------------------------------------------- artifacts of a finished run
