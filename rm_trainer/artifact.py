@@ -1,8 +1,14 @@
-"""The `reward.pt` artifact: consolidation from a committed checkpoint, verification, loading.
+"""The `reward.pt` artifact: streaming consolidation from a committed checkpoint, verification, loading.
 
 A committed checkpoint carries `rm_trainer_meta.json` (resolved config, backbone config, token ids,
 held-out reward statistics and a probe batch scored by the live engine) and the tokenizer files, so
-`consolidate()` is self-sufficient: checkpoint folder in, verified `reward.pt` out.
+`consolidate()` is self-sufficient: checkpoint folder in, verified `reward.pt` (and optionally the HF
+folder) out.
+
+Host memory stays near the size of the weights once: the ZeRO shards are merged one rank at a time
+straight into tensors of the artifact's dtype (engine.consolidated_state_dict), verification and the HF
+export reuse those very tensors, and loading memory-maps `reward.pt` into a model built on the meta
+device (no random init of billions of parameters). See bench/artifact_memory.py for the measured peaks.
 
 `reward.pt` holds only tensors, strings and numbers, so it loads with `torch.load(weights_only=True)`:
 safe to load from anywhere. DeepSpeed's checkpoint files need pickle: load those only from
@@ -13,12 +19,15 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rm_trainer.checkpoint import LATEST, META_FILE, TOKENIZER_DIR, verify_manifest
+from rm_trainer.checkpoint import LATEST, META_FILE, TOKENIZER_DIR, CheckpointRecord, verify_manifest
+from rm_trainer.errors import CheckpointError, UserError
 from rm_trainer.model import DTYPES, RewardModel, backbone_from_config_dict
 
 FORMAT = "rm_trainer.reward.v1"
@@ -29,11 +38,11 @@ def resolve_tag(checkpoint_dir: str | Path, tag: str | None) -> str:
     if tag is None:
         latest = ckpt / LATEST
         if not latest.is_file():
-            raise ValueError(f"{ckpt}: no 'latest' file; pass --tag (one of: "
-                             f"{', '.join(sorted(p.name for p in ckpt.iterdir() if p.is_dir())) or 'none'})")
+            raise CheckpointError(f"{ckpt}: no 'latest' file; pass --tag (one of: "
+                                  f"{', '.join(sorted(p.name for p in ckpt.iterdir() if p.is_dir())) or 'none'})")
         tag = latest.read_text().strip()
     if not (ckpt / tag).is_dir():
-        raise ValueError(f"{ckpt}: no checkpoint folder {tag!r}")
+        raise CheckpointError(f"{ckpt}: no checkpoint folder {tag!r}")
     return tag
 
 
@@ -44,11 +53,20 @@ def _tokenizer_tensors(folder: Path) -> dict[str, torch.Tensor]:
             for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | None = None,
-                verify: bool = True) -> dict[str, Any]:
-    """Merge a ZeRO-2/3 checkpoint into one `reward.pt` and (optionally) verify it.
+def tokenizer_from_files(files: dict[str, torch.Tensor]):
+    from transformers import AutoTokenizer
 
-    Verification rebuilds the model from the artifact alone and re-scores the probe batch that the live
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data.numpy().tobytes())
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | None = None, verify: bool = True,
+                hf_out: str | Path | None = None, hf_shard_size: str = "5GB") -> dict[str, Any]:
+    """Merge a ZeRO-2/3 checkpoint into one `reward.pt`, verify it, and optionally export the HF folder.
+
+    Verification builds the model around the merged tensors and re-scores the probe batch that the live
     engine scored when the checkpoint was saved. A mismatch (lost head, empty shard, wrong layout)
     raises instead of shipping a silently broken reward model.
     """
@@ -56,29 +74,27 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
 
     ckpt = Path(checkpoint_dir)
     tag = resolve_tag(ckpt, tag)
-    meta_path = ckpt / tag / META_FILE
-    if not meta_path.is_file():
-        raise ValueError(f"{ckpt / tag}: no {META_FILE}; was this checkpoint written by rm_trainer?")
-    verify_manifest(ckpt / tag)  # refuses a checkpoint with a missing or truncated rank file
-    meta = json.loads(meta_path.read_text())
-    dtype = DTYPES[meta["dtype"]]
-    fp32 = engine.consolidated_state_dict(str(ckpt), tag=tag)
-    check_state_dict(fp32, meta["backbone_config"], f"{ckpt / tag}")
-    # Training dtype: equal to the live engine's weights (its half weights are casts of these masters).
-    state = {k: v.to(dtype).contiguous() for k, v in fp32.items()}
+    if not (ckpt / tag / META_FILE).is_file():
+        raise CheckpointError(f"{ckpt / tag}: no {META_FILE}; was this checkpoint written by rm_trainer?")
+    verify_manifest(ckpt / tag)  # refuses a checkpoint with a missing, truncated or damaged file
+    meta = CheckpointRecord.read(ckpt / tag / META_FILE)
+    # Cast to the training dtype while merging: equal to the live engine's weights (its half-precision
+    # weights are casts of the fp32 masters).
+    state = engine.consolidated_state_dict(str(ckpt), tag, DTYPES[meta.dtype])
+    check_state_dict(state, meta.backbone_config, f"{ckpt / tag}")
     artifact = {
         "format": FORMAT,
         "state_dict": state,
-        "backbone_config": json.dumps(meta["backbone_config"]),
+        "backbone_config": json.dumps(meta.backbone_config),
         "tokenizer_files": _tokenizer_tensors(ckpt / tag / TOKENIZER_DIR),
-        "pad_token_id": meta["pad_token_id"],
-        "eos_token_id": meta["eos_token_id"],
-        "max_len": meta["max_len"],
-        "dtype": meta["dtype"],
-        "step": meta["step"],
-        "run_config": json.dumps(meta["run_config"]),
-        "probe": {k: torch.tensor(v) for k, v in meta["probe"].items()},
-        "reward_stats": meta.get("reward_stats") or {},
+        "pad_token_id": meta.pad_token_id,
+        "eos_token_id": meta.eos_token_id,
+        "max_len": meta.max_len,
+        "dtype": meta.dtype,
+        "step": meta.step,
+        "run_config": json.dumps(meta.run_config),
+        "probe": {k: torch.tensor(v) for k, v in meta.probe.items()},
+        "reward_stats": meta.reward_stats or {},
     }
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -87,7 +103,11 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
     report = {"path": str(out_path), "tag": tag, "tensors": len(state),
               "params": sum(v.numel() for v in state.values())}
     if verify:
-        report.update(verify_artifact(out_path))
+        report.update(verify_loaded(artifact, str(out_path)))
+    if hf_out is not None:
+        from rm_trainer.hf_export import export_artifact
+
+        report["hf"] = str(export_artifact(artifact, hf_out, hf_shard_size))
     return report
 
 
@@ -104,7 +124,7 @@ def check_state_dict(state: dict[str, torch.Tensor], backbone_config: dict, wher
         elif k in expected and tuple(v.shape) != tuple(expected[k].shape):
             problems.append(f"{k} has shape {tuple(v.shape)}, the model config says {tuple(expected[k].shape)}")
     if problems:
-        raise ValueError(f"{where}: consolidated weights do not match the model: {'; '.join(problems[:10])}")
+        raise CheckpointError(f"{where}: consolidated weights do not match the model: {'; '.join(problems[:10])}")
 
 
 def probe_tolerance(dtype: str) -> float:
@@ -113,20 +133,66 @@ def probe_tolerance(dtype: str) -> float:
     return 1e-4 if dtype == "fp32" else 5e-2
 
 
-def verify_artifact(path: str | Path) -> dict[str, float]:
-    art = torch.load(path, map_location="cpu", weights_only=True)
-    model = load_reward_model(path, dtype=torch.float32)
+def model_from_state(backbone_config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype) -> RewardModel:
+    """A RewardModel whose parameters ARE the given tensors (cast only where `dtype` differs): built on
+    the meta device (buffers such as rotary frequencies are computed for real), then assigned."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = RewardModel(backbone_from_config_dict(backbone_config, dtype))
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+@contextmanager
+def fp32_compute(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run a half-precision model in fp32 without an fp32 copy of it: each module's own parameters are
+    upcast just before its forward and restored just after, so at most one module is ever upcast."""
+    hooks = []
+    for m in model.modules():
+        own = [p for p in m.parameters(recurse=False) if p.dtype != torch.float32]
+        if not own:
+            continue
+
+        def up(_m, _args, own=own):
+            for p in own:
+                p.__dict__["_rm_half"], p.data = p.data, p.data.float()
+
+        def down(_m, _args, _out, own=own):
+            for p in own:
+                p.data = p.__dict__.pop("_rm_half")
+
+        hooks += [m.register_forward_pre_hook(up), m.register_forward_hook(down)]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def verify_loaded(art: dict, where: str) -> dict[str, float]:
+    """Re-score the probe batch with the artifact's own tensors (computed in fp32) and compare with the
+    rewards the live engine gave when the checkpoint was written."""
+    model = model_from_state(json.loads(art["backbone_config"]), art["state_dict"], DTYPES[art["dtype"]])
     probe = art["probe"]
-    with torch.no_grad():
+    with torch.no_grad(), fp32_compute(model):
         got = model(probe["input_ids"], probe["seq_lengths"])
     want = probe["rewards"].float()
     err = float((got - want).abs().max())
     scale = float(want.abs().max().clamp(min=1.0))
     tol = probe_tolerance(art["dtype"]) * scale
     if not err <= tol:
-        raise RuntimeError(f"{path}: consolidated weights score the probe batch differently from the live "
-                           f"engine (max |diff| {err:.3g} > {tol:.3g}); the checkpoint is inconsistent")
+        raise CheckpointError(f"{where}: consolidated weights score the probe batch differently from the live "
+                              f"engine (max |diff| {err:.3g} > {tol:.3g}); the checkpoint is inconsistent")
     return {"probe_max_abs_diff": err, "probe_tolerance": tol}
+
+
+def read_artifact(path: str | Path) -> dict:
+    """reward.pt, memory-mapped (tensors are read from the page cache as they are used)."""
+    art = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if art.get("format") != FORMAT:
+        raise UserError(f"{path}: not an rm_trainer reward.pt (format {art.get('format')!r})")
+    return art
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
@@ -135,26 +201,20 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
 
     Returns it in eval mode with `.tokenizer` and `.max_len` attached; call `model(ids, lengths)` or
     `model.score_texts([...])`. This is what a PPO stage calls. normalize=True returns
-    (r - mean) / std with the held-out statistics computed at the end of training.
+    (r - mean) / std with the held-out statistics computed at the end of training. The file is
+    memory-mapped and the model built on the meta device, so host memory stays near the weights' size.
+    On CPU the weights stay backed by the file: do not overwrite reward.pt in place while it is loaded
+    (rm_trainer itself always writes a new file and renames it).
     """
-    from transformers import AutoTokenizer
-
-    art = torch.load(path, map_location="cpu", weights_only=True)
-    if art.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an rm_trainer reward.pt (format {art.get('format')!r})")
+    art = read_artifact(path)
     dtype = dtype or DTYPES[art["dtype"]]
-    backbone = backbone_from_config_dict(json.loads(art["backbone_config"]), dtype)
-    model = RewardModel(backbone)
-    model.load_state_dict({k: v.to(dtype) for k, v in art["state_dict"].items()}, strict=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in art["tokenizer_files"].items():
-            (Path(tmp) / name).write_bytes(data.numpy().tobytes())
-        model.tokenizer = AutoTokenizer.from_pretrained(tmp)
+    model = model_from_state(json.loads(art["backbone_config"]), art["state_dict"], dtype)
+    model.tokenizer = tokenizer_from_files(art["tokenizer_files"])
     model.max_len = int(art["max_len"])
     model.pad_token_id = int(art["pad_token_id"])
     stats = art.get("reward_stats") or {}
     if normalize:
         if "mean" not in stats:
-            raise ValueError(f"{path}: has no held-out reward statistics (trained without a test set)")
+            raise UserError(f"{path}: has no held-out reward statistics (trained without a test set)")
         model.set_normalization(stats["mean"], stats["std"])
     return model.to(device).eval()

@@ -6,17 +6,26 @@ without DeepSpeed, and a future FSDP engine would replace this file alone.
 
 from __future__ import annotations
 
+import ctypes
+import math
+import mmap
 import os
+import re
 import socket
+import sys
+import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers.integrations import HfDeepSpeedConfig
+
+from rm_trainer.errors import CheckpointError, UserError
 
 # DeepSpeed 0.19 still calls the torch.distributed names torch 2.13 deprecates; one warning per call
 # site per rank would bury the training log.
@@ -41,10 +50,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> Runtime:
+def init_distributed(timeout_s: float = 1800) -> Runtime:
     """Join the process group the launcher described (deepspeed, torchrun, srun) or make a world of 1.
 
-    nccl on CUDA, gloo on CPU: the same code runs on a laptop, in CI and on a GPU cluster.
+    nccl on CUDA, gloo on CPU: the same code runs on a laptop, in CI and on a GPU cluster. timeout_s is
+    the collective timeout (train.dist_timeout_s); DeepSpeed's own default is 10 minutes.
     """
     if "RANK" not in os.environ:  # plain `python launch/train_reward.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -55,9 +65,46 @@ def init_distributed() -> Runtime:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                                   verbose=False)
+                                   verbose=False, timeout=timedelta(seconds=timeout_s))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def leave_process_group() -> None:
+    """Every rank: wait for the others, then leave the process group. After this no collective is
+    pending, so rank 0 can do long solo work (consolidation, export) without any rank timing out."""
+    if dist.is_initialized():
+        dist.barrier()
+        deepspeed.comm.destroy_process_group()
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def publish(key: str, value: str) -> None:
+    """Rank 0: put a value in the process group's key-value store (the launcher's rendezvous store)."""
+    _store().set(key, value)
+
+
+def wait_for(key: str, timeout_s: float, poll_s: float = 1.0) -> str:
+    """Other ranks: poll the store for `key`. No collective is pending while they wait, so however long
+    rank 0 takes, only timeout_s applies."""
+    store, deadline = _store(), time.monotonic() + timeout_s
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            raise UserError(f"waited {timeout_s:.0f}s for rank 0 ({key}); raise data.prepare_timeout_s, or build "
+                            "the data cache ahead of the job with --prepare_only")
+        time.sleep(poll_s)
+    return store.get(key).decode()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
 
 
 def zero3_context(ds_config: dict) -> Any:
@@ -97,12 +144,128 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
 
 
-def consolidated_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """fp32 weights merged from every rank's ZeRO-2/3 shard files, by DeepSpeed's own zero_to_fp32.
+def _rank_of(path: Path) -> int:
+    m = re.search(r"rank_(\d+)_", path.name)
+    return int(m.group(1)) if m else 0
+
+
+class _PageRelease:
+    """Drops the pages of a memory-mapped checkpoint file that the merge has consumed, so the file's pages
+    never pile up in this process's memory (Linux; elsewhere a no-op). Only whole pages inside the file's
+    own read-only private mapping are dropped: re-reading them would simply fault them in from the file."""
+
+    def __init__(self, path: Path):
+        self.lo = self.hi = 0
+        self.libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+        if self.libc is not None:
+            target = str(path.resolve())
+            spans = [tuple(int(x, 16) for x in line.split()[0].split("-"))
+                     for line in open("/proc/self/maps") if line.rstrip("\n").endswith(target)]
+            if spans:
+                self.lo, self.hi = min(a for a, _ in spans), max(b for _, b in spans)
+
+    def __call__(self, t: torch.Tensor) -> None:
+        start = t.data_ptr()
+        a = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        b = (start + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+        if self.libc is not None and self.lo <= a < b <= self.hi:
+            self.libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # MADV_DONTNEED
+
+
+def _copy_range(dst: torch.Tensor, flats: list[torch.Tensor], start: int, release) -> None:
+    """dst.view(-1)[:] = the virtual concatenation of `flats` from element `start` (casting to dst's dtype)."""
+    out, done = dst.view(-1), 0
+    for f in flats:
+        n = f.numel()
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, out.numel() - done)
+        out[done:done + take].copy_(f[start:start + take])
+        release(f[start:start + take])
+        done, start = done + take, 0
+        if done == out.numel():
+            return
+    raise CheckpointError(f"consolidation ran out of data after {done} of {out.numel()} elements")
+
+
+def _merge_rank(out: dict[str, torch.Tensor], f: Path, r: int, world: int, stage: int, shapes: list,
+                paddings: list | None) -> None:
+    """Copy rank r's fp32 partition of every parameter into `out`."""
+    osd = torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+    release = _PageRelease(f)
+    if stage == 3:
+        # every parameter is split in `world` equal parts (the last padded); rank r's flat groups hold
+        # part r of each parameter, one after another
+        flats, offset = osd["fp32_flat_groups"], 0
+        for group in shapes:
+            for name, shape in group.items():
+                n = math.prod(shape)
+                part = -(-n // world)
+                lo, hi = r * part, min((r + 1) * part, n)
+                if hi > lo:
+                    _copy_range(out[name].view(-1)[lo:hi], flats, offset, release)
+                offset += part
+        if offset != sum(x.numel() for x in flats):
+            raise CheckpointError(f"{f}: holds {sum(x.numel() for x in flats)} elements, the model needs {offset}")
+        return
+    # ZeRO-1/2: each parameter group is one flat vector (parameters back to back, optionally padded),
+    # split in `world` equal contiguous partitions; rank r holds partition r
+    for g, (group, part) in enumerate(zip(shapes, osd["single_partition_of_fp32_groups"], strict=True)):
+        lo_r, offset = r * part.numel(), 0
+        for i, (name, shape) in enumerate(group.items()):
+            n = math.prod(shape)
+            a, b = max(offset, lo_r), min(offset + n, lo_r + part.numel())
+            if b > a:
+                out[name].view(-1)[a - offset:b - offset].copy_(part[a - lo_r:b - lo_r])
+                release(part[a - lo_r:b - lo_r])
+            offset += n + (paddings[g][i] if paddings is not None else 0)
+
+
+def consolidated_state_dict(checkpoint_dir: str, tag: str, dtype: torch.dtype = torch.float32
+                            ) -> dict[str, torch.Tensor]:
+    """Full weights merged from every rank's ZeRO-2/3 shard files, streamed: the files are memory-mapped
+    and read one rank at a time, each parameter's slices are copied (and cast to `dtype`) straight into
+    its final tensor, and Adam's moments are never touched. Peak host memory: the result plus one rank's
+    fp32 partition (DeepSpeed's zero_to_fp32 holds every rank's partition and then a merged copy).
+    Equal to zero_to_fp32's result, bit for bit (tested).
 
     Reads pickled DeepSpeed checkpoint files: only for checkpoint directories you trust.
     """
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    d = Path(checkpoint_dir) / tag
+    model_files = sorted(d.glob("*_model_states.pt"), key=_rank_of)
+    optim_files = sorted(d.glob("*_optim_states.pt"), key=_rank_of)
+    if not model_files or not optim_files:
+        raise CheckpointError(f"{d}: no DeepSpeed *_model_states.pt / *_optim_states.pt files")
+    ms = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)
+    if ms.get("frozen_param_shapes"):
+        raise NotImplementedError(f"{d}: frozen parameters are not supported by consolidation yet")
+    shapes = ms["param_shapes"]
+    out: dict[str, torch.Tensor] = {}
+    for name in ms["buffer_names"]:
+        buf = ms["module"][name]
+        out[name] = buf.to(dtype).clone() if buf.is_floating_point() else buf.clone()
+    for group in shapes:
+        for name, shape in group.items():
+            out[name] = torch.empty(tuple(shape), dtype=dtype)
+    shared = dict(ms["shared_params"])
+    del ms  # unmaps the file: a ZeRO-2 model-states file holds every weight in the training dtype
+
+    osd = torch.load(optim_files[0], map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+    stage, world = osd["zero_stage"], osd["partition_count"]
+    world = max(world) if isinstance(world, list) else world
+    paddings = osd.get("param_alignment_paddings")
+    del osd
+    if world != len(optim_files):
+        raise CheckpointError(f"{d}: {len(optim_files)} *_optim_states.pt files for a world of {world}")
+    # no_grad: the fp32 partitions are saved as leaves that require grad, and a recorded copy_ would keep
+    # every rank's mapping alive through the autograd graph
+    with torch.no_grad():
+        for r, f in enumerate(optim_files):  # one rank's file mapped at a time: it is unmapped on return
+            _merge_rank(out, f, r, world, stage, shapes, paddings)
+    for name, source in shared.items():
+        out[name] = out[source]
+    return out
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,21 @@
 """Export `reward.pt` as a folder plain transformers loads with AutoModelForSequenceClassification.
 
-    python -m rm_trainer.hf_export OUT/reward.pt OUT/hf
+    python -m rm_trainer.hf_export OUT/reward.pt OUT/hf [--shard_size 5GB]
 
 The folder has the *ForSequenceClassification architecture, num_labels=1, the head named `score`,
-pad_token_id set, safetensors weights, the tokenizer, the held-out reward mean/std in the config, and a
-model card showing how to read the raw reward (the logit, not a sigmoid of it).
+pad_token_id set, safetensors weights (sharded, with an index, above the shard size), the tokenizer,
+the held-out reward mean/std in the config, and a model card showing how to read the raw reward (the
+logit, not a sigmoid of it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import torch
+from rm_trainer.errors import UserError
 
 CARD = """---
 library_name: transformers
@@ -47,14 +49,24 @@ position is the final EOS.
 """
 
 
-def export_hf(reward_pt: str | Path, out_dir: str | Path) -> Path:
+def export_hf(reward_pt: str | Path, out_dir: str | Path, shard_size: str = "5GB") -> Path:
+    """reward.pt (memory-mapped) -> HF folder."""
+    from rm_trainer.artifact import read_artifact
+
+    return export_artifact(read_artifact(reward_pt), out_dir, shard_size)
+
+
+def export_artifact(art: dict, out_dir: str | Path, shard_size: str = "5GB") -> Path:
+    """Write the HF folder from an artifact dict whose tensors are already in memory (or memory-mapped):
+    the model is built on the meta device around those tensors, so nothing is copied but one shard at a
+    time while the safetensors files are written (`model.safetensors`, or `model-0000k-of-0000n
+    .safetensors` + `model.safetensors.index.json` above shard_size)."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from rm_trainer.artifact import load_reward_model
+    from rm_trainer.artifact import tokenizer_from_files
 
-    art = torch.load(reward_pt, map_location="cpu", weights_only=True)
-    rm = load_reward_model(reward_pt)
-    tok = rm.tokenizer
+    tok = tokenizer_from_files(art["tokenizer_files"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = json.loads(art["backbone_config"])
@@ -70,14 +82,15 @@ def export_hf(reward_pt: str | Path, out_dir: str | Path) -> Path:
                 tok.pad_token = candidate
                 break
         else:
-            raise ValueError("the tokenizer has no special token other than EOS to pad with; add a pad token")
+            raise UserError("the tokenizer has no special token other than EOS to pad with; add a pad token")
         pad_id = tok.pad_token_id
     config.pad_token_id = pad_id
     stats = art.get("reward_stats") or {}
     config.reward_mean = float(stats.get("mean", 0.0))
     config.reward_std = float(stats.get("std", 1.0))
-    with torch.device("meta"):
-        hf = AutoModelForSequenceClassification.from_config(config)
+    dtype = art["state_dict"]["score.weight"].dtype
+    with init_empty_weights(include_buffers=False):
+        hf = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
     prefix = hf.base_model_prefix
     state = {}
     for k, v in art["state_dict"].items():
@@ -85,13 +98,14 @@ def export_hf(reward_pt: str | Path, out_dir: str | Path) -> Path:
             state[f"{prefix}.{k.removeprefix('backbone.')}"] = v
         elif k == "score.weight":
             state["score.weight"] = v
-    hf = AutoModelForSequenceClassification.from_config(config, dtype=state["score.weight"].dtype)
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
     # buffers such as rotary inv_freq are rebuilt from the config; every parameter must be covered
-    params = {n for n, _ in hf.named_parameters()}
-    if set(missing) & params or unexpected:
-        raise RuntimeError(f"HF export: missing {sorted(set(missing) & params)}, unexpected {unexpected}")
-    hf.save_pretrained(out, safe_serialization=True)
+    params = {n for n, p in hf.named_parameters()}
+    still_meta = sorted(n for n, p in hf.named_parameters() if p.is_meta)
+    if set(missing) & params or unexpected or still_meta:
+        raise RuntimeError(f"HF export: missing {sorted(set(missing) & params)}, unexpected {unexpected}, "
+                           f"never assigned {still_meta}")
+    hf.save_pretrained(out, safe_serialization=True, max_shard_size=shard_size)
     tok.save_pretrained(out)
     (out / "README.md").write_text(CARD.format(base=type(hf).__name__.removesuffix("ForSequenceClassification"),
                                                path=str(out), mean=round(config.reward_mean, 4),
@@ -104,8 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("reward_pt")
     ap.add_argument("out_dir")
+    ap.add_argument("--shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
     a = ap.parse_args(argv)
-    print(export_hf(a.reward_pt, a.out_dir))
+    try:
+        print(export_hf(a.reward_pt, a.out_dir, a.shard_size))
+    except UserError as e:
+        print(f"rm_trainer: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
