@@ -10,8 +10,8 @@ report, so a wrong column name or max_len cannot quietly train on nothing.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from rm_trainer.batching import (  # noqa: F401  (re-exported: the seed's names 
     get_preference_iterator,
     pad_right,
 )
-from rm_trainer.formats import Keys, detect_format, load_rows, render_conversation, split_hh
+from rm_trainer.errors import DataError
+from rm_trainer.formats import Keys, load_source, render_conversation, row_location, row_problem, skip_hint, split_hh
 from rm_trainer.truncation import truncate_pair
 
 DROP_REASONS = ("malformed", "empty_response", "identical_raw", "identical_after_truncation")
@@ -37,23 +38,49 @@ def special_prefix(tok) -> list[int]:
     return [i for i in ids if i != tok.eos_token_id]
 
 
-def encode(tok, prompt: str, response: str, max_len: int, chat: bool = False):
+def encode(tok, prompt: str, response: str, max_len: int, chat: bool = False, prefix: list[int] | None = None):
     """Token ids exactly as in training: [BOS] + prompt + response, truncated by the policy, + EOS.
-    Returns the Truncated record (ids in .chosen)."""
-    prefix = [] if chat else special_prefix(tok)
+    chat=True: the prompt was rendered by the chat template, which writes its own BOS. Returns the
+    Truncated record (ids in .chosen)."""
+    prefix = [] if chat else special_prefix(tok) if prefix is None else prefix
     p = prefix + tok(prompt, add_special_tokens=False)["input_ids"]
     r = tok(response, add_special_tokens=False)["input_ids"]
     return truncate_pair(p, r, r, tok.eos_token_id, max_len, keep_prefix=len(prefix))
 
 
-def _texts(row: dict, fmt: str, keys: Keys, tok, template: str | None) -> tuple[str, str, str, bool, str]:
-    """(prompt, chosen response, rejected response, chat-rendered?, note)."""
+def split_conversation(messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(prompt messages, response messages) of one conversation: the response is the trailing run of
+    assistant turns, as in training, where the prompt is what chosen and rejected share."""
+    k = len(messages)
+    while k > 1 and messages[k - 1].get("role") == "assistant":
+        k -= 1
+    return messages[:k], messages[k:]
+
+
+def encode_item(tok, item, max_len: int, prefix: list[int]) -> list[int]:
+    """One item to score, tokenized exactly as training tokenized its sequences: a full text (str); a
+    (prompt, response) pair of strings; a conversation (a list of {role, content}: the trailing assistant
+    turns are the response, rendered with the chat template saved with the model); or (prompt,
+    response messages) with the prompt as text or messages."""
+    if isinstance(item, str):
+        return encode(tok, "", item, max_len, prefix=prefix).chosen
+    if isinstance(item, list):
+        prompt, response = split_conversation(item)
+    else:
+        prompt, response = item
+    if isinstance(response, list):
+        p, c, _ = render_conversation(tok, prompt, response, response, None)
+        return encode(tok, p, c, max_len, chat=True).chosen
+    return encode(tok, prompt, response, max_len, prefix=prefix).chosen
+
+
+def _texts(row: dict, fmt: str, keys: Keys, tok) -> tuple[str, str, str, bool, str]:
+    """(prompt, chosen response, rejected response, chat-rendered?, note) of a row of format `fmt`."""
     c, r = row[keys.chosen], row[keys.rejected]
-    f = detect_format(row, keys) if fmt == "auto" else fmt
-    if f == "conversational":
-        p, c, r = render_conversation(tok, row.get(keys.prompt), c, r, template)
+    if fmt == "conversational":
+        p, c, r = render_conversation(tok, row.get(keys.prompt), c, r, None)
         return p, c, r, True, ""
-    if f == "prompt":
+    if fmt == "prompt":
         return row[keys.prompt], c, r, False, ""
     split = split_hh(c, r)
     if split is None:
@@ -61,43 +88,65 @@ def _texts(row: dict, fmt: str, keys: Keys, tok, template: str | None) -> tuple[
     return (*split, False, "")
 
 
-def tokenize_source(ds, tok, cfg, source_id: int = 0):
-    """datasets.map over one source -> (kept rows with ids, counts by reason, length arrays)."""
+COLUMNS = ("chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin", "source", "status",
+           "prompt_tokens", "chosen_tokens", "rejected_tokens")
+
+
+def default_num_proc(n_rows: int) -> int:
+    """Tokenization processes: the cores this process may use, capped at 16, and one per 10k rows (a
+    worker costs a second to start)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 16, n_rows // 10_000))
+
+
+def tokenize_source(ds, fmt: str, tok, cfg, source_id: int = 0, path: str = ""):
+    """One batched datasets.map over a whole source: check each row against the source's format, render,
+    tokenize (one batched call per field), truncate. Every row gets a status (a drop reason, a note, or
+    ""), so nothing is lost uncounted. A malformed row raises DataError naming file:line and field,
+    unless data.on_error=skip, which counts it."""
     d = cfg.data
     keys = Keys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key)
-    template = Path(d.chat_template).read_text() if d.chat_template else None
     prefix = special_prefix(tok)
     eos = tok.eos_token_id
+    if fmt == "conversational" and not tok.chat_template:
+        raise DataError(f"{path}: holds conversations (messages), but the tokenizer has no chat template; "
+                        "pass --chat_template FILE (a Jinja template)")
 
-    def fn(batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_len", "rejected_len",
-                                                 "margin", "source", "status", "prompt_tokens",
-                                                 "chosen_tokens", "rejected_tokens")}
+    def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in COLUMNS}
         rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
-        for row in rows:
-            try:
-                p, c, r, chat, note = _texts(row, d.format, keys, tok, template)
-            except ValueError as e:  # e.g. no chat template for conversational rows
-                raise ValueError(f"cannot render a conversational row: {e}; pass --chat_template FILE") from None
-            pre = [] if chat else prefix
-            p_ids = pre + tok(p, add_special_tokens=False)["input_ids"]
-            c_ids = tok(c, add_special_tokens=False)["input_ids"]
-            r_ids = tok(r, add_special_tokens=False)["input_ids"]
-            t = truncate_pair(p_ids, c_ids, r_ids, eos, d.max_len, keep_prefix=len(pre))
-            if not c.strip() or not r.strip():
-                status = "empty_response"
-            elif c == r:
-                status = "identical_raw"
-            elif t.identical:
-                status = "identical_after_truncation"
+        texts = []
+        for i, row in zip(indices, rows, strict=True):
+            problem = row_problem(row, fmt, keys)
+            if problem and d.on_error == "error":
+                raise DataError(f"{row_location(path, i)}: {problem}" + skip_hint())
+            texts.append(None if problem else _texts(row, fmt, keys, tok))
+        ok = [t for t in texts if t is not None]
+        enc = [tok([t[j] for t in ok], add_special_tokens=False)["input_ids"] if ok else [] for j in range(3)]
+        k = 0
+        for row, t in zip(rows, texts, strict=True):
+            if t is None:
+                p_ids, c_ids, r_ids, status, cut = [], [], [], "malformed", None
             else:
-                status = note or ("response_truncated" if t.response_cut else
-                                  "prompt_truncated" if t.prompt_cut else "")
-            out["chosen_ids"].append(t.chosen)
-            out["rejected_ids"].append(t.rejected)
-            out["chosen_len"].append(len(t.chosen))
-            out["rejected_len"].append(len(t.rejected))
-            out["margin"].append(float(row.get(keys.margin) or 0.0) if keys.margin else 0.0)
+                p, c, r, chat, note = t
+                pre = [] if chat else prefix
+                p_ids, c_ids, r_ids = pre + enc[0][k], enc[1][k], enc[2][k]
+                k += 1
+                cut = truncate_pair(p_ids, c_ids, r_ids, eos, d.max_len, keep_prefix=len(pre))
+                if not c.strip() or not r.strip():
+                    status = "empty_response"
+                elif c == r:
+                    status = "identical_raw"
+                elif cut.identical:
+                    status = "identical_after_truncation"
+                else:
+                    status = note or ("response_truncated" if cut.response_cut else
+                                      "prompt_truncated" if cut.prompt_cut else "")
+            out["chosen_ids"].append(cut.chosen if cut else [])
+            out["rejected_ids"].append(cut.rejected if cut else [])
+            out["chosen_len"].append(len(cut.chosen) if cut else 0)
+            out["rejected_len"].append(len(cut.rejected) if cut else 0)
+            out["margin"].append(float(row.get(keys.margin) or 0.0) if keys.margin and cut else 0.0)
             out["source"].append(source_id)
             out["status"].append(status)
             out["prompt_tokens"].append(len(p_ids))
@@ -105,26 +154,26 @@ def tokenize_source(ds, tok, cfg, source_id: int = 0):
             out["rejected_tokens"].append(len(r_ids) + 1)
         return out
 
-    cols = ds.column_names
-    tokd = ds.map(fn, batched=True, batch_size=256, remove_columns=cols, num_proc=d.num_proc,
-                  desc="tokenizing pairs")
+    num_proc = d.num_proc or default_num_proc(len(ds))
+    return ds.map(fn, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
+                  num_proc=num_proc if num_proc > 1 else None, desc=f"tokenizing {Path(path).name or 'pairs'}")
+
+
+def split_report(tokd, margin: bool, max_len: int, malformed_before: int = 0):
+    """(rows kept for training, their report) of one tokenized split."""
     status = tokd["status"]
     counts = Counter(status)
-    lengths = {k: np.asarray(tokd[k]) for k in ("prompt_tokens", "chosen_tokens", "rejected_tokens")}
+    counts["malformed"] += malformed_before
+    real = [i for i, s in enumerate(status) if s != "malformed"]
+    lengths = {k: np.asarray(tokd[k])[real] for k in ("prompt_tokens", "chosen_tokens", "rejected_tokens")}
     kept = tokd.filter(lambda s: s not in DROP_REASONS, input_columns="status")
-    drop = ["status", "prompt_tokens", "chosen_tokens", "rejected_tokens"] + ([] if keys.margin else ["margin"])
-    return kept.remove_columns(drop), counts, lengths
+    drop = ["status", "prompt_tokens", "chosen_tokens", "rejected_tokens"] + ([] if margin else ["margin"])
+    return kept.remove_columns(drop), _report(len(status) + malformed_before, counts, lengths, max_len)
 
 
-def _as_dataset(rows):
-    import datasets
-
-    return rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(rows)
-
-
-def _report(n_rows: int, malformed: int, counts: Counter, lengths: dict, max_len: int) -> dict:
+def _report(n_rows: int, counts: Counter, lengths: dict, max_len: int) -> dict:
     rep = {"rows": n_rows, "used": sum(v for k, v in counts.items() if k not in DROP_REASONS),
-           "dropped": {r: (malformed if r == "malformed" else counts.get(r, 0)) for r in DROP_REASONS},
+           "dropped": {r: counts.get(r, 0) for r in DROP_REASONS},
            "kept_with_note": {k: counts.get(k, 0) for k in KEPT_NOTES}}
     if len(lengths["prompt_tokens"]):
         rep["token_length_percentiles"] = {
@@ -147,8 +196,9 @@ def _mix(ds, weight: float, seed: int):
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def prepare_sources(cfg, tok) -> tuple[Any, Any, dict, list[str]]:
-    """(train dataset, test dataset or None, report, source names). Pure: no process group."""
+def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, dict, list[str]]:
+    """(train dataset, test dataset or None, report, source names). One process, no process group.
+    work_dir: where `datasets` may write its intermediate arrow files (default: its home cache)."""
     import datasets
 
     d = cfg.data
@@ -157,29 +207,27 @@ def prepare_sources(cfg, tok) -> tuple[Any, Any, dict, list[str]]:
     for i, src in enumerate(d.source_list()):
         name = src.name or Path(src.path).stem
         names.append(name)
-        rows, bad = load_rows(src.path, d.format, keys, d.on_error)
-        ds = _as_dataset(rows)
+        ds, fmt, bad = load_source(src.path, d.format, keys, d.on_error, work_dir)
+        tokd = tokenize_source(ds, fmt, tok, cfg, i, src.path)
         frac = d.test_fraction if src.test_fraction is None else src.test_fraction
-        test_ds, test_bad = None, 0
+        test_tokd, test_bad = None, 0
         if src.test_path:
-            test_rows, test_bad = load_rows(src.test_path, d.format, keys, d.on_error)
-            test_ds = _as_dataset(test_rows)
-        elif frac > 0 and len(ds) > 1:
-            split = ds.train_test_split(test_size=frac, seed=cfg.train.seed)
-            ds, test_ds = split["train"], split["test"]
-        tr, counts, lengths = tokenize_source(ds, tok, cfg, i)
-        report[name] = {"path": src.path, "weight": src.weight,
-                        "train": _report(len(ds) + bad, bad, counts, lengths, d.max_len)}
+            test_ds, test_fmt, test_bad = load_source(src.test_path, d.format, keys, d.on_error, work_dir)
+            test_tokd = tokenize_source(test_ds, test_fmt, tok, cfg, i, src.test_path)
+        elif frac > 0 and len(tokd) > 1:
+            split = tokd.train_test_split(test_size=frac, seed=cfg.train.seed)
+            tokd, test_tokd = split["train"], split["test"]
+        tr, rep = split_report(tokd, bool(keys.margin), d.max_len, bad)
+        report[name] = {"path": src.path, "weight": src.weight, "format": fmt, "train": rep}
         trains.append(_mix(tr, src.weight, cfg.train.seed + i) if src.weight != 1 else tr)
-        if test_ds is not None:
-            te, tcounts, tlengths = tokenize_source(test_ds, tok, cfg, i)
-            report[name]["test"] = _report(len(test_ds) + test_bad, test_bad, tcounts, tlengths, d.max_len)
+        if test_tokd is not None:
+            te, report[name]["test"] = split_report(test_tokd, bool(keys.margin), d.max_len, test_bad)
             tests.append(te)
     _check_drops(report, d.max_drop_fraction)
     train = datasets.concatenate_datasets(trains) if len(trains) > 1 else trains[0]
     test = (datasets.concatenate_datasets(tests) if len(tests) > 1 else tests[0]) if tests else None
     if len(train) == 0:
-        raise ValueError(f"no usable training pairs in any source: {json.dumps(report)}")
+        raise DataError(f"no usable training pairs in any source: {json.dumps(report)}")
     report["_total"] = {"train_pairs": len(train), "test_pairs": len(test) if test is not None else 0}
     return train, test, report, names
 
@@ -194,7 +242,7 @@ def _check_drops(report: dict, limit: float) -> None:
                 problems.append(f"source {name!r} ({split}): {frac:.1%} of {r['rows']} rows dropped "
                                 f"{ {k: v for k, v in r['dropped'].items() if v} }")
     if problems:
-        raise ValueError("too many rows dropped (data.max_drop_fraction = "
+        raise DataError("too many rows dropped (data.max_drop_fraction = "
                          f"{limit:g}): " + "; ".join(problems) + ". Check the column names (data.chosen_key, "
                          "data.rejected_key, data.prompt_key), max_len and data.on_error; the full report: "
                          + json.dumps(report))
@@ -205,39 +253,19 @@ def write_report(path: Path, report: dict) -> None:
 
 
 def load_tokenizer(cfg):
+    """The tokenizer, with --chat_template attached: it is saved into every checkpoint and reward.pt, so
+    scoring renders conversations exactly as training did."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer {cfg.model.tokenizer or cfg.model.path} has no eos_token; the reward "
-                         "is read at the final EOS, so set eos_token in tokenizer_config.json")
+        raise DataError(f"tokenizer {cfg.model.tokenizer or cfg.model.path} has no eos_token; the reward "
+                        "is read at the final EOS, so set eos_token in tokenizer_config.json")
     if tok.pad_token_id is None:  # pad positions are never read (right padding + causal attention)
         tok.pad_token = tok.eos_token
+    if cfg.data.chat_template:
+        tok.chat_template = Path(cfg.data.chat_template).read_text()
     return tok
-
-
-def load_data(cfg, tok, out: Path, is_main: bool, barrier: Callable[[], None]):
-    """Rank 0 reads and tokenizes once and saves the result; the other ranks load it from disk."""
-    import datasets
-
-    cache = out / "data_cache"
-    names_file = cache / "sources.json"
-    if is_main:
-        train, test, report, names = prepare_sources(cfg, tok)
-        train.save_to_disk(str(cache / "train"))
-        if test is not None:
-            test.save_to_disk(str(cache / "test"))
-        elif (cache / "test").exists():
-            import shutil
-
-            shutil.rmtree(cache / "test")
-        names_file.write_text(json.dumps(names))
-        write_report(out / "data_report.json", report)
-        print(f"[rm_trainer] data: {json.dumps(report)}", flush=True)
-    barrier()
-    train = datasets.load_from_disk(str(cache / "train")).with_format("python")
-    test = datasets.load_from_disk(str(cache / "test")).with_format("python") if (cache / "test").exists() else None
-    return train, test, json.loads(names_file.read_text())
 
 
 def dry_run_report(cfg, tok) -> str:

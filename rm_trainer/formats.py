@@ -1,6 +1,7 @@
 """Reading preference files in every common shape, with errors that name file, line and field.
 
-Shapes (detected per source unless data.format says otherwise):
+Shapes (decided once per source, from its first row, unless data.format says; a row of another shape
+in that source is malformed):
   hh             {"chosen": "<dialogue + answer>", "rejected": "<dialogue + answer>"}: the prompt is the
                  longest common prefix that ends at an "Assistant:" turn
   prompt         {"prompt": "...", "chosen": "...", "rejected": "..."}
@@ -17,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rm_trainer.errors import DataError
 
 ASSISTANT = "Assistant:"
 
@@ -66,30 +69,47 @@ def _messages_problem(v: Any, field: str) -> str | None:
 
 
 def detect_format(row: dict, keys: Keys) -> str:
+    """The shape of one well-formed row: conversational (messages), prompt (explicit prompt) or hh."""
     if isinstance(row.get(keys.chosen), list):
         return "conversational"
     return "prompt" if row.get(keys.prompt) is not None else "hh"
 
 
+def decide_format(first_rows: list[Any], keys: Keys, fmt: str) -> str:
+    """The format of a whole source, decided once (data.format=auto) from its first object row. Every row
+    must then fit it: a row of another shape is malformed, never quietly read another way."""
+    if fmt != "auto":
+        return fmt
+    row = next((r for r in first_rows if isinstance(r, dict)), None)
+    return detect_format(row, keys) if row is not None else "hh"
+
+
+WHY = {"hh": "HH full texts", "prompt": "explicit prompt/chosen/rejected", "conversational": "messages"}
+
+
 def row_problem(row: Any, fmt: str, keys: Keys) -> str | None:
-    """What is structurally wrong with one row, naming the field; None if it is usable."""
+    """What is wrong with one row of a source whose format is `fmt` (hh, prompt or conversational),
+    naming the field; None if it is usable."""
     if not isinstance(row, dict):
         return f"each row must be a JSON object, got {type(row).__name__}"
-    f = detect_format(row, keys) if fmt == "auto" else fmt
     for field in (keys.chosen, keys.rejected):
         v = row.get(field)
         if v is None:
             return f"field {field!r} is missing"
-        if f == "conversational":
+        if fmt == "conversational":
             p = _messages_problem(v, field)
             if p:
-                return p
+                return p + f" (this source holds {WHY[fmt]}, decided from its first row)"
         elif not isinstance(v, str):
             return f"field {field!r} is a {type(v).__name__}, not text; expected a string"
     p = row.get(keys.prompt)
-    if f == "prompt" and not isinstance(p, str):
-        return f"field {keys.prompt!r} is {'missing' if p is None else 'a ' + type(p).__name__}; expected a string"
-    if f == "conversational" and p is not None and not isinstance(p, str):
+    if fmt == "prompt" and not isinstance(p, str):
+        return (f"field {keys.prompt!r} is {'missing' if p is None else 'a ' + type(p).__name__}; expected a "
+                f"string (this source has explicit prompts, decided from its first row)")
+    if fmt == "hh" and p is not None:
+        return (f"field {keys.prompt!r} is set, but this source holds {WHY[fmt]} without a prompt field "
+                "(decided from its first row); give every row a prompt, or none")
+    if fmt == "conversational" and p is not None and not isinstance(p, str):
         problem = _messages_problem(p, keys.prompt)
         if problem:
             return problem
@@ -98,86 +118,83 @@ def row_problem(row: Any, fmt: str, keys: Keys) -> str | None:
     return None
 
 
-def scan_json_lines(path: str, fmt: str, keys: Keys) -> tuple[list[dict], list[str]]:
-    """Python parse of a JSON-lines file: (valid rows, problems as 'file:line: ...')."""
-    rows, problems = [], []
+def scan_json_lines(path: str, fmt: str, keys: Keys) -> tuple[list[dict], list[str], str]:
+    """Python parse of a JSON-lines file that `datasets` cannot read: (valid rows, problems as
+    'file:line: ...', the source's format)."""
+    parsed, problems = [], []
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                parsed.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 problems.append(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            p = row_problem(obj, fmt, keys)
-            if p:
-                problems.append(f"{path}:{lineno}: {p}")
-            else:
-                rows.append(obj)
-    return rows, problems
+    fmt = decide_format([obj for _, obj in parsed[:100]], keys, fmt)
+    rows = []
+    for lineno, obj in parsed:
+        p = row_problem(obj, fmt, keys)
+        if p:
+            problems.append(f"{path}:{lineno}: {p}")
+        else:
+            rows.append(obj)
+    problems.sort(key=lambda s: int(s[len(path) + 1:].split(":", 1)[0]))  # file order
+    return rows, problems, fmt
 
 
-def load_rows(path: str, fmt: str, keys: Keys, on_error: str) -> tuple[list[dict] | Any, int]:
-    """Rows of one source (a datasets.Dataset, or a list when bad rows were skipped) and how many
-    malformed rows were skipped. on_error="error" raises on the first malformed row."""
+BUILDERS = ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet"), (".arrow", "arrow"))
+
+
+def load_source(path: str, fmt: str, keys: Keys, on_error: str, cache_dir: str | None = None):
+    """One source as a datasets.Dataset, its format (decided once, from its first rows), and how many
+    rows were already found malformed (only by the Python fallback for JSON-lines that `datasets`
+    cannot parse; every other row is checked during tokenization, against that format)."""
     import datasets
 
     from rm_trainer.config import looks_like_hub_name
 
     p = Path(path)
     if not p.exists() and not looks_like_hub_name(path):
-        raise ValueError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found")
     if p.is_file() and p.stat().st_size == 0:
-        raise ValueError(f"{path}: file is empty")
+        raise DataError(f"{path}: file is empty")
     builder = None
     if p.is_file():
         name = path.lower().removesuffix(".gz")
-        builder = next((b for suffix, b in ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet"),
-                                             (".arrow", "arrow")) if name.endswith(suffix)), None)
+        builder = next((b for suffix, b in BUILDERS if name.endswith(suffix)), None)
         if builder is None:
-            raise ValueError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet, .arrow "
-                             "(optionally .gz), a save_to_disk folder or a hub dataset name")
+            raise DataError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet, .arrow "
+                            "(optionally .gz), a save_to_disk folder or a hub dataset name")
     try:
         if p.is_dir():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds["train"]
         elif builder is not None:
-            ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train", cache_dir=cache_dir)
         else:
-            ds = datasets.load_dataset(path, split="train")  # a hub name, where the network allows
+            ds = datasets.load_dataset(path, split="train", cache_dir=cache_dir)  # hub, where the network allows
     except Exception:  # datasets wraps JSON and schema errors in several exception types
         ds = None
     if ds is None:
         if not is_jsonl(path):
-            raise ValueError(f"{path}: cannot be read as a dataset file")
-        rows, problems = scan_json_lines(path, fmt, keys)
+            raise DataError(f"{path}: cannot be read as a dataset file")
+        rows, problems, fmt = scan_json_lines(path, fmt, keys)
         if problems and on_error == "error":
-            raise ValueError(problems[0] + _skip_hint())
+            raise DataError(problems[0] + skip_hint())
         if not rows:
-            raise ValueError(f"{path}: no usable rows ({len(problems)} malformed; first: {problems[0]})")
-        return rows, len(problems)
+            raise DataError(f"{path}: no usable rows ({len(problems)} malformed; first: {problems[0]})")
+        return datasets.Dataset.from_list(rows), fmt, len(problems)
     if len(ds) == 0:
-        raise ValueError(f"{path}: contains no rows")
+        raise DataError(f"{path}: contains no rows")
     for k in (keys.chosen, keys.rejected):
         if k not in ds.column_names:
-            raise ValueError(f"{path}: no {k!r} field in any row (found fields: {', '.join(ds.column_names)}); "
-                             "set data.chosen_key / data.rejected_key / data.prompt_key to your column names")
-    bad = []
-    for i, row in enumerate(ds):
-        problem = row_problem(row, fmt, keys)
-        if problem:
-            if on_error == "error":
-                raise ValueError(f"{row_location(path, i)}: {problem}" + _skip_hint())
-            bad.append(i)
-    if bad:
-        keep = sorted(set(range(len(ds))) - set(bad))
-        ds = ds.select(keep)
-    return ds, len(bad)
+            raise DataError(f"{path}: no {k!r} field in any row (found fields: {', '.join(ds.column_names)}); "
+                            "set data.chosen_key / data.rejected_key / data.prompt_key to your column names")
+    return ds, decide_format(list(ds.select(range(min(100, len(ds))))), keys, fmt), 0
 
 
-def _skip_hint() -> str:
+def skip_hint() -> str:
     return " (fix the row, or set data.on_error=skip to count and skip malformed rows)"
 
 

@@ -116,17 +116,19 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def score_texts(self, texts: list, batch_size: int = 8) -> torch.Tensor:
-        """Rewards for texts, tokenized exactly as in training. Each item is a full text or a
-        (prompt, response) pair; pairs reproduce training tokenization bit for bit.
+        """Rewards for texts, tokenized exactly as in training. Each item is a full text, a
+        (prompt, response) pair (reproduces training tokenization bit for bit), a conversation (a list of
+        {role, content} messages, rendered with the chat template the model was trained with), or a
+        (prompt, response messages) pair. See data.encode_item.
 
         Needs `.tokenizer`, `.max_len` and `.pad_token_id`, which `load_reward_model` attaches."""
-        from rm_trainer.data import encode, pad_right
+        from rm_trainer.data import encode_item, pad_right, special_prefix
 
         device = self.score.weight.device
+        prefix = special_prefix(self.tokenizer)
         out = []
         for i in range(0, len(texts), batch_size):
-            ids = [encode(self.tokenizer, *(t if isinstance(t, (tuple, list)) else ("", t)), self.max_len).chosen
-                   for t in texts[i:i + batch_size]]
+            ids = [encode_item(self.tokenizer, t, self.max_len, prefix) for t in texts[i:i + batch_size]]
             lens = torch.tensor([len(s) for s in ids], device=device)
             out.append(self(pad_right(ids, self.pad_token_id).to(device), lens))
         return torch.cat(out)

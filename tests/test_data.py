@@ -7,7 +7,8 @@ from helpers import SHARED_HH
 from transformers import AutoTokenizer
 
 from rm_trainer.config import load_run_config
-from rm_trainer.data import dry_run_report, encode, prepare_sources
+from rm_trainer.data import dry_run_report, encode, load_tokenizer, prepare_sources
+from rm_trainer.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +84,16 @@ def test_conversational_rows_with_a_chat_template_file(tmp_path, demo_assets):
     msgs = lambda answer: [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": answer}]  # noqa: E731
     path = write(tmp_path, "conv.jsonl", [{"chosen": msgs("clear kind"), "rejected": msgs("rude wrong")}] * 4)
     cfg = cfg_for(demo_assets, tmp_path, "--data", path, "--chat_template", str(template), "--test_fraction", "0")
-    tok = AutoTokenizer.from_pretrained(demo_assets["model"])
+    tok = load_tokenizer(cfg)  # attaches the template: it is saved with every checkpoint and reward.pt
+    assert tok.chat_template == template.read_text()
     train, _, report, _ = prepare_sources(cfg, tok)
     assert report["train"]["train"]["used"] == 4
     text = tok.decode(train[0]["chosen_ids"])
     assert "tell me" in text and "clear kind" in text  # rendered through the template
     assert train[0]["chosen_ids"][-1] == tok.eos_token_id
     cfg = cfg_for(demo_assets, tmp_path, "--data", path, "--test_fraction", "0")  # no template anywhere
-    with pytest.raises(ValueError, match="--chat_template"):
-        prepare_sources(cfg, tok)
+    with pytest.raises(DataError, match=r"conv.jsonl: holds conversations .* no chat template; pass --chat_template"):
+        prepare_sources(cfg, load_tokenizer(cfg))
 
 
 def test_dry_run_report_shows_lengths_and_the_scoring_token(tmp_path, demo_assets, tok):

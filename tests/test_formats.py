@@ -1,12 +1,41 @@
-"""Reading every shape, and a malformed-input suite: each error names file:line (or row) and field."""
+"""Reading every shape, and a malformed-input suite: each error names file:line (or row) and field.
+
+A source's format is decided once, from its first row; rows are checked against it while they are
+tokenized (or, for JSON-lines `datasets` cannot parse, by the Python fallback), so the suite runs the
+whole read path: load_source + tokenize_source.
+"""
 
 import json
+from collections import Counter
 
 import pytest
+from transformers import AutoTokenizer
 
-from rm_trainer.formats import Keys, load_rows, render_conversation, split_hh
+from rm_trainer.config import load_run_config
+from rm_trainer.data import tokenize_source
+from rm_trainer.errors import DataError
+from rm_trainer.formats import Keys, load_source, render_conversation, split_hh
 
 K = Keys()
+
+
+@pytest.fixture(scope="module")
+def tok(demo_assets):
+    t = AutoTokenizer.from_pretrained(demo_assets["model"])
+    t.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+    return t
+
+
+def read(path, fmt, keys, on_error, demo_assets, tok):
+    """(status counts of the tokenized rows, format) of one source, as training reads it."""
+    flags = ["--model", demo_assets["model"], "--output_dir", "/tmp/unused", "--data", path, "--format", fmt,
+             "--on_error", on_error, "--prompt_key", keys.prompt, "--chosen_key", keys.chosen,
+             "--rejected_key", keys.rejected] + (["--margin_key", keys.margin] if keys.margin else [])
+    cfg, _ = load_run_config(flags)
+    ds, fmt, bad = load_source(path, fmt, keys, on_error)
+    counts = Counter(tokenize_source(ds, fmt, tok, cfg, 0, path)["status"])
+    counts["malformed"] += bad
+    return counts, fmt
 
 
 def jsonl(tmp_path, lines, name="bad.jsonl"):
@@ -51,18 +80,40 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize("rows,fmt,expected", MALFORMED, ids=[f"case{i}" for i in range(len(MALFORMED))])
-def test_malformed_rows_name_file_line_and_field(tmp_path, rows, fmt, expected):
+def test_malformed_rows_name_file_line_and_field(tmp_path, rows, fmt, expected, demo_assets, tok):
     path = jsonl(tmp_path, rows)
     keys = Keys(margin="m") if "'m'" in expected else K
-    with pytest.raises(ValueError, match=r"bad\.jsonl" + expected) as e:
-        load_rows(path, fmt, keys, on_error="error")
+    with pytest.raises(DataError, match=r"bad\.jsonl" + expected) as e:
+        read(path, fmt, keys, "error", demo_assets, tok)
     assert "data.on_error=skip" in str(e.value)  # says what to do
 
 
-def test_skip_counts_malformed_rows_instead(tmp_path):
+def test_skip_counts_malformed_rows_instead(tmp_path, demo_assets, tok):
     path = jsonl(tmp_path, [OK, '{"chosen": ', OK, {"chosen": 3, "rejected": "b"}, [1]])
-    rows, bad = load_rows(path, "auto", K, on_error="skip")
-    assert len(rows) == 2 and bad == 3
+    counts, _ = read(path, "auto", K, "skip", demo_assets, tok)
+    assert counts["malformed"] == 3 and sum(counts.values()) == 5
+    path = jsonl(tmp_path, [OK, {"chosen": "a", "rejected": None}, OK], "ok_json.jsonl")  # datasets reads it
+    counts, _ = read(path, "auto", K, "skip", demo_assets, tok)
+    assert counts["malformed"] == 1 and sum(counts.values()) == 3
+
+
+PROMPTED = {"prompt": "Human: hi Assistant:", "chosen": " a", "rejected": " b"}
+
+
+@pytest.mark.parametrize("rows,expected", [
+    ([PROMPTED, PROMPTED | {"prompt": None}], r":2: field 'prompt' is missing; expected a string \(this source "
+                                               r"has explicit prompts, decided from its first row\)"),
+    ([OK, OK | {"prompt": "Human: hi Assistant:"}], r":2: field 'prompt' is set, but this source holds HH full "
+                                                    r"texts"),
+], ids=["null_prompt_in_prompt_file", "prompt_in_hh_file"])
+def test_format_is_decided_once_per_source(tmp_path, rows, expected, demo_assets, tok):
+    """A row that does not fit its source's format is malformed, never quietly read another way (a
+    `"prompt": null` row used to become an HH row)."""
+    path = jsonl(tmp_path, rows)
+    with pytest.raises(DataError, match=r"bad\.jsonl" + expected):
+        read(path, "auto", K, "error", demo_assets, tok)
+    counts, fmt = read(path, "auto", K, "skip", demo_assets, tok)
+    assert counts["malformed"] == 1 and fmt == ("prompt" if "prompt" in rows[0] else "hh")
 
 
 @pytest.mark.parametrize("setup,expected", [
@@ -72,14 +123,14 @@ def test_skip_counts_malformed_rows_instead(tmp_path):
     (lambda t: jsonl(t, [{"answer": "a", "rejected": "b"}], "cols.jsonl"), "no 'chosen' field in any row"),
 ])
 def test_file_level_errors(tmp_path, setup, expected):
-    with pytest.raises(ValueError, match=expected):
-        load_rows(setup(tmp_path), "auto", K, on_error="error")
+    with pytest.raises(DataError, match=expected):
+        load_source(setup(tmp_path), "auto", K, on_error="error")
 
 
 def test_configurable_column_names(tmp_path):
     path = jsonl(tmp_path, [{"q": "p", "good": "a", "bad": "b"}])
-    rows, _ = load_rows(path, "prompt", Keys("q", "good", "bad"), "error")
-    assert rows[0]["good"] == "a"
+    ds, fmt, bad = load_source(path, "auto", Keys("q", "good", "bad"), "error")
+    assert ds[0]["good"] == "a" and fmt == "prompt" and bad == 0
 
 
 def test_all_file_kinds_load(tmp_path):
@@ -92,8 +143,8 @@ def test_all_file_kinds_load(tmp_path):
     ds.save_to_disk(str(tmp_path / "saved"))
     arrow = next((tmp_path / "saved").glob("*.arrow"))
     for p in ("x.parquet", "x.json", "saved", str(arrow.relative_to(tmp_path))):
-        loaded, bad = load_rows(str(tmp_path / p), "auto", K, "error")
-        assert len(loaded) == 3 and bad == 0, p
+        loaded, fmt, bad = load_source(str(tmp_path / p), "auto", K, "error")
+        assert len(loaded) == 3 and bad == 0 and fmt == "prompt", p
 
 
 def test_hh_split_at_last_common_assistant_turn():
