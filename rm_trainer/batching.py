@@ -68,11 +68,12 @@ class PairSampler:
                 for a in range(self.accum)]
 
 
-def get_preference_iterator(dataset, sampler: PairSampler, pad_id: int, start_step: int,
+def get_preference_iterator(dataset, sampler: PairSampler, pad_id: int, done: int,
                             total_steps: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
-    """Yield (step, [micro-batch, ...]) for steps start_step..total_steps-1, right-padded."""
-    for step in range(start_step, total_steps):
-        yield step, [collate(_rows(dataset, idx), pad_id) for idx in sampler.micro_batches(step)]
+    """Yield (step, [micro-batch, ...]) for optimizer steps done+1 .. total_steps (1-based: step s is
+    the s-th update, drawn from the sampler's global batch s - 1), right-padded."""
+    for step in range(done + 1, total_steps + 1):
+        yield step, [collate(_rows(dataset, idx), pad_id) for idx in sampler.micro_batches(step - 1)]
 
 
 def _rows(dataset, idx: list[int]) -> list[dict[str, Any]]:

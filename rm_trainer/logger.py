@@ -1,18 +1,27 @@
-"""Metrics sinks: tensorboard under OUT/tb and one JSON object per line in OUT/metrics.jsonl (rank 0)."""
+"""Metrics sinks: tensorboard under OUT/tb, one JSON object per line in OUT/metrics.jsonl, and the
+progress bar (rank 0). The logger decides which steps get a log line; only those pay a host sync."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
+
+from tqdm import tqdm
+
+from rm_trainer.step import StepRecord
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int = 0):
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int = 0,
+                 total: int = 0, every: int = 1):
         """resume_step > 0: drop what an interrupted run logged after that step, so every step appears
         once in metrics.jsonl and in tensorboard (purge_step) after a resume."""
-        self.enabled = enabled
+        self.enabled, self.total, self.every = enabled, total, every
         self.tb = None
         self.jsonl = None
+        self.bar = tqdm(total=total, initial=resume_step, disable=not enabled, desc="train", dynamic_ncols=True)
         if not enabled:
             return
         path = out_dir / "metrics.jsonl"
@@ -26,6 +35,17 @@ class MetricsLogger:
 
             self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
+    def train_step(self, rec: StepRecord, grad_norm: Callable[[], float | None], skipped_steps: int) -> None:
+        """A line every `every` steps, at the last step, and at every skipped (non-finite) step."""
+        self.bar.update(1)
+        if not self.enabled or not (rec.step % self.every == 0 or rec.step == self.total or rec.skipped):
+            return
+        m = rec.metrics()  # the statistics reach the host here, and only here
+        g = grad_norm()
+        self.log("train", rec.step, m | {"grad_norm": g if g is not None and math.isfinite(g) else None,
+                                         "skipped_steps": skipped_steps})
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", skipped=skipped_steps)
+
     def log(self, split: str, step: int, values: dict[str, float | int | None]) -> None:
         if not self.enabled:
             return
@@ -37,6 +57,7 @@ class MetricsLogger:
                     self.tb.add_scalar(f"{split}/{k}", v, step)
 
     def close(self) -> None:
+        self.bar.close()
         if self.tb is not None:
             self.tb.close()
         if self.jsonl is not None:

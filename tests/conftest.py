@@ -29,3 +29,36 @@ def tiny_pretrained(demo_assets, tmp_path_factory) -> str:
     AutoModel.from_config(cfg).save_pretrained(out)
     AutoTokenizer.from_pretrained(demo_assets["model"]).save_pretrained(out)
     return str(out)
+
+
+# Real training runs shared by several test modules (each is trained once, when first asked for).
+# name: (launcher, ranks, ds_config, extra args); every run: 12 steps, fp32, eval and save at 6 and 12.
+RUNS = {
+    "single_z2": ("python", 1, "zero2", ["--micro_batch_size", "4"]),
+    "ds_z2_w2": ("deepspeed", 2, "zero2", ["--micro_batch_size", "2"]),
+    "torchrun_z3_w2": ("torchrun", 2, "zero3", ["--micro_batch_size", "2"]),
+    "single_accum": ("python", 1, "zero2", ["--micro_batch_size", "2", "--grad_accum", "2"]),
+    "ds_z3_gc": ("deepspeed", 2, "zero3", ["--micro_batch_size", "2", "--gradient_checkpointing"]),
+    "ds_z3_plain": ("deepspeed", 2, "zero3", ["--micro_batch_size", "2", "--reward_path", "plain"]),
+}
+
+
+@pytest.fixture(scope="session")
+def run(demo_assets, tiny_pretrained, tmp_path_factory):
+    from helpers import train
+
+    root = tmp_path_factory.mktemp("runs")
+    done = {}
+
+    def get(name):
+        if name not in done:
+            launcher, n, ds, extra = RUNS[name]
+            out = root / name
+            train(out, ["--model", tiny_pretrained, "--data", demo_assets["train"], "--test_data",
+                        demo_assets["test"], "--ds_config", f"ds_configs/{ds}.json", "--dtype", "fp32",
+                        "--lr", "1e-3", "--max_steps", "12", "--warmup_steps", "1", "--max_len", "64",
+                        "--seed", "7", "--eval_every", "6", "--save_every", "6"] + extra, launcher=launcher, nprocs=n)
+            done[name] = out
+        return done[name]
+
+    return get

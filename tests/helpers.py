@@ -34,8 +34,12 @@ def run_env() -> dict[str, str]:
     return env
 
 
-def launch_cmd(launcher: str, nprocs: int) -> list[str]:
-    script = str(ROOT / "launch" / "train_reward.py")
+FAULT_LAUNCHER = Path(__file__).resolve().parent / "fault_launch.py"
+
+
+def launch_cmd(launcher: str, nprocs: int, faults: bool = False) -> list[str]:
+    """faults=True runs tests/fault_launch.py (the entry point with RM_FAULT_* injection) instead."""
+    script = str(FAULT_LAUNCHER if faults else ROOT / "launch" / "train_reward.py")
     if launcher == "deepspeed":
         return [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()), script]
     if launcher == "torchrun":
@@ -45,9 +49,13 @@ def launch_cmd(launcher: str, nprocs: int) -> list[str]:
     return [sys.executable, script]
 
 
+def _faults(env: dict | None) -> bool:
+    return any(k.startswith("RM_FAULT_") for k in env or {})
+
+
 def train(out: Path, args: list[str], launcher: str = "deepspeed", nprocs: int = 2,
           timeout: int = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = launch_cmd(launcher, nprocs) + args + ["--output_dir", str(out)]
+    cmd = launch_cmd(launcher, nprocs, _faults(env)) + args + ["--output_dir", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=run_env() | (env or {}), capture_output=True, text=True,
                           timeout=timeout)
     (out.parent / f"{out.name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
@@ -73,7 +81,7 @@ def load_artifact(out: Path) -> dict:
 def start(out: Path, args: list[str], launcher: str = "deepspeed", nprocs: int = 2,
           env: dict | None = None) -> subprocess.Popen:
     """Start a run in its own process group, so a test can SIGKILL the launcher and every rank."""
-    cmd = launch_cmd(launcher, nprocs) + args + ["--output_dir", str(out)]
+    cmd = launch_cmd(launcher, nprocs, _faults(env)) + args + ["--output_dir", str(out)]
     log = open(out.parent / f"{out.name}.killed.log", "w")
     return subprocess.Popen(cmd, cwd=ROOT, env=run_env() | (env or {}), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -57,10 +57,10 @@ def test_preference_iterator_yields_collated_steps():
             return super().__getitem__(idx)
 
     sampler = PairSampler(len(rows), micro=2, accum=2, world=1, rank=0, seed=0)
-    steps = list(get_preference_iterator(Rows(rows), sampler, 0, start_step=1, total_steps=3))
-    assert [s for s, _ in steps] == [1, 2]
+    steps = list(get_preference_iterator(Rows(rows), sampler, 0, done=1, total_steps=3))
+    assert [s for s, _ in steps] == [2, 3]  # 1-based optimizer steps after the one already done
     assert all(len(mbs) == 2 and mbs[0]["chosen_ids"].shape[0] == 2 for _, mbs in steps)
-    idx = sampler.micro_batches(1)[0]
+    idx = sampler.micro_batches(1)[0]  # step 2 draws the sampler's global batch 1
     assert steps[0][1][0]["chosen_len"].tolist() == [rows[i]["chosen_len"] for i in idx]
 
 

@@ -1,0 +1,53 @@
+"""Held-out evaluation: exact metrics over the whole test set, overall and per source, at eval_every and
+at the end. The last result's reward mean/std are the normalisation statistics (never training data)."""
+
+from __future__ import annotations
+
+import torch
+
+from rm_trainer import engine
+from rm_trainer.data import collate, eval_batches
+from rm_trainer.loss import N_SUMS, metrics_from_sums, pair_sums
+from rm_trainer.step import score_batch
+
+
+class Evaluator:
+    def __init__(self, test, every: int, batch_size: int, rt: engine.Runtime, pad_id: int, sources: list[str]):
+        self.test, self.every, self.batch_size, self.rt, self.pad_id = test, every, batch_size, rt, pad_id
+        self.sources = sources
+        self.last: dict[str, float] = {}
+        self.last_step = 0
+
+    def due(self, step: int, total: int) -> bool:
+        return self.test is not None and (step == total or bool(self.every and step % self.every == 0))
+
+    def reward_stats(self) -> dict:
+        if not self.last:
+            return {}
+        return {"mean": self.last["reward_mean"], "std": self.last["reward_std"], "pairs": self.last["pairs"],
+                "step": self.last_step}
+
+    def run(self, eng, step: int) -> dict[str, float]:
+        """Every test pair once, sums all-reduced across ranks. Ranks with fewer pairs run zero-weight filler,
+        so every rank does the same number of forwards (ZeRO-3 gathers are collective)."""
+        rt = self.rt
+        eng.eval()
+        sums = torch.zeros(len(self.sources), N_SUMS, dtype=torch.float64)
+        with torch.no_grad():
+            for idx, w in eval_batches(len(self.test), rt.world_size, rt.rank, self.batch_size):
+                b = collate([self.test[i] for i in idx], self.pad_id)
+                rewards = score_batch(eng, b, rt.device).cpu()  # a CPU-GPU sync point, once per eval batch
+                B = len(idx)
+                for s in b["source"].unique().tolist():
+                    mask = (b["source"] == s).double() * torch.tensor(w, dtype=torch.float64)
+                    sums[s] += pair_sums(rewards[:B], rewards[B:], mask)
+        eng.train()
+        sums = engine.all_reduce_sum(sums.to(rt.device)).cpu()
+        result = metrics_from_sums(sums.sum(0))
+        if len(self.sources) > 1:
+            for s, name in enumerate(self.sources):
+                if sums[s, 0] > 0:
+                    m = metrics_from_sums(sums[s])
+                    result |= {f"{name}/{k}": m[k] for k in ("loss", "acc", "margin")}
+        self.last, self.last_step = result, step
+        return result

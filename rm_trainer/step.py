@@ -1,0 +1,118 @@
+"""One optimizer step: its micro-batches go through forward, backward and step; its statistics stay on
+the device, are all-reduced once, and reach the host only when a log line is written.
+
+Also here: the stop flag that preemption signals set, and the guard that counts (and, after too many in
+a row, aborts on) non-finite steps.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rm_trainer import engine
+from rm_trainer.loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, metrics_from_sums, pair_sums
+
+TOKENS, STOP = N_SUMS, N_SUMS + 1  # slots after the pair sums in a step's statistics vector
+
+
+class StopFlag:
+    """USR1/TERM only set a flag (saving inside a signal handler could interleave with a collective in
+    flight). The flag rides on the step's all-reduce, so every rank sees any rank's signal at the same step."""
+
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+
+    def install(self) -> StopFlag:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: self.signals.append(signal.Signals(signum).name))
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.signals)
+
+
+def score_batch(eng, b: dict, device: torch.device) -> torch.Tensor:
+    """Rewards (2B,) = [chosen; rejected] from ONE forward: both halves share every ZeRO-3 weight
+    gather and kernel launch."""
+    ids = torch.cat([b["chosen_ids"], b["rejected_ids"]]).to(device)
+    lens = torch.cat([b["chosen_len"], b["rejected_len"]]).to(device)
+    return eng(ids, lens)
+
+
+def loss_fn(rewards: torch.Tensor, fused: bool, margin: torch.Tensor | None = None) -> torch.Tensor:
+    if fused:
+        return fused_bradley_terry(rewards, margin)[0]
+    B = rewards.shape[0] // 2
+    return bradley_terry_loss(rewards[:B], rewards[B:], margin)
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step did. `stats` is on the device, already summed over ranks:
+    [pair sums (see loss.SUM_FIELDS), real tokens, ranks that were asked to stop]."""
+
+    step: int
+    stats: torch.Tensor
+    skipped: bool
+    stop: bool
+    lr: float
+    seconds: float
+
+    def metrics(self) -> dict[str, float | None]:
+        """Per-pair means and throughput. Moves the statistics to the host: a CPU-GPU sync point, so
+        call it only when a log line is written."""
+        v = self.stats.tolist()
+        m = metrics_from_sums(torch.tensor(v[:N_SUMS], dtype=torch.float64))
+        finite = {k: (x if math.isfinite(x) else None) for k, x in m.items() if k in ("acc", "margin")}
+        return {"loss": m["loss"], **finite, "lr": self.lr, "pairs_per_s": m["pairs"] / self.seconds,
+                "tokens_per_s": v[TOKENS] / self.seconds}
+
+
+def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, fused: bool,
+               stop_requested: bool) -> StepRecord:
+    """grad_accum micro-batches -> one optimizer update (DeepSpeed applies it at the last micro step)."""
+    t0 = time.perf_counter()
+    lr = eng.get_lr()[0]
+    skipped_before = eng.skipped_steps
+    sums = torch.zeros(N_SUMS, dtype=torch.float64, device=device)
+    tokens = 0
+    for b in micro_batches:
+        rewards = score_batch(eng, b, device)
+        margin = b["margin"].to(device) if "margin" in b else None
+        loss = loss_fn(rewards, fused=fused, margin=margin)
+        eng.backward(loss)  # DeepSpeed scales by 1/grad_accum and reduces across ranks
+        # At the accumulation boundary this applies the update, unless the all-reduced gradient norm is
+        # non-finite: DeepSpeed then skips it on every rank together (no weight or Adam change).
+        eng.step()
+        B = b["chosen_ids"].shape[0]
+        sums += pair_sums(rewards[:B], rewards[B:])  # stays on the device: no sync per micro step
+        tokens += int(b["chosen_len"].sum() + b["rejected_len"].sum())  # host tensors from collate
+    stats = torch.cat([sums, torch.tensor([tokens, float(stop_requested)], dtype=torch.float64, device=device)])
+    # One all-reduce per step: a NaN, or a stop signal, seen by any rank reaches every rank here.
+    engine.all_reduce_sum(stats)
+    # The step's one CPU-GPU sync point: skipping and stopping are decided on the host.
+    loss_sum, stop_votes = stats[[1, STOP]].tolist()
+    skipped = eng.skipped_steps > skipped_before or not math.isfinite(loss_sum)
+    return StepRecord(step, stats, skipped, stop_votes > 0, lr, time.perf_counter() - t0)
+
+
+class SkipGuard:
+    """Counts steps whose loss or gradient norm was not finite (DeepSpeed already skipped their update
+    on every rank) and aborts after max_consecutive of them in a row, naming the step and its pairs."""
+
+    def __init__(self, max_consecutive: int, batch_indices) -> None:
+        self.max_consecutive, self.batch_indices = max_consecutive, batch_indices
+        self.total = self.in_a_row = 0
+
+    def check(self, rec: StepRecord) -> None:
+        self.total += rec.skipped
+        self.in_a_row = self.in_a_row + 1 if rec.skipped else 0
+        if self.in_a_row >= self.max_consecutive:
+            raise RuntimeError(
+                f"step {rec.step}: {self.in_a_row} consecutive steps with a non-finite loss or gradient norm; "
+                f"the last global batch held training pairs {sorted(self.batch_indices(rec.step))}")
