@@ -65,3 +65,52 @@ def test_disable_dropout_makes_training_forward_deterministic():
     assert not torch.equal(m(ids, lens), m(ids, lens))  # the check can fail: dropout is live
     assert disable_dropout(m.backbone) > 0
     assert torch.equal(m(ids, lens), m(ids, lens))
+
+
+CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}Human: {{ m['content'] }} {% else %}Assistant: "
+        "{{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+
+
+@pytest.mark.slow
+def test_score_texts_of_conversations_matches_training_tokenization_and_rewards(demo_assets, tiny_pretrained,
+                                                                                tmp_path):
+    """A model trained on messages (through --chat_template) scores messages exactly as training saw them:
+    the probe pairs' token ids, and the live engine's rewards for them."""
+    import json
+
+    from helpers import load_artifact, train
+
+    from rm_trainer import load_reward_model
+
+    def conv(path):
+        out = tmp_path / path.split("/")[-1]
+        rows = [json.loads(line) for line in open(path)]
+        with open(out, "w") as f:
+            for r in rows:
+                user = r["prompt"].removeprefix("Human: ").removesuffix(" Assistant:")
+                f.write(json.dumps({side: [{"role": "user", "content": user},
+                                           {"role": "assistant", "content": r[side].strip()}]
+                                    for side in ("chosen", "rejected")}) + "\n")
+        return str(out)
+
+    (tmp_path / "chat.jinja").write_text(CHAT)
+    out = tmp_path / "run"
+    train(out, ["--model", tiny_pretrained, "--data", conv(demo_assets["train"]), "--test_data",
+                conv(demo_assets["test"]), "--chat_template", str(tmp_path / "chat.jinja"), "--dtype", "fp32",
+                "--max_steps", "3", "--max_len", "64", "--micro_batch_size", "4", "--lr", "1e-3"],
+          launcher="python", nprocs=1)
+    rm = load_reward_model(out / "reward.pt")
+    assert rm.tokenizer.chat_template == CHAT  # carried inside reward.pt
+    probe = load_artifact(out)["probe"]
+    rows = [json.loads(line) for line in open(tmp_path / "test.jsonl")][:4]
+    items = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]  # whole conversations
+    from rm_trainer.data import encode_item, special_prefix
+
+    prefix = special_prefix(rm.tokenizer)
+    for item, ids, n in zip(items, probe["input_ids"], probe["seq_lengths"], strict=True):
+        assert encode_item(rm.tokenizer, item, rm.max_len, prefix) == ids[:n].tolist()
+    got = rm.score_texts(items)
+    want = probe["rewards"]
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    as_pairs = rm.score_texts([(r["chosen"][:1], r["chosen"][1:]) for r in rows])  # (prompt msgs, response msgs)
+    assert torch.equal(as_pairs, got[:4])
