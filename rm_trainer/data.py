@@ -99,11 +99,12 @@ def default_num_proc(n_rows: int) -> int:
     return max(1, min(cores, 16, n_rows // 10_000))
 
 
-def tokenize_source(ds, fmt: str, tok, cfg, source_id: int = 0, path: str = ""):
+def tokenize_source(ds, fmt: str, tok, cfg, source_id: int = 0, path: str = "", work_dir: str | None = None):
     """One batched datasets.map over a whole source: check each row against the source's format, render,
     tokenize (one batched call per field), truncate. Every row gets a status (a drop reason, a note, or
     ""), so nothing is lost uncounted. A malformed row raises DataError naming file:line and field,
-    unless data.on_error=skip, which counts it."""
+    unless data.on_error=skip, which counts it. work_dir: where the result's arrow files go (default:
+    beside the source's own, which for a save_to_disk folder is the user's folder)."""
     d = cfg.data
     keys = Keys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key)
     prefix = special_prefix(tok)
@@ -155,20 +156,37 @@ def tokenize_source(ds, fmt: str, tok, cfg, source_id: int = 0, path: str = ""):
         return out
 
     num_proc = d.num_proc or default_num_proc(len(ds))
+    name = Path(path).name or "pairs"
+    cache = str(Path(work_dir) / f"tokenized-{source_id}-{name}.arrow") if work_dir else None
     return ds.map(fn, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
-                  num_proc=num_proc if num_proc > 1 else None, desc=f"tokenizing {Path(path).name or 'pairs'}")
+                  num_proc=num_proc if num_proc > 1 else None, desc=f"tokenizing {name}", cache_file_name=cache,
+                  load_from_cache_file=False)  # reuse is data_cache's job, by content key, never implicit
 
 
-def split_report(tokd, margin: bool, max_len: int, malformed_before: int = 0):
-    """(rows kept for training, their report) of one tokenized split."""
-    status = tokd["status"]
-    counts = Counter(status)
+def split_indices(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows) of a source: a seeded ceil(frac * n) of its rows are held out."""
+    n_test = min(n - 1, int(np.ceil(frac * n))) if frac > 0 and n > 1 else 0
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def split_report(tokd, columns: dict[str, np.ndarray], idx: np.ndarray, margin: bool, max_len: int,
+                 malformed_before: int = 0):
+    """(rows kept for training, their report) of one split (`idx`: its rows of the tokenized source).
+    Counts and lengths come from whole columns read once (`columns`), never row by row."""
+    status = columns["status"][idx]
+    counts = Counter(status.tolist())
     counts["malformed"] += malformed_before
-    real = [i for i, s in enumerate(status) if s != "malformed"]
-    lengths = {k: np.asarray(tokd[k])[real] for k in ("prompt_tokens", "chosen_tokens", "rejected_tokens")}
-    kept = tokd.filter(lambda s: s not in DROP_REASONS, input_columns="status")
+    real = status != "malformed"
+    lengths = {k: columns[k][idx][real] for k in ("prompt_tokens", "chosen_tokens", "rejected_tokens")}
+    keep = idx[~np.isin(status, DROP_REASONS)]
     drop = ["status", "prompt_tokens", "chosen_tokens", "rejected_tokens"] + ([] if margin else ["margin"])
-    return kept.remove_columns(drop), _report(len(status) + malformed_before, counts, lengths, max_len)
+    return tokd.remove_columns(drop).select(keep), _report(len(idx) + malformed_before, counts, lengths, max_len)
+
+
+def _columns(tokd) -> dict[str, np.ndarray]:
+    return {k: np.asarray(tokd.data.column(k).to_numpy(zero_copy_only=False))
+            for k in ("status", "prompt_tokens", "chosen_tokens", "rejected_tokens")}
 
 
 def _report(n_rows: int, counts: Counter, lengths: dict, max_len: int) -> dict:
@@ -208,20 +226,22 @@ def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, di
         name = src.name or Path(src.path).stem
         names.append(name)
         ds, fmt, bad = load_source(src.path, d.format, keys, d.on_error, work_dir)
-        tokd = tokenize_source(ds, fmt, tok, cfg, i, src.path)
+        tokd = tokenize_source(ds, fmt, tok, cfg, i, src.path, work_dir)
+        cols = _columns(tokd)
         frac = d.test_fraction if src.test_fraction is None else src.test_fraction
-        test_tokd, test_bad = None, 0
-        if src.test_path:
-            test_ds, test_fmt, test_bad = load_source(src.test_path, d.format, keys, d.on_error, work_dir)
-            test_tokd = tokenize_source(test_ds, test_fmt, tok, cfg, i, src.test_path)
-        elif frac > 0 and len(tokd) > 1:
-            split = tokd.train_test_split(test_size=frac, seed=cfg.train.seed)
-            tokd, test_tokd = split["train"], split["test"]
-        tr, rep = split_report(tokd, bool(keys.margin), d.max_len, bad)
+        train_idx, test_idx = split_indices(len(tokd), 0 if src.test_path else frac, cfg.train.seed + i)
+        tr, rep = split_report(tokd, cols, train_idx, bool(keys.margin), d.max_len, bad)
         report[name] = {"path": src.path, "weight": src.weight, "format": fmt, "train": rep}
         trains.append(_mix(tr, src.weight, cfg.train.seed + i) if src.weight != 1 else tr)
-        if test_tokd is not None:
-            te, report[name]["test"] = split_report(test_tokd, bool(keys.margin), d.max_len, test_bad)
+        if src.test_path:
+            test_ds, test_fmt, test_bad = load_source(src.test_path, d.format, keys, d.on_error, work_dir)
+            test_tokd = tokenize_source(test_ds, test_fmt, tok, cfg, i, src.test_path, work_dir)
+            test_cols, test_idx = _columns(test_tokd), np.arange(len(test_tokd))
+        elif len(test_idx):
+            test_tokd, test_cols, test_bad = tokd, cols, 0
+        if src.test_path or len(test_idx):
+            te, report[name]["test"] = split_report(test_tokd, test_cols, test_idx, bool(keys.margin), d.max_len,
+                                                    test_bad)
             tests.append(te)
     _check_drops(report, d.max_drop_fraction)
     train = datasets.concatenate_datasets(trains) if len(trains) > 1 else trains[0]

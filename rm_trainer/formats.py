@@ -198,14 +198,23 @@ def skip_hint() -> str:
     return " (fix the row, or set data.on_error=skip to count and skip malformed rows)"
 
 
+def common_prefix_len(a: str, b: str) -> int:
+    """Length of the longest common prefix: a binary search of C-speed slice comparisons (a character
+    loop in Python took a tenth of the tokenization time on HH-RLHF)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str] | None:
     """(prompt, chosen response, rejected response) split at the longest common prefix that ends at an
     'Assistant:' turn; None when the two texts share no such prefix."""
-    n = 0
-    for a, b in zip(chosen, rejected, strict=False):
-        if a != b:
-            break
-        n += 1
+    n = common_prefix_len(chosen, rejected)
     cut = chosen.rfind(ASSISTANT, 0, n)  # the whole marker inside the common prefix
     if cut < 0:
         return None

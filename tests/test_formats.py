@@ -9,12 +9,14 @@ import json
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from rm_trainer.config import load_run_config
 from rm_trainer.data import tokenize_source
 from rm_trainer.errors import DataError
-from rm_trainer.formats import Keys, load_source, render_conversation, split_hh
+from rm_trainer.formats import Keys, common_prefix_len, load_source, render_conversation, split_hh
 
 K = Keys()
 
@@ -170,3 +172,14 @@ def test_render_conversation_with_template(tmp_path, demo_assets):
     assert p == "[user] hi [assistant] " and c == "clear kind " and r == "rude "
     p, c, r = render_conversation(tok, "hi", chosen[1:], rejected[1:], template)
     assert p == "[user] hi [assistant] " and c == "clear kind "
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab\u00e9", max_size=40), st.text(alphabet="ab\u00e9", max_size=40))
+def test_common_prefix_len_equals_the_character_loop(a, b):
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    assert common_prefix_len(a, b) == n
