@@ -27,3 +27,30 @@ def test_gpu_suite_smoke_mode(tmp_path):
     step = json.loads((tmp_path / "train_step.json").read_text())
     assert step["tokens_per_s"] > 0 and all(math.isfinite(x) for x in step["losses"])
     assert step["zero_stage"] == 2 and step["device_name"] == "cpu"
+
+
+def test_artifact_memory_bench_small_model(tmp_path):
+    """The end-of-run commands (consolidate, load, export) run as separate processes on a real 2-rank
+    ZeRO-3 checkpoint and report their peaks; the README's figures come from the default (0.3 B) size."""
+    out = tmp_path / "am.json"
+    small = ["--layers", "2", "--hidden", "256", "--inter", "512", "--vocab", "8000", "--shard_size", "1MB"]
+    p = subprocess.run([sys.executable, "bench/artifact_memory.py", *small, "--out", str(out)], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert set(r["runs"]) == {"baseline", "consolidate", "end_of_run", "load", "export"}
+    assert all(x["peak_rss_gib"] > r["runs"]["baseline"]["peak_rss_gib"] * 0.9 for x in r["runs"].values())
+    assert r["bounds_met"] and r["hf_loads_cleanly"]
+    assert "model.safetensors.index.json" in r["hf_files"] and len(r["hf_files"]) > 2  # 1MB shards
+
+
+def test_prepare_data_bench_second_start_hits_the_cache(tmp_path):
+    out = tmp_path / "pd.json"
+    p = subprocess.run([sys.executable, "bench/prepare_data.py", "--pairs", "3000", "--formats", "jsonl,conversational",
+                        "--out", str(out)], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    for fmt in ("jsonl", "conversational"):
+        first, second = r["runs"][fmt]["first"], r["runs"][fmt]["second"]
+        assert first["cache_hit"] is False and second["cache_hit"] is True
+        assert first["train_pairs"] == second["train_pairs"] > 2900 and first["peak_pss_gib"] > 0
