@@ -290,8 +290,12 @@ def load_tokenizer(cfg):
 
 def dry_run_report(cfg, tok) -> str:
     """Per-source counts and drops, token-length percentiles, the truncated fraction, and one rendered
-    example with the scoring token marked. No process group, no model."""
-    train, _, report, _ = prepare_sources(cfg, tok)
+    example with the scoring token marked. No process group, no model, nothing left on disk."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        train, _, report, _ = prepare_sources(cfg, tok, work_dir=scratch)
+        ex = train[0]
     lines = []
     for name, rep in report.items():
         if name.startswith("_"):
@@ -306,7 +310,6 @@ def dry_run_report(cfg, tok) -> str:
             if "token_length_percentiles" in r:
                 lines.append(f"  token lengths {r['token_length_percentiles']}; "
                              f"{r['fraction_truncated_at_max_len']:.1%} of pairs exceed max_len={cfg.data.max_len}")
-    ex = train[0]
     ids = ex["chosen_ids"]
     lines.append("example (chosen), the reward is read at the marked token:")
     lines.append("  " + tok.decode(ids[:-1]) + " \u27e6" + tok.decode(ids[-1:]) + "\u27e7")

@@ -144,6 +144,12 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
 
 
+def _load_ds(path: Path) -> dict:
+    """A DeepSpeed checkpoint file, memory-mapped. These are pickles written by DeepSpeed itself
+    (weights_only=False is required): load them only from checkpoint directories you trust."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
 def _rank_of(path: Path) -> int:
     m = re.search(r"rank_(\d+)_", path.name)
     return int(m.group(1)) if m else 0
@@ -192,7 +198,7 @@ def _copy_range(dst: torch.Tensor, flats: list[torch.Tensor], start: int, releas
 def _merge_rank(out: dict[str, torch.Tensor], f: Path, r: int, world: int, stage: int, shapes: list,
                 paddings: list | None) -> None:
     """Copy rank r's fp32 partition of every parameter into `out`."""
-    osd = torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+    osd = _load_ds(f)["optimizer_state_dict"]
     release = _PageRelease(f)
     if stage == 3:
         # every parameter is split in `world` equal parts (the last padded); rank r's flat groups hold
@@ -237,7 +243,7 @@ def consolidated_state_dict(checkpoint_dir: str, tag: str, dtype: torch.dtype = 
     optim_files = sorted(d.glob("*_optim_states.pt"), key=_rank_of)
     if not model_files or not optim_files:
         raise CheckpointError(f"{d}: no DeepSpeed *_model_states.pt / *_optim_states.pt files")
-    ms = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)
+    ms = _load_ds(model_files[0])
     if ms.get("frozen_param_shapes"):
         raise NotImplementedError(f"{d}: frozen parameters are not supported by consolidation yet")
     shapes = ms["param_shapes"]
@@ -251,7 +257,7 @@ def consolidated_state_dict(checkpoint_dir: str, tag: str, dtype: torch.dtype = 
     shared = dict(ms["shared_params"])
     del ms  # unmaps the file: a ZeRO-2 model-states file holds every weight in the training dtype
 
-    osd = torch.load(optim_files[0], map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+    osd = _load_ds(optim_files[0])["optimizer_state_dict"]
     stage, world = osd["zero_stage"], osd["partition_count"]
     world = max(world) if isinstance(world, list) else world
     paddings = osd.get("param_alignment_paddings")
