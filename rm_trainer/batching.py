@@ -1,10 +1,26 @@
-"""Batches: right padding, seeded rank-sharded sampling, exact eval sharding."""
+"""Batches: seeded rank-sharded sampling, length grouping, right padding or padding-free packing, exact
+eval sharding.
+
+How a step's pairs reach the ranks (train.batching, train.packing):
+  the global batch     pairs perm_e[s' * G : (s'+1) * G] of the epoch's seeded permutation: a pure
+                       function of (seed, step), whatever the world size, accumulation split or mode
+  random               micro step a of rank r takes slice a * W + r of it (micro pairs each)
+  grouped (default)    the same slicing after sorting the global batch by pair length (the longer of
+                       chosen and rejected), longest first: each micro-batch holds pairs of similar
+                       length, the W ranks of one micro step get neighbouring slices (similar work), and
+                       the longest pairs come first (an out-of-memory shows at step 1, not hours in)
+  packing              the global batch is split into W x A groups of about equal token count
+                       (longest-processing-time-first), group a * W + r to micro step a of rank r; each
+                       group's 2B sequences are packed into rows of at most pack_len tokens, without padding
+"""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -32,20 +48,99 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def pack(rows: list[dict[str, Any]], pad_id: int, pack_len: int | None) -> dict[str, torch.Tensor]:
+    """Pack the 2B sequences of `rows` ([chosen_0..chosen_B-1, rejected_0..]) into rows of at most
+    pack_len tokens (the fewest rows, filled evenly; None: all in one row, as flash-attention's varlen path
+    wants when it reads the sequence boundaries from position_ids). Each sequence's position_ids restart
+    at 0, so the model keeps the sequences apart (see model.RewardModel.forward); the tail of a row that
+    is not full is padding with positions of its own. `last` holds (row, column) of each sequence's final token, where
+    its reward is read, in [chosen; rejected] order."""
+    seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    total = sum(len(x) for x in seqs)
+    pack_len = pack_len or total
+    assert max(len(x) for x in seqs) <= pack_len, f"a sequence is longer than pack_len={pack_len}"
+    # The fewest rows that hold every sequence, filled evenly (longest first, each to the emptiest row):
+    # every row is padded to the fullest one, so even rows waste least.
+    n_rows = -(-total // pack_len)
+    while (spread := _spread(seqs, n_rows, pack_len)) is None:
+        n_rows += 1
+    place, fill = spread
+    L = max(fill)
+    ids = torch.full((len(fill), L), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(fill), L), dtype=torch.long)
+    for i, (row, col) in enumerate(place):
+        n = len(seqs[i])
+        ids[row, col:col + n] = torch.tensor(seqs[i], dtype=torch.long)
+        pos[row, col:col + n] = torch.arange(n)
+    for row, used in enumerate(fill):
+        pos[row, used:] = torch.arange(L - used)  # padding: a segment of its own, never attended to
+    batch = {
+        "input_ids": ids, "position_ids": pos,
+        "last": torch.tensor([(row, col + len(seqs[i]) - 1) for i, (row, col) in enumerate(place)]),
+        "chosen_len": torch.tensor([r["chosen_len"] for r in rows], dtype=torch.long),
+        "rejected_len": torch.tensor([r["rejected_len"] for r in rows], dtype=torch.long),
+    }
+    if "margin" in rows[0]:
+        batch["margin"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)
+    if "source" in rows[0]:
+        batch["source"] = torch.tensor([r["source"] for r in rows], dtype=torch.long)
+    return batch
+
+
+def _spread(seqs: list[list[int]], n_rows: int, cap: int):
+    """((row, column) of each sequence, fill of each row) when the sequences, longest first, each go to the
+    emptiest of n_rows rows; None if a row then holds more than cap tokens."""
+    heap = [(0, k) for k in range(n_rows)]
+    place = [(0, 0)] * len(seqs)
+    fill = [0] * n_rows
+    for i in sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i)):
+        used, row = heapq.heappop(heap)
+        place[i] = (row, used)
+        fill[row] = used + len(seqs[i])
+        heapq.heappush(heap, (fill[row], row))
+    return (place, fill) if max(fill) <= cap else None
+
+
+def token_slots(b: dict[str, torch.Tensor]) -> int:
+    """Token positions the forward computes for batch b (real tokens + padding)."""
+    if "input_ids" in b:
+        return b["input_ids"].numel()
+    return b["chosen_ids"].numel() + b["rejected_ids"].numel()
+
+
+def balanced_groups(idx: list[int], tokens: np.ndarray, k: int) -> list[list[int]]:
+    """Split pairs `idx` into k groups of about equal token count: longest first, each to the group with
+    the fewest tokens so far (ties: the lower group). Every group gets at least one pair when len(idx) >= k."""
+    heap = [(0, g) for g in range(k)]
+    groups: list[list[int]] = [[] for _ in range(k)]
+    for i in sorted(idx, key=lambda i: (-int(tokens[i]), i)):
+        load, g = heapq.heappop(heap)
+        groups[g].append(i)
+        heapq.heappush(heap, (load + int(tokens[i]), g))
+    return groups
+
+
 class PairSampler:
     """Seeded, rank-sharded sampling that is a pure function of the step.
 
     Global batch g at step s is perm_e[s' * G : (s'+1) * G] (e = epoch, s' = step within it), the same
-    permutation on every rank. Micro step a of rank r takes slice (a * W + r) of it. So any world size
-    or accumulation split with the same global batch sees the same pairs per optimizer step, and a
-    resumed run can jump to any step without replaying the data.
+    permutation on every rank; how it is spread over ranks and micro steps is the module docstring's
+    rule for `mode`. Any world size or accumulation split with the same global batch sees the same pairs
+    per optimizer step, and a resumed run can jump to any step without replaying the data.
+    chosen_len/rejected_len (token counts per pair) are needed for grouping and packing.
     """
 
-    def __init__(self, n: int, micro: int, accum: int, world: int, rank: int, seed: int):
+    def __init__(self, n: int, micro: int, accum: int, world: int, rank: int, seed: int, mode: str = "random",
+                 packing: bool = False, chosen_len=None, rejected_len=None):
         self.n, self.micro, self.accum, self.world, self.rank, self.seed = n, micro, accum, world, rank, seed
+        self.mode, self.packing = mode, packing
         self.global_batch = micro * accum * world
         self.steps_per_epoch = n // self.global_batch
         self._perm: tuple[int, torch.Tensor] | None = None
+        if mode == "grouped" or packing:
+            c, r = np.asarray(chosen_len), np.asarray(rejected_len)
+            assert len(c) == len(r) == n, "grouping and packing need every pair's token counts"
+            self.longest, self.tokens = np.maximum(c, r), c + r
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
@@ -60,20 +155,26 @@ class PairSampler:
         return self.permutation(epoch)[base:base + self.global_batch].tolist()
 
     def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's pairs for each micro step of (0-based) step."""
         assert self.steps_per_epoch > 0
-        epoch, within = divmod(step, self.steps_per_epoch)
-        perm = self.permutation(epoch)
-        base = within * self.global_batch
-        return [perm[base + (a * self.world + self.rank) * self.micro:][: self.micro].tolist()
-                for a in range(self.accum)]
+        g = self.global_batch_indices(step)
+        W, A, r = self.world, self.accum, self.rank
+        if self.packing:
+            groups = balanced_groups(g, self.tokens, W * A)
+            return [groups[a * W + r] for a in range(A)]
+        if self.mode == "grouped":
+            g = sorted(g, key=lambda i: (-int(self.longest[i]), i))
+        return [g[(a * W + r) * self.micro:(a * W + r + 1) * self.micro] for a in range(A)]
 
 
-def get_preference_iterator(dataset, sampler: PairSampler, pad_id: int, done: int,
-                            total_steps: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+def get_preference_iterator(dataset, sampler: PairSampler, pad_id: int, done: int, total_steps: int,
+                            pack_len: int | None = None) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
     """Yield (step, [micro-batch, ...]) for optimizer steps done+1 .. total_steps (1-based: step s is
-    the s-th update, drawn from the sampler's global batch s - 1), right-padded."""
+    the s-th update, drawn from the sampler's global batch s - 1), right-padded, or packed into rows of
+    pack_len tokens when the sampler packs."""
     for step in range(done + 1, total_steps + 1):
-        yield step, [collate(_rows(dataset, idx), pad_id) for idx in sampler.micro_batches(step - 1)]
+        rows = [_rows(dataset, idx) for idx in sampler.micro_batches(step - 1)]
+        yield step, [pack(r, pad_id, pack_len) if sampler.packing else collate(r, pad_id) for r in rows]
 
 
 def _rows(dataset, idx: list[int]) -> list[dict[str, Any]]:

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                       margin: torch.Tensor | None = None) -> torch.Tensor:
-    """-log sigma(r_c - r_r [- margin]), averaged over pairs. logsigmoid is stable for any |delta|.
-    The optional per-pair margin asks for a larger gap on clearer preferences (Llama-2 style)."""
+                       margin: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """-log sigma(r_c - r_r [- margin]), averaged over pairs (or summed and times `scale`). logsigmoid is
+    stable for any |delta|. The optional per-pair margin asks for a larger gap on clearer preferences
+    (Llama-2 style)."""
     delta = chosen_rewards.float() - rejected_rewards.float()
     if margin is not None:
         delta = delta - margin.float()
-    return -F.logsigmoid(delta).mean()
+    return -F.logsigmoid(delta).mean() if scale is None else -F.logsigmoid(delta).sum() * scale
 
 
 def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -32,18 +33,21 @@ def margin(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torc
 class _FusedBT(torch.autograd.Function):
     """Bradley-Terry loss over a 2B reward vector [chosen; rejected] with a closed-form backward.
 
-    Saves only delta = r_c - r_r (B floats). d loss / d delta = -sigma(-delta) / B, so d/dr_c = that
-    and d/dr_r = its negative. Accuracy and margin come out of the same pass, without grad.
+    Saves only delta = r_c - r_r (B floats). d loss / d delta = -sigma(-delta) * scale (scale = 1/B for
+    the mean), so d/dr_c = that and d/dr_r = its negative. Accuracy and margin come out of the same pass,
+    without grad.
     """
 
     @staticmethod
-    def forward(ctx, rewards: torch.Tensor, margin: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, rewards: torch.Tensor, margin: torch.Tensor | None, scale: float | None
+                ) -> tuple[torch.Tensor, ...]:
         B = rewards.shape[0] // 2
         delta = rewards[:B].float() - rewards[B:].float()
         z = delta if margin is None else delta - margin.float()
         ctx.save_for_backward(z)
-        ctx.in_dtype = rewards.dtype
-        loss = F.softplus(-z).mean()  # = -logsigmoid(z), stable for any |z|
+        ctx.in_dtype, ctx.scale = rewards.dtype, scale
+        # = -logsigmoid(z), stable for any |z|
+        loss = F.softplus(-z).mean() if scale is None else F.softplus(-z).sum() * scale
         acc = (delta > 0).float().mean()
         ctx.mark_non_differentiable(acc)
         return loss, acc, delta.mean().detach()
@@ -51,16 +55,19 @@ class _FusedBT(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_acc, _grad_margin):
         (z,) = ctx.saved_tensors
-        g = -torch.sigmoid(-z) * (grad_loss / z.shape[0])
-        return torch.cat([g, -g]).to(ctx.in_dtype), None
+        weight = grad_loss / z.shape[0] if ctx.scale is None else grad_loss * ctx.scale
+        g = -torch.sigmoid(-z) * weight
+        return torch.cat([g, -g]).to(ctx.in_dtype), None, None
 
 
-def fused_bradley_terry(rewards: torch.Tensor, margin: torch.Tensor | None = None
+def fused_bradley_terry(rewards: torch.Tensor, margin: torch.Tensor | None = None, scale: float | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, accuracy, mean reward gap) from the concatenated [chosen; rejected] rewards of one 2B
-    forward; `margin` (B,) optionally shifts the target gap per pair."""
+    forward; `margin` (B,) optionally shifts the target gap per pair. The loss is the mean over the B
+    pairs, or with `scale` their *sum* times scale: micro-batches of different sizes (packing) then
+    each contribute in proportion to their pairs (see step.train_step)."""
     assert rewards.dim() == 1 and rewards.shape[0] % 2 == 0, rewards.shape
-    return _FusedBT.apply(rewards, margin)
+    return _FusedBT.apply(rewards, margin, scale)
 
 
 def pair_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,

@@ -93,22 +93,37 @@ class RewardModel(nn.Module):
     def config(self) -> PretrainedConfig:
         return self.backbone.config
 
-    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, H) of the backbone, after its final norm."""
-        return self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+        return self.backbone(**self._inputs(input_ids, position_ids)).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) in fp32, read at position seq_lengths - 1."""
+    @staticmethod
+    def _inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> dict:
+        # use_cache=False always: with a cache, transformers skips packed-sequence detection silently.
+        # Packed rows: position_ids restart at 0 for every sequence and attention_mask is None, so
+        # transformers builds a per-sequence causal mask (sdpa, eager; see check_packing).
+        kw = {"input_ids": input_ids, "use_cache": False}
+        return kw if position_ids is None else kw | {"position_ids": position_ids, "attention_mask": None}
+
+    def forward(self, input_ids: torch.Tensor, seq_lengths: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards in fp32, one per sequence. Right-padded rows (B, T): read at seq_lengths - 1. Packed rows
+        (batching.pack): several sequences per row, position_ids restarting at 0 for each, rewards read
+        at `last` = (row, column) of every sequence's final token."""
+        if position_ids is None:
+            pick = lambda x: gather_last(x, seq_lengths)  # noqa: E731
+        else:
+            pick = lambda x: x[last[:, 0].to(x.device), last[:, 1].to(x.device)]  # noqa: E731
         if self.reward_path == "plain":
-            per_token = self.score(self.forward_hidden(input_ids)).squeeze(-1)  # (B, T): every token
-            r = gather_last(per_token, seq_lengths).float()
+            per_token = self.score(self.forward_hidden(input_ids, position_ids)).squeeze(-1)  # every token
+            r = pick(per_token).float()
         else:
             if self.final_norm_name is None:
-                rows = gather_last(self.forward_hidden(input_ids), seq_lengths)
+                rows = pick(self.forward_hidden(input_ids, position_ids))
             else:
                 with bypass(self.backbone, self.final_norm_name) as norm:
-                    h = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
-                rows = norm(gather_last(h, seq_lengths))  # (B, H): the only rows that carry a reward
+                    h = self.backbone(**self._inputs(input_ids, position_ids)).last_hidden_state
+                rows = norm(pick(h))  # (N, H): the only rows that carry a reward
             r = self.score(rows.float()).squeeze(-1)
         if self.normalization is not None:
             r = (r - self.normalization[0]) / self.normalization[1]
@@ -132,6 +147,32 @@ class RewardModel(nn.Module):
             lens = torch.tensor([len(s) for s in ids], device=device)
             out.append(self(pad_right(ids, self.pad_token_id).to(device), lens))
         return torch.cat(out)
+
+
+PACKABLE = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_packing(forward, backbone_config, device: torch.device) -> str | None:
+    """None if packed rows give the same rewards as separate padded rows through `forward` (the model or
+    its engine), else what is wrong. Guards the silent failures: an attention implementation that does
+    not split packed rows, or a forgotten cache, lets sequences attend to each other."""
+    impl = getattr(backbone_config, "_attn_implementation", None) or "default"
+    if impl not in PACKABLE:
+        return (f"attention implementation {impl!r} cannot keep packed sequences apart; use sdpa or eager "
+                "(or flash_attention_2 with the flash_attn package), or turn packing off")
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(1, backbone_config.vocab_size, (n,), generator=g) for n in (5, 7))
+    padded = torch.zeros(2, 7, dtype=torch.long)
+    padded[0, :5], padded[1] = a, b
+    with torch.no_grad():
+        want = forward(padded.to(device), torch.tensor([5, 7], device=device))
+        got = forward(torch.cat([a, b])[None].to(device), None, torch.cat([torch.arange(5), torch.arange(7)])[None]
+                      .to(device), torch.tensor([[0, 4], [0, 11]], device=device))
+    err, scale = float((got - want).abs().max()), float(want.abs().max().clamp(min=1e-3))
+    if err > 1e-2 * scale:  # a leak between sequences moves rewards by O(1); precision by far less
+        return (f"packed sequences attend to each other with attention implementation {impl!r} (packed vs "
+                f"padded rewards differ by {err:.3g}); use sdpa or eager, or turn packing off")
+    return None
 
 
 def disable_dropout(module: nn.Module) -> int:

@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from rm_trainer.loss import bradley_terry_loss, margin, metrics_from_sums, pair_sums, preference_accuracy
+from rm_trainer.loss import (
+    bradley_terry_loss,
+    fused_bradley_terry,
+    margin,
+    metrics_from_sums,
+    pair_sums,
+    preference_accuracy,
+)
 
 
 def test_bt_loss_matches_formula_and_chance_value():
@@ -70,3 +77,23 @@ def test_margin_shifts_the_target_gap_in_both_paths():
     loss.backward()
     assert torch.allclose(loss, want) and torch.allclose(x.grad, torch.cat([c.grad, r.grad]))
     assert acc.item() == pytest.approx(2 / 3)  # accuracy is about r_c > r_r, not the margin
+
+
+def test_sum_mode_weights_micro_batches_by_their_pairs():
+    """Packing: micro-batches of 3 and 5 pairs, each loss = pair-loss sum x (1 / 8), add up to the mean
+    over all 8 pairs, in value and gradient, in both paths (fp32 inside: tolerances of a few ulps)."""
+    torch.manual_seed(0)
+    r = torch.randn(16, dtype=torch.float64)
+    whole = r.clone().requires_grad_()
+    fused_bradley_terry(whole)[0].backward()
+    ia, ib = [0, 1, 2, 8, 9, 10], [3, 4, 5, 6, 7, 11, 12, 13, 14, 15]  # [chosen; rejected] of 3 and 5 pairs
+    a, b = r[ia].clone().requires_grad_(), r[ib].clone().requires_grad_()
+    la, lb = fused_bradley_terry(a, scale=1 / 8)[0], fused_bradley_terry(b, scale=1 / 8)[0]
+    (la + lb).backward()
+    assert torch.allclose(la + lb, bradley_terry_loss(r[:8], r[8:]), rtol=1e-6)
+    got = torch.empty(16, dtype=torch.float64)
+    got[ia], got[ib] = a.grad, b.grad
+    assert torch.allclose(got, whole.grad, rtol=1e-6)
+    plain = bradley_terry_loss(r[[0, 1, 2]], r[[8, 9, 10]], scale=1 / 8) + bradley_terry_loss(
+        r[[3, 4, 5, 6, 7]], r[[11, 12, 13, 14, 15]], scale=1 / 8)
+    assert torch.allclose(plain, la + lb, rtol=1e-6)

@@ -114,3 +114,63 @@ def test_score_texts_of_conversations_matches_training_tokenization_and_rewards(
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     as_pairs = rm.score_texts([(r["chosen"][:1], r["chosen"][1:]) for r in rows])  # (prompt msgs, response msgs)
     assert torch.equal(as_pairs, got[:4])
+
+
+PACK_FAMILIES = ("llama", "qwen2", "gpt2")
+
+
+def family_model(family: str, impl: str) -> RewardModel:
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=64)
+    cfg = {"llama": lambda: LlamaConfig(**common, num_key_value_heads=2),
+           "qwen2": lambda: Qwen2Config(**common, num_key_value_heads=2),
+           "gpt2": lambda: GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)}[family]()
+    torch.manual_seed(0)
+    return RewardModel(AutoModel.from_config(cfg, attn_implementation=impl), seed=1)
+
+
+def pairs(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        c, r = (torch.randint(4, 97, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
+                for _ in range(2))
+        out.append({"chosen_ids": c, "rejected_ids": r, "chosen_len": len(c), "rejected_len": len(r)})
+    return out
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", PACK_FAMILIES)
+def test_packed_rows_give_the_rewards_and_gradients_of_padded_rows(family, impl):
+    from rm_trainer.batching import collate, pack
+    from rm_trainer.loss import fused_bradley_terry
+
+    rows = pairs()
+    b, p = collate(rows, 0), pack(rows, 0, pack_len=40)
+    assert p["input_ids"].shape[0] < 10  # really packed: fewer rows than the 10 sequences
+    results = []
+    for packed in (False, True):
+        m = family_model(family, impl)
+        r = (m(p["input_ids"], None, p["position_ids"], p["last"]) if packed else
+             m(torch.cat([b["chosen_ids"], b["rejected_ids"]]), torch.cat([b["chosen_len"], b["rejected_len"]])))
+        fused_bradley_terry(r)[0].backward()
+        results.append((r.detach(), {n: q.grad for n, q in m.named_parameters()}))
+    (rp, gp), (rk, gk) = results
+    assert (rk - rp).abs().max() <= 1e-5 * rp.abs().max()
+    scale = max(float(g.abs().max()) for g in gp.values())
+    assert max(float((gk[n] - gp[n]).abs().max()) for n in gp) <= 1e-5 * scale
+
+
+def test_packing_guard_catches_sequences_that_see_each_other(monkeypatch):
+    from rm_trainer.model import check_packing
+
+    m = family_model("llama", "sdpa").eval()
+    assert check_packing(m, m.config, torch.device("cpu")) is None
+    # the silent failure: without position_ids (or with a cache) the packed row is one long sequence
+    monkeypatch.setattr(RewardModel, "_inputs", staticmethod(lambda ids, pos: {"input_ids": ids, "use_cache": False}))
+    assert "attend to each other" in check_packing(m, m.config, torch.device("cpu"))
+    m.config._attn_implementation = "flex_attention"
+    assert "cannot keep packed sequences apart" in check_packing(m, m.config, torch.device("cpu"))
