@@ -38,7 +38,8 @@ def resume_keys(cfg: RunConfig, world: int) -> dict:
     t = cfg.train
     model_id = hashlib.sha256((Path(cfg.model.path) / "config.json").read_bytes()).hexdigest()[:16]
     return {"world_size": world, "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
-            "global_batch": t.micro_batch_size * t.grad_accum * world} | data_identity(cfg)
+            "global_batch": t.micro_batch_size * t.grad_accum * world,
+            "batching": [t.batching, t.packing and cfg.pack_len]} | data_identity(cfg)
 
 
 def check_resume(cfg: RunConfig, world: int) -> Path | None:

@@ -99,6 +99,12 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1)
     dist_timeout_s: float = Field(1800, gt=0, description="collective timeout while training: a rank that "
                                   "waits longer for the others fails instead of hanging")
+    batching: Literal["grouped", "random"] = Field(
+        "grouped", description="grouped: each global batch sorted by pair length before it is split into "
+        "micro-batches (less padding); random: split as drawn")
+    packing: bool = Field(False, description="padding-free: split each global batch into token-balanced "
+                          "micro-batches and pack their sequences into rows of pack_len tokens")
+    pack_len: int | None = Field(None, ge=8, description="tokens per packed row (default 2 x data.max_len)")
 
 
 class OutputConfig(Section):
@@ -136,6 +142,9 @@ class RunConfig(Section):
             problems.append(f"data.sources: names must be unique, got {names}")
         if not self.output.output_dir:
             problems.append("output.output_dir (--output_dir) is required")
+        if self.train.pack_len is not None and self.train.pack_len < self.data.max_len:
+            problems.append(f"train.pack_len ({self.train.pack_len}) must be at least data.max_len "
+                            f"({self.data.max_len}): a sequence is never split across packed rows")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -143,6 +152,14 @@ class RunConfig(Section):
     @property
     def eval_batch_size(self) -> int:
         return self.train.eval_batch_size or self.train.micro_batch_size
+
+    @property
+    def pack_len(self) -> int | None:
+        """Tokens per packed row; None packs each micro-batch into one row (flash-attention's varlen path
+        reads sequence boundaries from position_ids only for a single row)."""
+        if self.model.attn_implementation == "flash_attention_2":
+            return None
+        return self.train.pack_len or 2 * self.data.max_len
 
 
 SECTIONS = ("model", "data", "train", "output")

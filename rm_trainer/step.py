@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from rm_trainer import engine
+from rm_trainer.batching import token_slots
 from rm_trainer.loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, metrics_from_sums, pair_sums
 
-TOKENS, STOP = N_SUMS, N_SUMS + 1  # slots after the pair sums in a step's statistics vector
+TOKENS, SLOTS, STOP = N_SUMS, N_SUMS + 1, N_SUMS + 2  # after the pair sums in a step's statistics vector
 
 
 class StopFlag:
@@ -38,23 +39,26 @@ class StopFlag:
 
 def score_batch(eng, b: dict, device: torch.device) -> torch.Tensor:
     """Rewards (2B,) = [chosen; rejected] from ONE forward: both halves share every ZeRO-3 weight
-    gather and kernel launch."""
+    gather and kernel launch. Padded batches (batching.collate) or packed ones (batching.pack)."""
+    if "input_ids" in b:
+        return eng(b["input_ids"].to(device), None, b["position_ids"].to(device), b["last"].to(device))
     ids = torch.cat([b["chosen_ids"], b["rejected_ids"]]).to(device)
     lens = torch.cat([b["chosen_len"], b["rejected_len"]]).to(device)
     return eng(ids, lens)
 
 
-def loss_fn(rewards: torch.Tensor, fused: bool, margin: torch.Tensor | None = None) -> torch.Tensor:
+def loss_fn(rewards: torch.Tensor, fused: bool, margin: torch.Tensor | None = None,
+            scale: float | None = None) -> torch.Tensor:
     if fused:
-        return fused_bradley_terry(rewards, margin)[0]
+        return fused_bradley_terry(rewards, margin, scale)[0]
     B = rewards.shape[0] // 2
-    return bradley_terry_loss(rewards[:B], rewards[B:], margin)
+    return bradley_terry_loss(rewards[:B], rewards[B:], margin, scale)
 
 
 @dataclass
 class StepRecord:
     """What one optimizer step did. `stats` is on the device, already summed over ranks:
-    [pair sums (see loss.SUM_FIELDS), real tokens, ranks that were asked to stop]."""
+    [pair sums (see loss.SUM_FIELDS), real tokens, token slots computed, ranks that were asked to stop]."""
 
     step: int
     stats: torch.Tensor
@@ -70,29 +74,36 @@ class StepRecord:
         m = metrics_from_sums(torch.tensor(v[:N_SUMS], dtype=torch.float64))
         finite = {k: (x if math.isfinite(x) else None) for k, x in m.items() if k in ("acc", "margin")}
         return {"loss": m["loss"], **finite, "lr": self.lr, "pairs_per_s": m["pairs"] / self.seconds,
-                "tokens_per_s": v[TOKENS] / self.seconds}
+                "tokens_per_s": v[TOKENS] / self.seconds, "padding_efficiency": v[TOKENS] / v[SLOTS]}
 
 
 def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, fused: bool,
-               stop_requested: bool) -> StepRecord:
-    """grad_accum micro-batches -> one optimizer update (DeepSpeed applies it at the last micro step)."""
+               stop_requested: bool, loss_scale: float | None = None) -> StepRecord:
+    """grad_accum micro-batches -> one optimizer update (DeepSpeed applies it at the last micro step).
+
+    loss_scale None: each micro-batch's loss is its mean pair loss (equal-sized micro-batches). With
+    packing they differ in size, so each contributes its pair-loss *sum* x loss_scale = world x accum /
+    global pairs: after DeepSpeed's 1/accum and its average over ranks, the update minimises the mean
+    over the global batch's pairs, exactly as with equal micro-batches."""
     t0 = time.perf_counter()
     lr = eng.get_lr()[0]
     skipped_before = eng.skipped_steps
     sums = torch.zeros(N_SUMS, dtype=torch.float64, device=device)
-    tokens = 0
+    tokens = slots = 0
     for b in micro_batches:
         rewards = score_batch(eng, b, device)
         margin = b["margin"].to(device) if "margin" in b else None
-        loss = loss_fn(rewards, fused=fused, margin=margin)
+        loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale)
         eng.backward(loss)  # DeepSpeed scales by 1/grad_accum and reduces across ranks
         # At the accumulation boundary this applies the update, unless the all-reduced gradient norm is
         # non-finite: DeepSpeed then skips it on every rank together (no weight or Adam change).
         eng.step()
-        B = b["chosen_ids"].shape[0]
+        B = b["chosen_len"].shape[0]
         sums += pair_sums(rewards[:B], rewards[B:])  # stays on the device: no sync per micro step
         tokens += int(b["chosen_len"].sum() + b["rejected_len"].sum())  # host tensors from collate
-    stats = torch.cat([sums, torch.tensor([tokens, float(stop_requested)], dtype=torch.float64, device=device)])
+        slots += token_slots(b)
+    stats = torch.cat([sums, torch.tensor([tokens, slots, float(stop_requested)], dtype=torch.float64,
+                                          device=device)])
     # One all-reduce per step: a NaN, or a stop signal, seen by any rank reaches every rank here.
     engine.all_reduce_sum(stats)
     # The step's one CPU-GPU sync point: skipping and stopping are decided on the host.

@@ -19,10 +19,10 @@ from rm_trainer.config import RunConfig, world_size_from_env
 from rm_trainer.data import PairSampler, get_preference_iterator, load_tokenizer
 from rm_trainer.data_cache import load_data
 from rm_trainer.ds_config import fill_scheduler_steps, resolve_ds_config
-from rm_trainer.errors import DataError
+from rm_trainer.errors import ConfigError, DataError
 from rm_trainer.evaluate import Evaluator
 from rm_trainer.logger import MetricsLogger
-from rm_trainer.model import DTYPES, RewardModel, build_backbone, disable_dropout, enable_checkpointing
+from rm_trainer.model import DTYPES, RewardModel, build_backbone, check_packing, disable_dropout, enable_checkpointing
 from rm_trainer.optim import build_optimizer, scheduler_factory, warmup_steps
 from rm_trainer.step import SkipGuard, StopFlag, train_step
 
@@ -57,9 +57,11 @@ def train(plan: Plan) -> dict:
     # ---- data: rank 0 builds or loads the tokenized cache; the others poll for it (no collective)
     tok = load_tokenizer(cfg)
     train_ds, test_ds, sources = load_data(cfg, tok, rt, out)
-    sampler = PairSampler(len(train_ds), t.micro_batch_size, t.grad_accum, rt.world_size, rt.rank, t.seed)
+    sampler = make_sampler(cfg, train_ds, rt)
     total = t.max_steps or t.epochs * sampler.steps_per_epoch
     eng, backbone = build_engine(cfg, plan.ds_cfg, rt, total, len(train_ds), sampler.global_batch, test_ds)
+    # packing: each micro step's pair-loss sum x world x accum / global pairs (see step.train_step)
+    loss_scale = rt.world_size * t.grad_accum / sampler.global_batch if t.packing else None
 
     # ---- owners: evaluation, checkpoints (and resume), the non-finite guard, logging
     evaluator = Evaluator(test_ds, t.eval_every, cfg.eval_batch_size, rt, tok.pad_token_id, sources)
@@ -71,8 +73,10 @@ def train(plan: Plan) -> dict:
 
     # ---- the loop: `step` is the number of the optimizer step being taken (1-based)
     try:
-        for step, micro_batches in get_preference_iterator(train_ds, sampler, tok.pad_token_id, done, total):
-            rec = train_step(eng, step, micro_batches, rt.device, cfg.model.reward_path == "fused", bool(stop))
+        batches = get_preference_iterator(train_ds, sampler, tok.pad_token_id, done, total, cfg.pack_len)
+        for step, micro_batches in batches:
+            rec = train_step(eng, step, micro_batches, rt.device, cfg.model.reward_path == "fused", bool(stop),
+                             loss_scale)
             guard.check(rec)
             log.train_step(rec, lambda: engine.grad_norm(eng), guard.total)
             if evaluator.due(step, total):
@@ -85,6 +89,15 @@ def train(plan: Plan) -> dict:
         log.close()
         ckpt.close()
     return finish(cfg, rt, out, total, evaluator.last, guard.total)
+
+
+def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime) -> PairSampler:
+    t = cfg.train
+    lengths = {}
+    if t.batching == "grouped" or t.packing:  # token counts of every pair, read as two arrow columns
+        lengths = {k: train_ds.data.column(k).to_numpy() for k in ("chosen_len", "rejected_len")}
+    return PairSampler(len(train_ds), t.micro_batch_size, t.grad_accum, rt.world_size, rt.rank, t.seed, t.batching,
+                       t.packing, **lengths)
 
 
 def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, n_train: int, global_batch: int,
@@ -112,6 +125,10 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, n
     scheduler = None if "scheduler" in ds_cfg else scheduler_factory(t, total)
     eng = engine.initialize(model, ds_cfg, optimizer, scheduler)
     del z3
+    if t.packing:  # refuse a model that would let packed sequences attend to each other (every rank runs it)
+        problem = check_packing(eng, backbone.config, rt.device)
+        if problem:
+            raise ConfigError([f"train.packing: {problem}"])
     eng.train()
     return eng, backbone
 

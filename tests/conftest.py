@@ -40,6 +40,11 @@ RUNS = {
     "single_accum": ("python", 1, "zero2", ["--micro_batch_size", "2", "--grad_accum", "2"]),
     "ds_z3_gc": ("deepspeed", 2, "zero3", ["--micro_batch_size", "2", "--gradient_checkpointing"]),
     "ds_z3_plain": ("deepspeed", 2, "zero3", ["--micro_batch_size", "2", "--reward_path", "plain"]),
+    # batching modes: grouped is the default everywhere above
+    "ds_z3_random": ("deepspeed", 2, "zero3", ["--micro_batch_size", "2", "--batching", "random"]),
+    "ds_z3_packed": ("deepspeed", 2, "zero3", ["--micro_batch_size", "2", "--packing", "--pack_len", "64"]),
+    "ds_z2_packed_accum": ("deepspeed", 2, "zero2", ["--micro_batch_size", "1", "--grad_accum", "2", "--packing",
+                                                     "--pack_len", "80"]),
 }
 
 

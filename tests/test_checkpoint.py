@@ -185,9 +185,11 @@ def train_losses(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accum,micro,pause", [(1, 2, "8.0"), (2, 1, "8.1")], ids=["boundary", "mid_accumulation"])
-def test_sigkill_then_resume_is_bit_exact(tmp_path, demo_assets, tiny_pretrained, accum, micro, pause):
-    args = base_args(demo_assets, tiny_pretrained, accum, micro)
+@pytest.mark.parametrize("accum,micro,pause,extra", [(1, 2, "8.0", []), (2, 1, "8.1", []),
+                                                     (2, 1, "8.1", ["--packing", "--pack_len", "64"])],
+                         ids=["boundary", "mid_accumulation", "packed_mid_accumulation"])
+def test_sigkill_then_resume_is_bit_exact(tmp_path, demo_assets, tiny_pretrained, accum, micro, pause, extra):
+    args = base_args(demo_assets, tiny_pretrained, accum, micro) + extra
     a = tmp_path / "uninterrupted"
     train(a, args)
     b = tmp_path / "killed"

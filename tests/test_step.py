@@ -69,10 +69,12 @@ def test_statistics_are_summed_over_micro_batches_with_one_host_sync(monkeypatch
     want = sum(pair_sums(r[: len(r) // 2], r[len(r) // 2:]) for r in rewards)
     assert torch.allclose(rec.stats[:7], want, rtol=1e-12)
     tokens = sum(int(b["chosen_len"].sum() + b["rejected_len"].sum()) for b in batches)
-    assert rec.stats[7].item() == tokens and rec.stats[8].item() == 0
+    slots = sum(b["chosen_ids"].numel() * 2 for b in batches)
+    assert rec.stats[7].item() == tokens and rec.stats[8].item() == slots and rec.stats[9].item() == 0
     assert (rec.step, rec.skipped, rec.stop, eng.backwards, eng.steps) == (7, False, False, 2, 2)
     m = rec.metrics()
     assert m["loss"] == pytest.approx(want[1].item() / 5, rel=1e-12) and m["acc"] == pytest.approx(want[2].item() / 5)
+    assert m["padding_efficiency"] == pytest.approx(tokens / slots)
 
 
 def test_a_skipped_step_logs_the_mean_pair_loss_not_the_sum():
@@ -94,7 +96,7 @@ def test_non_finite_loss_is_a_skip_even_if_the_engine_did_not_skip():
 
 def test_skip_guard_counts_and_aborts_after_k_in_a_row_naming_the_batch():
     guard = SkipGuard(2, lambda step: [step * 10, step * 10 + 1])
-    rec = lambda step, skipped: StepRecord(step, torch.zeros(9), skipped, False, 0.0, 1.0)  # noqa: E731
+    rec = lambda step, skipped: StepRecord(step, torch.zeros(10), skipped, False, 0.0, 1.0)  # noqa: E731
     for step, skipped in ((1, True), (2, False), (3, True)):
         guard.check(rec(step, skipped))
     assert (guard.total, guard.in_a_row) == (2, 1)
@@ -111,7 +113,7 @@ def test_stop_flag_is_set_by_usr1_and_term_and_rides_on_the_step():
         assert flag and flag.signals == ["SIGUSR1"]
         b = micro(1, 6)
         rec = train_step(StubEngine([rewards_for(b, 7)]), 1, [b], torch.device("cpu"), True, bool(flag))
-        assert rec.stop and rec.stats[8].item() == 1  # one rank voted to stop
+        assert rec.stop and rec.stats[9].item() == 1  # one rank voted to stop
     finally:
         for s, h in old.items():
             signal.signal(s, h)
