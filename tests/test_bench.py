@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, run_env
+from helpers import ROOT, SHARED_HH, run_env
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +44,7 @@ def test_artifact_memory_bench_small_model(tmp_path):
     assert "model.safetensors.index.json" in r["hf_files"] and len(r["hf_files"]) > 2  # 1MB shards
 
 
+@pytest.mark.skipif(not SHARED_HH.is_file(), reason=f"real HH-RLHF pairs not found at {SHARED_HH}")
 def test_prepare_data_bench_second_start_hits_the_cache(tmp_path):
     out = tmp_path / "pd.json"
     p = subprocess.run([sys.executable, "bench/prepare_data.py", "--pairs", "3000", "--formats", "jsonl,conversational",
@@ -54,3 +55,19 @@ def test_prepare_data_bench_second_start_hits_the_cache(tmp_path):
         first, second = r["runs"][fmt]["first"], r["runs"][fmt]["second"]
         assert first["cache_hit"] is False and second["cache_hit"] is True
         assert first["train_pairs"] == second["train_pairs"] > 2900 and first["peak_pss_gib"] > 0
+
+
+@pytest.mark.skipif(not SHARED_HH.is_file(), reason=f"real HH-RLHF pairs not found at {SHARED_HH}")
+def test_throughput_bench_smoke_runs_three_modes_with_equal_losses(tmp_path):
+    out = tmp_path / "tp.json"
+    p = subprocess.run([sys.executable, "bench/throughput.py", "--smoke", "--threads", "1", "--out", str(out)],
+                       cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert set(r["modes"]) == {"random", "grouped", "packed"} and r["pairs"] == 2308
+    m = r["modes"]
+    assert m["random"]["efficiency"] < m["packed"]["efficiency"] <= 1 and m["grouped"]["efficiency"] > 0
+    assert all(x["tokens_per_s"] > 0 and len(x["losses"]) == 2 for x in m.values())
+    assert r["max_loss_difference"] <= 1e-5  # the same global batches: the same steps
+    assert set(r["targets"]) == {"grouped efficiency >= 0.85", "packed efficiency >= 0.95",
+                                 "grouped tokens/s >= 1.5x random", "packed tokens/s >= 1.8x random"}
