@@ -113,7 +113,7 @@ class Checkpointer:
             tag = self.saved[1] if self.saved and self.saved[0] == rec.step else self.save(eng, rec.step)
             if self.rt.is_main:
                 self.marker.write_text(json.dumps({"step": rec.step, "tag": tag,
-                                                   "ranks_signalled": int(rec.stats[-1].item())}) + "\n")
+                                                   "ranks_signalled": rec.stop_votes}) + "\n")
             engine.barrier()  # no rank exits (and makes the launcher kill the others) before the marker
             raise Preempted(rec.step, tag)
 

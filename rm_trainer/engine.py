@@ -63,11 +63,26 @@ def init_distributed(timeout_s: float = 1800) -> Runtime:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
+    global _control
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                    verbose=False, timeout=timedelta(seconds=timeout_s))
+        # host-side control messages (stop votes) on CPU tensors: a gloo group beside nccl
+        _control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if cuda else None
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+_control = None
+
+
+def host_sum(value: int) -> int:
+    """Sum of a small host integer over all ranks, through a gloo group: nothing waits for the GPU."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_control)
+    return int(t[0])
 
 
 def leave_process_group() -> None:

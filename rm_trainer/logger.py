@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class MetricsLogger:
         self.tb = None
         self.jsonl = None
         self.bar = tqdm(total=total, initial=resume_step, disable=not enabled, desc="train", dynamic_ncols=True)
+        self.window: tuple[float, int] | None = None  # (start time, steps done before) of the current window
         if not enabled:
             return
         path = out_dir / "metrics.jsonl"
@@ -36,11 +38,19 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def train_step(self, rec: StepRecord, grad_norm: Callable[[], float | None], skipped_steps: int) -> None:
-        """A line every `every` steps, at the last step, and at every skipped (non-finite) step."""
+        """A line every `every` steps, at the last step, and at every skipped (non-finite) step. Step time
+        is averaged over the steps since the previous line, from the first one's start to this line's
+        sync: the host runs ahead of the GPU in between, so only a window that ends at a sync measures
+        it (and evaluation or saving after a line stays outside the next window)."""
         self.bar.update(1)
+        if self.window is None:
+            self.window = (rec.started, rec.step - 1)
         if not self.enabled or not (rec.step % self.every == 0 or rec.step == self.total or rec.skipped):
             return
-        m = rec.metrics()  # the statistics reach the host here, and only here
+        stats = rec.stats.tolist()  # the statistics reach the host here, and only here
+        start, before = self.window
+        self.window = None
+        m = rec.metrics((time.perf_counter() - start) / (rec.step - before), stats)
         g = grad_norm()
         self.log("train", rec.step, m | {"grad_norm": g if g is not None and math.isfinite(g) else None,
                                          "skipped_steps": skipped_steps})

@@ -1,5 +1,6 @@
 """One optimizer step: its micro-batches go through forward, backward and step; its statistics stay on
-the device, are all-reduced once, and reach the host only when a log line is written.
+the device, are all-reduced once, and reach the host only when a log line is written (no host sync on
+the hot path).
 
 Also here: the stop flag that preemption signals set, and the guard that counts (and, after too many in
 a row, aborts on) non-finite steps.
@@ -18,7 +19,7 @@ from rm_trainer import engine
 from rm_trainer.batching import token_slots
 from rm_trainer.loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, metrics_from_sums, pair_sums
 
-TOKENS, SLOTS, STOP = N_SUMS, N_SUMS + 1, N_SUMS + 2  # after the pair sums in a step's statistics vector
+TOKENS, SLOTS = N_SUMS, N_SUMS + 1  # after the pair sums in a step's statistics vector
 
 
 class StopFlag:
@@ -58,34 +59,40 @@ def loss_fn(rewards: torch.Tensor, fused: bool, margin: torch.Tensor | None = No
 @dataclass
 class StepRecord:
     """What one optimizer step did. `stats` is on the device, already summed over ranks:
-    [pair sums (see loss.SUM_FIELDS), real tokens, token slots computed, ranks that were asked to stop]."""
+    [pair sums (see loss.SUM_FIELDS), real tokens, token slots computed]. `skipped` and `stop_votes` are
+    host values: DeepSpeed's own skipped-step counter, and how many ranks were asked to stop."""
 
     step: int
     stats: torch.Tensor
     skipped: bool
-    stop: bool
+    stop_votes: int
     lr: float
-    seconds: float
+    started: float  # host clock when the step began (the logger times windows of steps from it)
 
-    def metrics(self) -> dict[str, float | None]:
-        """Per-pair means and throughput. Moves the statistics to the host: a CPU-GPU sync point, so
-        call it only when a log line is written."""
-        v = self.stats.tolist()
+    @property
+    def stop(self) -> bool:
+        return self.stop_votes > 0
+
+    def metrics(self, seconds: float, values: list[float] | None = None) -> dict[str, float | None]:
+        """Per-pair means and throughput (`seconds`: the step's wall time). Moves the statistics to the
+        host (unless `values` already holds them): a CPU-GPU sync point, so only when a line is logged."""
+        v = self.stats.tolist() if values is None else values
         m = metrics_from_sums(torch.tensor(v[:N_SUMS], dtype=torch.float64))
         finite = {k: (x if math.isfinite(x) else None) for k, x in m.items() if k in ("acc", "margin")}
-        return {"loss": m["loss"], **finite, "lr": self.lr, "pairs_per_s": m["pairs"] / self.seconds,
-                "tokens_per_s": v[TOKENS] / self.seconds, "padding_efficiency": v[TOKENS] / v[SLOTS]}
+        return {"loss": m["loss"], **finite, "lr": self.lr, "pairs_per_s": m["pairs"] / seconds,
+                "tokens_per_s": v[TOKENS] / seconds, "padding_efficiency": v[TOKENS] / v[SLOTS]}
 
 
 def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, fused: bool,
                stop_requested: bool, loss_scale: float | None = None) -> StepRecord:
     """grad_accum micro-batches -> one optimizer update (DeepSpeed applies it at the last micro step).
+    Nothing here waits for the GPU.
 
     loss_scale None: each micro-batch's loss is its mean pair loss (equal-sized micro-batches). With
     packing they differ in size, so each contributes its pair-loss *sum* x loss_scale = world x accum /
     global pairs: after DeepSpeed's 1/accum and its average over ranks, the update minimises the mean
     over the global batch's pairs, exactly as with equal micro-batches."""
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     lr = eng.get_lr()[0]
     skipped_before = eng.skipped_steps
     sums = torch.zeros(N_SUMS, dtype=torch.float64, device=device)
@@ -96,20 +103,19 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
         loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale)
         eng.backward(loss)  # DeepSpeed scales by 1/grad_accum and reduces across ranks
         # At the accumulation boundary this applies the update, unless the all-reduced gradient norm is
-        # non-finite: DeepSpeed then skips it on every rank together (no weight or Adam change).
+        # non-finite (a NaN loss anywhere makes it so): DeepSpeed then skips it on every rank together
+        # (no weight or Adam change) and counts it in skipped_steps.
         eng.step()
         B = b["chosen_len"].shape[0]
         sums += pair_sums(rewards[:B], rewards[B:])  # stays on the device: no sync per micro step
         tokens += int(b["chosen_len"].sum() + b["rejected_len"].sum())  # host tensors from collate
         slots += token_slots(b)
-    stats = torch.cat([sums, torch.tensor([tokens, slots, float(stop_requested)], dtype=torch.float64,
-                                          device=device)])
-    # One all-reduce per step: a NaN, or a stop signal, seen by any rank reaches every rank here.
-    engine.all_reduce_sum(stats)
-    # The step's one CPU-GPU sync point: skipping and stopping are decided on the host.
-    loss_sum, stop_votes = stats[[1, STOP]].tolist()
-    skipped = eng.skipped_steps > skipped_before or not math.isfinite(loss_sum)
-    return StepRecord(step, stats, skipped, stop_votes > 0, lr, time.perf_counter() - t0)
+    stats = torch.cat([sums, torch.tensor([tokens, slots], dtype=torch.float64, device=device)])
+    engine.all_reduce_sum(stats)  # one collective per step, queued on the device; read only by a log line
+    # Stop votes travel as host integers (gloo), so every rank agrees on stopping at this step without
+    # waiting for the GPU; a signal seen by any rank stops them all here.
+    stop_votes = engine.host_sum(int(stop_requested))
+    return StepRecord(step, stats, eng.skipped_steps > skipped_before, stop_votes, lr, started)
 
 
 class SkipGuard:
