@@ -11,14 +11,20 @@ import torch.nn.functional as F
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                       margin: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """-log sigma(r_c - r_r [- margin]), averaged over pairs (or summed and times `scale`). logsigmoid is
-    stable for any |delta|. The optional per-pair margin asks for a larger gap on clearer preferences
-    (Llama-2 style)."""
-    delta = chosen_rewards.float() - rejected_rewards.float()
+                       margin: torch.Tensor | None = None, scale: float | None = None,
+                       center: float = 0.0) -> torch.Tensor:
+    """-log sigma(r_c - r_r [- margin]) [+ center * (r_c + r_r)^2], averaged over pairs (or summed and
+    times `scale`). logsigmoid is stable for any |delta|. The optional per-pair margin asks for a larger
+    gap on clearer preferences (Llama-2 style); `center` is TRL's center_rewards_coefficient, which pulls
+    the rewards towards zero mean (the BT loss alone only fixes differences)."""
+    c, r = chosen_rewards.float(), rejected_rewards.float()
+    delta = c - r
     if margin is not None:
         delta = delta - margin.float()
-    return -F.logsigmoid(delta).mean() if scale is None else -F.logsigmoid(delta).sum() * scale
+    per_pair = -F.logsigmoid(delta)
+    if center:
+        per_pair = per_pair + center * (c + r) ** 2
+    return per_pair.mean() if scale is None else per_pair.sum() * scale
 
 
 def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -33,41 +39,49 @@ def margin(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torc
 class _FusedBT(torch.autograd.Function):
     """Bradley-Terry loss over a 2B reward vector [chosen; rejected] with a closed-form backward.
 
-    Saves only delta = r_c - r_r (B floats). d loss / d delta = -sigma(-delta) * scale (scale = 1/B for
-    the mean), so d/dr_c = that and d/dr_r = its negative. Accuracy and margin come out of the same pass,
-    without grad.
+    Saves only delta = r_c - r_r (B floats), and s = r_c + r_r when centering. Per pair the loss is
+    softplus(-z) + c s^2 (z = delta - margin): d/dr_c = -sigma(-z) + 2cs and d/dr_r = sigma(-z) + 2cs,
+    times scale (1/B for the mean). Accuracy and margin come out of the same pass, without grad.
     """
 
     @staticmethod
-    def forward(ctx, rewards: torch.Tensor, margin: torch.Tensor | None, scale: float | None
+    def forward(ctx, rewards: torch.Tensor, margin: torch.Tensor | None, scale: float | None, center: float
                 ) -> tuple[torch.Tensor, ...]:
         B = rewards.shape[0] // 2
-        delta = rewards[:B].float() - rewards[B:].float()
+        c, r = rewards[:B].float(), rewards[B:].float()
+        delta = c - r
         z = delta if margin is None else delta - margin.float()
-        ctx.save_for_backward(z)
-        ctx.in_dtype, ctx.scale = rewards.dtype, scale
-        # = -logsigmoid(z), stable for any |z|
-        loss = F.softplus(-z).mean() if scale is None else F.softplus(-z).sum() * scale
+        per_pair = F.softplus(-z)  # = -logsigmoid(z), stable for any |z|
+        if center:
+            s = c + r
+            per_pair = per_pair + center * s * s
+            ctx.save_for_backward(z, s)
+        else:
+            ctx.save_for_backward(z)
+        ctx.in_dtype, ctx.scale, ctx.center = rewards.dtype, scale, center
+        loss = per_pair.mean() if scale is None else per_pair.sum() * scale
         acc = (delta > 0).float().mean()
         ctx.mark_non_differentiable(acc)
         return loss, acc, delta.mean().detach()
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_acc, _grad_margin):
-        (z,) = ctx.saved_tensors
+        z, *s = ctx.saved_tensors
         weight = grad_loss / z.shape[0] if ctx.scale is None else grad_loss * ctx.scale
-        g = -torch.sigmoid(-z) * weight
-        return torch.cat([g, -g]).to(ctx.in_dtype), None, None
+        g = -torch.sigmoid(-z)
+        grads = torch.cat([g, -g]) if not s else torch.cat([g, -g]) + (2 * ctx.center * s[0]).repeat(2)
+        return (grads * weight).to(ctx.in_dtype), None, None, None
 
 
-def fused_bradley_terry(rewards: torch.Tensor, margin: torch.Tensor | None = None, scale: float | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_bradley_terry(rewards: torch.Tensor, margin: torch.Tensor | None = None, scale: float | None = None,
+                        center: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, accuracy, mean reward gap) from the concatenated [chosen; rejected] rewards of one 2B
-    forward; `margin` (B,) optionally shifts the target gap per pair. The loss is the mean over the B
-    pairs, or with `scale` their *sum* times scale: micro-batches of different sizes (packing) then
-    each contribute in proportion to their pairs (see step.train_step)."""
+    forward; `margin` (B,) optionally shifts the target gap per pair; `center` adds TRL's reward-centering
+    term center * (r_c + r_r)^2 per pair. The loss is the mean over the B pairs, or with `scale` their
+    *sum* times scale: micro-batches of different sizes (packing) then each contribute in proportion to
+    their pairs (see step.train_step), centering term included."""
     assert rewards.dim() == 1 and rewards.shape[0] % 2 == 0, rewards.shape
-    return _FusedBT.apply(rewards, margin, scale)
+    return _FusedBT.apply(rewards, margin, scale, float(center))
 
 
 def pair_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,

@@ -49,11 +49,11 @@ def score_batch(eng, b: dict, device: torch.device) -> torch.Tensor:
 
 
 def loss_fn(rewards: torch.Tensor, fused: bool, margin: torch.Tensor | None = None,
-            scale: float | None = None) -> torch.Tensor:
+            scale: float | None = None, center: float = 0.0) -> torch.Tensor:
     if fused:
-        return fused_bradley_terry(rewards, margin, scale)[0]
+        return fused_bradley_terry(rewards, margin, scale, center)[0]
     B = rewards.shape[0] // 2
-    return bradley_terry_loss(rewards[:B], rewards[B:], margin, scale)
+    return bradley_terry_loss(rewards[:B], rewards[B:], margin, scale, center)
 
 
 @dataclass
@@ -78,20 +78,22 @@ class StepRecord:
         host (unless `values` already holds them): a CPU-GPU sync point, so only when a line is logged."""
         v = self.stats.tolist() if values is None else values
         m = metrics_from_sums(torch.tensor(v[:N_SUMS], dtype=torch.float64))
-        finite = {k: (x if math.isfinite(x) else None) for k, x in m.items() if k in ("acc", "margin")}
+        finite = {k: (x if math.isfinite(x) else None) for k, x in m.items()
+                  if k in ("acc", "margin", "reward_mean", "reward_std")}
         return {"loss": m["loss"], **finite, "lr": self.lr, "pairs_per_s": m["pairs"] / seconds,
                 "tokens_per_s": v[TOKENS] / seconds, "padding_efficiency": v[TOKENS] / v[SLOTS]}
 
 
 def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, fused: bool,
-               stop_requested: bool, loss_scale: float | None = None) -> StepRecord:
+               stop_requested: bool, loss_scale: float | None = None, center: float = 0.0) -> StepRecord:
     """grad_accum micro-batches -> one optimizer update (DeepSpeed applies it at the last micro step).
     Nothing here waits for the GPU.
 
     loss_scale None: each micro-batch's loss is its mean pair loss (equal-sized micro-batches). With
     packing they differ in size, so each contributes its pair-loss *sum* x loss_scale = world x accum /
     global pairs: after DeepSpeed's 1/accum and its average over ranks, the update minimises the mean
-    over the global batch's pairs, exactly as with equal micro-batches."""
+    over the global batch's pairs, exactly as with equal micro-batches. `center` (reward centering) is a
+    per-pair term, so the same weighting applies to it. The logged loss is the BT part alone."""
     started = time.perf_counter()
     lr = eng.get_lr()[0]
     skipped_before = eng.skipped_steps
@@ -100,7 +102,7 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
     for b in micro_batches:
         rewards = score_batch(eng, b, device)
         margin = b["margin"].to(device) if "margin" in b else None
-        loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale)
+        loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale, center=center)
         eng.backward(loss)  # DeepSpeed scales by 1/grad_accum and reduces across ranks
         # At the accumulation boundary this applies the update, unless the all-reduced gradient norm is
         # non-finite (a NaN loss anywhere makes it so): DeepSpeed then skips it on every rank together

@@ -97,3 +97,32 @@ def test_sum_mode_weights_micro_batches_by_their_pairs():
     plain = bradley_terry_loss(r[[0, 1, 2]], r[[8, 9, 10]], scale=1 / 8) + bradley_terry_loss(
         r[[3, 4, 5, 6, 7]], r[[11, 12, 13, 14, 15]], scale=1 / 8)
     assert torch.allclose(plain, la + lb, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_reward_centering_equals_trls_formula_in_loss_and_gradient(scale):
+    """TRL: loss = -logsigmoid(r_c - r_r).mean() + c * mean((r_c + r_r) ** 2). The fused path's closed-form
+    backward and the plain path give the same loss and gradients; with `scale` both are sums x scale."""
+    coef = 0.01
+    torch.manual_seed(0)
+    c0, r0 = torch.randn(6) * 3 + 2, torch.randn(6) * 3 + 2  # far from zero mean: the term matters
+    c, r = c0.clone().requires_grad_(), r0.clone().requires_grad_()
+    per_pair = -torch.nn.functional.logsigmoid(c - r) + coef * (c + r) ** 2
+    want = per_pair.mean() if scale is None else per_pair.sum() * scale
+    want.backward()
+    rewards = torch.cat([c0, r0]).requires_grad_()
+    loss, acc, gap = fused_bradley_terry(rewards, scale=scale, center=coef)
+    loss.backward()
+    plain_c, plain_r = c0.clone().requires_grad_(), r0.clone().requires_grad_()
+    plain = bradley_terry_loss(plain_c, plain_r, scale=scale, center=coef)
+    plain.backward()
+    for got in (loss, plain):
+        assert abs(got.item() - want.item()) <= 1e-6 * abs(want.item())
+    g_want = torch.cat([c.grad, r.grad])
+    for g in (rewards.grad, torch.cat([plain_c.grad, plain_r.grad])):
+        assert (g - g_want).abs().max() <= 1e-6 * g_want.abs().max()
+    # the centering term is real: without it the loss is smaller by c * mean(s^2)
+    no_center = fused_bradley_terry(torch.cat([c0, r0]), scale=scale)[0]
+    term = coef * ((c0 + r0) ** 2)
+    assert abs((loss - no_center).item() - (term.mean() if scale is None else term.sum() * scale).item()) <= 1e-5
+    assert acc.item() == ((c0 - r0) > 0).float().mean().item() and abs(gap.item() - (c0 - r0).mean().item()) < 1e-6
