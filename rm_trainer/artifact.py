@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from rm_trainer import lora
 from rm_trainer.checkpoint import LATEST, META_FILE, TOKENIZER_DIR, CheckpointRecord, verify_manifest
 from rm_trainer.errors import CheckpointError, UserError
 from rm_trainer.model import DTYPES, RewardModel, backbone_from_config_dict
@@ -63,8 +64,11 @@ def tokenizer_from_files(files: dict[str, torch.Tensor]):
 
 
 def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | None = None, verify: bool = True,
-                hf_out: str | Path | None = None, hf_shard_size: str = "5GB") -> dict[str, Any]:
+                hf_out: str | Path | None = None, hf_shard_size: str = "5GB",
+                lora_out: str | Path | None = None) -> dict[str, Any]:
     """Merge a ZeRO-2/3 checkpoint into one `reward.pt`, verify it, and optionally export the HF folder.
+    A LoRA run's adapters are merged into the base weights (lora.merge_lora); lora_out also writes them
+    unmerged, with the head, as a peft adapter folder.
 
     Verification builds the model around the merged tensors and re-scores the probe batch that the live
     engine scored when the checkpoint was saved. A mismatch (lost head, empty shard, wrong layout)
@@ -81,6 +85,16 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
     # Cast to the training dtype while merging: equal to the live engine's weights (its half-precision
     # weights are casts of the fp32 masters).
     state = engine.consolidated_state_dict(str(ckpt), tag, DTYPES[meta.dtype])
+    report: dict[str, Any] = {}
+    lora_cfg = lora.settings(meta.run_config.get("model", {}))
+    if lora_cfg is not None:
+        if lora_out is not None:
+            report["lora_adapter"] = str(lora.export_adapter(
+                state, lora_cfg, meta.backbone_config, meta.run_config["model"]["path"],
+                tokenizer_from_files(_tokenizer_tensors(ckpt / tag / TOKENIZER_DIR)), meta.pad_token_id, lora_out))
+        report["lora_layers_merged"] = lora.merge_lora(state, lora_cfg, meta.backbone_config)
+    elif lora_out is not None:
+        raise UserError(f"{ckpt / tag}: not a LoRA run (model.lora_r is 0); there is no adapter to export")
     check_state_dict(state, meta.backbone_config, f"{ckpt / tag}")
     artifact = {
         "format": FORMAT,
@@ -100,8 +114,8 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
     tmp = out_path.with_name(out_path.name + ".tmp")
     torch.save(artifact, tmp)
     tmp.replace(out_path)  # never leave a half-written reward.pt behind
-    report = {"path": str(out_path), "tag": tag, "tensors": len(state),
-              "params": sum(v.numel() for v in state.values())}
+    report |= {"path": str(out_path), "tag": tag, "tensors": len(state),
+               "params": sum(v.numel() for v in state.values())}
     if verify:
         report.update(verify_loaded(artifact, str(out_path)))
     if hf_out is not None:

@@ -71,7 +71,8 @@ def dry_run(cfg, ds_cfg: dict, flags: dict) -> int:
 
     world = flags.get("world_size") or world_size_from_env()
     e = estimate(cfg.model.path, ds_cfg, world, flags.get("gpus_per_node"), cfg.train.micro_batch_size,
-                 cfg.data.max_len, cfg.train.dtype, cfg.model.gradient_checkpointing, flags.get("gpu_memory_gb"))
+                 cfg.data.max_len, cfg.train.dtype, cfg.model.gradient_checkpointing, flags.get("gpu_memory_gb"),
+                 cfg.model.model_dump())
     print(json.dumps({"run": cfg.model_dump(mode="json"), "deepspeed": ds_cfg, "estimate": asdict(e)}, indent=2))
     print(report(e), flush=True)
     print(dry_run_report(cfg, load_tokenizer(cfg)), flush=True)
@@ -87,12 +88,14 @@ def main_consolidate(argv: list[str] | None = None) -> int:
     p.add_argument("--no-verify", action="store_true", help="skip re-scoring the probe batch")
     p.add_argument("--hf_out", default=None, help="also write the HF folder here (from the same tensors)")
     p.add_argument("--hf_shard_size", default="5GB", help="largest safetensors shard of the HF folder")
+    p.add_argument("--lora_out", default=None, help="LoRA runs: also write the unmerged adapters + head here as "
+                   "a peft adapter folder")
     args = p.parse_args(argv)
     from rm_trainer.artifact import consolidate
 
     try:
         report = consolidate(args.checkpoint_dir, args.out, args.tag, verify=not args.no_verify,
-                             hf_out=args.hf_out, hf_shard_size=args.hf_shard_size)
+                             hf_out=args.hf_out, hf_shard_size=args.hf_shard_size, lora_out=args.lora_out)
     except UserError as e:
         return _fail(str(e))
     print(json.dumps(report, indent=2))

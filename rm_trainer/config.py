@@ -34,6 +34,14 @@ class ModelConfig(Section):
         "plain: norm and head over every token (for comparison)")
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
     head_init_std: float | None = Field(None, gt=0, description="std of the score head; default 1/sqrt(H+1)")
+    lora_r: int = Field(0, ge=0, description="LoRA rank (peft); 0 = full fine-tuning. The score head is always "
+                        "fully trained; only adapters and head get optimizer state")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator (scale = alpha / r); "
+                                     "default 2 x lora_r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="keep 0: with dropout, chosen and rejected "
+                                "see different networks in the same forward")
+    lora_target: list[str] | None = Field(None, description="module names to adapt, e.g. q_proj,v_proj; "
+                                          "default every linear layer of the decoder")
 
 
 class SourceConfig(Section):
@@ -105,6 +113,10 @@ class TrainConfig(Section):
     packing: bool = Field(False, description="padding-free: split each global batch into token-balanced "
                           "micro-batches and pack their sequences into rows of pack_len tokens")
     pack_len: int | None = Field(None, ge=8, description="tokens per packed row (default 2 x data.max_len)")
+    center_rewards_coefficient: float = Field(0.0, ge=0, description="adds c * mean((r_c + r_r)^2) to the loss "
+                                              "(TRL's name and formula): rewards centred near 0; 0.01 is usual")
+    eval_at_start: bool = Field(False, description="evaluate before the first step (not on a resume), e.g. "
+                                "to check a model you continue from")
 
 
 class OutputConfig(Section):
@@ -115,6 +127,8 @@ class OutputConfig(Section):
     hf_export: bool = Field(True, description="write the HF folder at the end of training")
     hf_shard_size: str = Field("5GB", pattern=r"^\d+(\.\d+)?\s*[KMG]i?B$",
                                description="largest safetensors shard of the HF export, e.g. 5GB, 500MB")
+    lora_export: bool = Field(False, description="with LoRA: also write OUT/lora_adapter, a peft adapter folder "
+                              "(adapters + score head) for PeftModel.from_pretrained")
     preempt_marker: str | None = Field(None, description="file rank 0 writes when the ranks stopped at a "
                                        "committed checkpoint for a preemption (default OUT/preempted.json)")
 
@@ -145,6 +159,10 @@ class RunConfig(Section):
         if self.train.pack_len is not None and self.train.pack_len < self.data.max_len:
             problems.append(f"train.pack_len ({self.train.pack_len}) must be at least data.max_len "
                             f"({self.data.max_len}): a sequence is never split across packed rows")
+        if self.output.lora_export and not self.model.lora_r:
+            problems.append("output.lora_export needs LoRA: set model.lora_r (--lora_r 8)")
+        if self.model.lora_target is not None and not self.model.lora_target:
+            problems.append("model.lora_target is empty: name modules (q_proj,v_proj) or leave it unset")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -217,9 +235,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def _parse_value(dotted: str, raw: str) -> Any:
     # Tuples/lists come as JSON ("[0.9, 0.95]") or comma lists; everything else stays a string and
     # pydantic coerces it ("1e-5" -> float, "8" -> int, "true" -> bool).
-    if dotted.endswith("adam_betas"):
+    if dotted.endswith(("adam_betas", "lora_target")):
         raw = raw.strip()
-        return json.loads(raw) if raw.startswith("[") else [s.strip() for s in raw.split(",")]
+        return json.loads(raw) if raw.startswith("[") else [s.strip() for s in raw.split(",") if s.strip()]
     return raw
 
 
@@ -350,7 +368,10 @@ def _path_problems(tree: dict) -> list[str]:
 
     problems = []
     path = get("model", "path")
-    if path and not Path(path).is_dir():
+    if path and Path(path).is_file() and path.endswith(".pt"):
+        problems.append(f"model.path {path!r} is a reward.pt: export it as an HF folder first (python -m "
+                        f"rm_trainer.hf_export {path} DIR) and pass --model DIR; the run continues from its head")
+    elif path and not Path(path).is_dir():
         problems.append(f"model.path {path!r}: not a folder (expected an HF save_pretrained folder)")
     elif path and not (Path(path) / "config.json").is_file():
         problems.append(f"model.path {path!r}: has no config.json")

@@ -89,8 +89,19 @@ def leave_process_group() -> None:
     """Every rank: wait for the others, then leave the process group. After this no collective is
     pending, so rank 0 can do long solo work (consolidation, export) without any rank timing out."""
     if dist.is_initialized():
+        rank = dist.get_rank()
         dist.barrier()
         deepspeed.comm.destroy_process_group()
+        _unlink_shm_buffer(rank)
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm segment per rank and never unlinks it: every run
+    would leave its segments in RAM-backed tmpfs. Once all ranks are past the final barrier each removes
+    its own (mappings stay valid until exit). No-op on GPU (nccl) or where the segment does not exist."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def _store():
@@ -134,7 +145,8 @@ def zero3_context(ds_config: dict) -> Any:
 def initialize(model: torch.nn.Module, ds_config: dict, optimizer=None, lr_scheduler=None):
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer,
                                            lr_scheduler=lr_scheduler,
-                                           model_parameters=None if optimizer else model.parameters())
+                                           model_parameters=None if optimizer else
+                                           [p for p in model.parameters() if p.requires_grad])
     return engine
 
 
@@ -243,6 +255,31 @@ def _merge_rank(out: dict[str, torch.Tensor], f: Path, r: int, world: int, stage
             offset += n + (paddings[g][i] if paddings is not None else 0)
 
 
+def _merge_frozen(out: dict[str, torch.Tensor], frozen: dict, model_files: list[Path], stage: int,
+                  world: int) -> None:
+    """Parameters outside the optimizer (LoRA's frozen base weights), saved in the model-states files in
+    the training dtype: whole in rank 0's file under ZeRO-2, one flat padded partition per rank under
+    ZeRO-3 (in every rank's file)."""
+    files = model_files if stage == 3 else model_files[:1]
+    if stage == 3 and len(files) != world:
+        raise CheckpointError(f"{files[0].parent}: {len(files)} *_model_states.pt files for a world of {world}")
+    for r, f in enumerate(files):
+        fragments = _load_ds(f)["frozen_param_fragments"]
+        release = _PageRelease(f)
+        for name, shape in frozen.items():
+            frag, dst = fragments[name], out[name].view(-1)
+            if stage != 3:
+                dst.copy_(frag.reshape(-1))
+                continue
+            n = math.prod(shape)
+            part = -(-n // world)
+            lo, hi = r * part, min((r + 1) * part, n)
+            if hi > lo:
+                dst[lo:hi].copy_(frag.reshape(-1)[:hi - lo])
+                release(frag)
+        del fragments
+
+
 def consolidated_state_dict(checkpoint_dir: str, tag: str, dtype: torch.dtype = torch.float32
                             ) -> dict[str, torch.Tensor]:
     """Full weights merged from every rank's ZeRO-2/3 shard files, streamed: the files are memory-mapped
@@ -258,20 +295,6 @@ def consolidated_state_dict(checkpoint_dir: str, tag: str, dtype: torch.dtype = 
     optim_files = sorted(d.glob("*_optim_states.pt"), key=_rank_of)
     if not model_files or not optim_files:
         raise CheckpointError(f"{d}: no DeepSpeed *_model_states.pt / *_optim_states.pt files")
-    ms = _load_ds(model_files[0])
-    if ms.get("frozen_param_shapes"):
-        raise NotImplementedError(f"{d}: frozen parameters are not supported by consolidation yet")
-    shapes = ms["param_shapes"]
-    out: dict[str, torch.Tensor] = {}
-    for name in ms["buffer_names"]:
-        buf = ms["module"][name]
-        out[name] = buf.to(dtype).clone() if buf.is_floating_point() else buf.clone()
-    for group in shapes:
-        for name, shape in group.items():
-            out[name] = torch.empty(tuple(shape), dtype=dtype)
-    shared = dict(ms["shared_params"])
-    del ms  # unmaps the file: a ZeRO-2 model-states file holds every weight in the training dtype
-
     osd = _load_ds(optim_files[0])["optimizer_state_dict"]
     stage, world = osd["zero_stage"], osd["partition_count"]
     world = max(world) if isinstance(world, list) else world
@@ -279,9 +302,24 @@ def consolidated_state_dict(checkpoint_dir: str, tag: str, dtype: torch.dtype = 
     del osd
     if world != len(optim_files):
         raise CheckpointError(f"{d}: {len(optim_files)} *_optim_states.pt files for a world of {world}")
+    ms = _load_ds(model_files[0])
+    shapes = ms["param_shapes"]
+    frozen = dict(ms.get("frozen_param_shapes") or {})  # not in the optimizer: e.g. the base weights under LoRA
+    out: dict[str, torch.Tensor] = {}
+    for name in ms["buffer_names"]:
+        buf = ms["module"][name]
+        out[name] = buf.to(dtype).clone() if buf.is_floating_point() else buf.clone()
+    for group in [*shapes, frozen]:
+        for name, shape in group.items():
+            out[name] = torch.empty(tuple(shape), dtype=dtype)
+    shared = dict(ms["shared_params"])
+    del ms  # unmaps the file: a ZeRO-2 model-states file holds every weight in the training dtype
+
     # no_grad: the fp32 partitions are saved as leaves that require grad, and a recorded copy_ would keep
     # every rank's mapping alive through the autograd graph
     with torch.no_grad():
+        if frozen:
+            _merge_frozen(out, frozen, model_files, stage, world)
         for r, f in enumerate(optim_files):  # one rank's file mapped at a time: it is unmapped on return
             _merge_rank(out, f, r, world, stage, shapes, paddings)
     for name, source in shared.items():

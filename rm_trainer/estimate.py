@@ -36,11 +36,14 @@ class Estimate:
     total_gpu_gib: float | None
     gpu_memory_gb: float | None
     fits: bool | None
+    trainable_params: int | None = None  # LoRA: adapters + head (None: every parameter trains)
+    full_model_states_gpu_gib: float | None = None  # LoRA: what full fine-tuning would need
 
 
-def count_params(model_path: str) -> tuple[int, int, str, dict]:
+def count_params(model_path: str, lora: dict | None = None) -> tuple[int, int, str, dict]:
     """(total, largest single module's own params, its name, config dict) built on the meta device:
-    no memory, no weights read. Includes the H-parameter score head."""
+    no memory, no weights read. Includes the H-parameter score head. With `lora` (the model config section
+    as a dict) the adapters are counted too, and the config dict gets `trainable_params`."""
     from transformers import AutoConfig, AutoModel
 
     cfg = AutoConfig.from_pretrained(model_path)
@@ -55,7 +58,14 @@ def count_params(model_path: str) -> tuple[int, int, str, dict]:
         n = sum(p.numel() for p in m.parameters(recurse=False))
         if n > largest:
             largest, name = n, mod_name
-    return total, largest, name, cfg.to_dict()
+    extra = {}
+    if lora and lora.get("lora_r"):
+        from rm_trainer.lora import apply_lora
+
+        with torch.device("meta"):
+            adapted = apply_lora(model, lora, seed=0)
+        extra["trainable_params"] = cfg.hidden_size + sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    return total, largest, name, cfg.to_dict() | extra
 
 
 def activation_bytes(cfg: dict, micro_pairs: int, seq_len: int, dtype: str, checkpointing: bool) -> int:
@@ -79,10 +89,13 @@ def activation_bytes(cfg: dict, micro_pairs: int, seq_len: int, dtype: str, chec
 
 def estimate(model_path: str, ds_cfg: dict, world_size: int, gpus_per_node: int | None = None,
              micro_pairs: int | None = None, seq_len: int | None = None, dtype: str = "bf16",
-             checkpointing: bool = False, gpu_memory_gb: float | None = None) -> Estimate:
+             checkpointing: bool = False, gpu_memory_gb: float | None = None, lora: dict | None = None
+             ) -> Estimate:
+    """lora: the model config section (a dict with lora_r ...): model states are then DeepSpeed's figure for
+    the trainable parameters plus the frozen weights in the training dtype (sharded under ZeRO-3)."""
     from rm_trainer.engine import model_states_memory
 
-    total, largest, name, cfg = count_params(model_path)
+    total, largest, name, cfg = count_params(model_path, lora)
     gpn = gpus_per_node or min(world_size, 8)
     nodes = max(1, world_size // gpn)
     zo = ds_cfg.get("zero_optimization", {})
@@ -90,6 +103,12 @@ def estimate(model_path: str, ds_cfg: dict, world_size: int, gpus_per_node: int 
     off_opt = (zo.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
     off_par = (zo.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
     cpu, gpu = model_states_memory(stage, total, largest, gpn, nodes, off_opt, off_par)
+    trainable, full_gpu = cfg.get("trainable_params"), None
+    if trainable is not None:
+        full_gpu = round(gpu / GiB, 2)
+        frozen = (total - cfg["hidden_size"]) * DTYPE_BYTES[dtype]  # every base weight, in the training dtype
+        cpu, gpu = model_states_memory(stage, trainable, largest, gpn, nodes, off_opt, off_par)
+        gpu += frozen // world_size if stage == 3 and not off_par else frozen
     act = None
     if micro_pairs and seq_len:
         act = activation_bytes(cfg, micro_pairs, seq_len, dtype, checkpointing)
@@ -97,7 +116,7 @@ def estimate(model_path: str, ds_cfg: dict, world_size: int, gpus_per_node: int 
     fits = None if gpu_memory_gb is None or total_gpu is None else total_gpu / GiB <= gpu_memory_gb
     return Estimate(total, largest, name, stage, world_size, gpn, off_opt, off_par, round(gpu / GiB, 2),
                     round(cpu / GiB, 2), None if act is None else round(act / GiB, 2),
-                    None if total_gpu is None else round(total_gpu / GiB, 2), gpu_memory_gb, fits)
+                    None if total_gpu is None else round(total_gpu / GiB, 2), gpu_memory_gb, fits, trainable, full_gpu)
 
 
 def _count(n: int) -> str:
@@ -111,6 +130,10 @@ def report(e: Estimate) -> str:
         f"{e.offload_optimizer}, param={e.offload_param}:",
         f"  model states per GPU: {e.model_states_gpu_gib:.2f} GiB; CPU per node: {e.model_states_cpu_gib:.2f} GiB",
     ]
+    if e.trainable_params is not None:
+        lines.append(f"  LoRA: {_count(e.trainable_params)} trainable ({e.trainable_params / e.params:.2%}); full "
+                     f"fine-tuning would need {e.full_model_states_gpu_gib:.2f} GiB of model states per GPU (LoRA "
+                     f"saves {e.full_model_states_gpu_gib - e.model_states_gpu_gib:.2f} GiB)")
     if e.activations_gpu_gib is not None:
         lines.append(f"  activations (2B forward): {e.activations_gpu_gib:.2f} GiB; total per GPU "
                      f"{e.total_gpu_gib:.2f} GiB (+ framework buffers and fragmentation)")

@@ -62,7 +62,7 @@ class RewardModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head_init_std: float | None = None, seed: int = 0,
-                 reward_path: str = "fused"):
+                 reward_path: str = "fused", head: torch.Tensor | None = None):
         super().__init__()
         assert reward_path in REWARD_PATHS, reward_path
         self.backbone = backbone
@@ -74,8 +74,9 @@ class RewardModel(nn.Module):
         g = torch.Generator().manual_seed(seed)
         std = head_init_std or 1.0 / math.sqrt(hidden + 1)
         if self.score.weight.device.type != "meta":  # meta: shape-only model for checks and estimates
-            with torch.no_grad():
-                self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=g) * std)
+            with torch.no_grad():  # `head`: continue from a reward model's head
+                init = torch.randn(self.score.weight.shape, generator=g) * std if head is None else head
+                self.score.weight.copy_(init.reshape(self.score.weight.shape))
         self.reward_path = reward_path
         self.normalization: tuple[float, float] | None = None  # (mean, std) applied in forward if set
         self.final_norm_name = FINAL_NORM.get(backbone.config.model_type)
@@ -200,16 +201,60 @@ def enable_checkpointing(backbone: nn.Module, use_reentrant: bool = False) -> No
 
 
 def build_backbone(path: str, dtype: torch.dtype, random_init: bool = False,
-                   attn_implementation: str | None = None) -> nn.Module:
-    """Load an HF decoder as `AutoModel` (hidden states only), or build it from its config.
+                   attn_implementation: str | None = None) -> tuple[nn.Module, torch.Tensor | None]:
+    """Load an HF decoder as `AutoModel` (hidden states only), or build it from its config. Returns the
+    backbone and, when `path` is a reward model (an HF *ForSequenceClassification folder with
+    num_labels=1: our hf/ export, or another one with a `score` head), its head weight (1, H) to continue
+    from; None for an SFT folder (the head is then initialised fresh).
 
     Under ZeRO-3 the engine keeps an HfDeepSpeedConfig alive meanwhile, and transformers then builds
     every layer already partitioned.
     """
+    from rm_trainer.errors import ConfigError
+
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    config = AutoConfig.from_pretrained(path)
+    is_rm = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+    if is_rm and config.num_labels != 1:
+        raise ConfigError([f"model.path {path!r}: a sequence classifier with num_labels={config.num_labels}; a "
+                           "reward model has one output (num_labels=1). Start from its SFT backbone instead"])
     if random_init:
-        return AutoModel.from_config(AutoConfig.from_pretrained(path), dtype=dtype, **kwargs)
-    return AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
+        return AutoModel.from_config(config, dtype=dtype, **kwargs), None
+    backbone, info = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+    if not is_rm:
+        return backbone, None
+    missing = sorted(info["missing_keys"])
+    unexpected = sorted(k for k in info["unexpected_keys"] if k != "score.weight")
+    if missing or unexpected:
+        raise ConfigError([f"model.path {path!r}: the reward model's weights do not map onto "
+                           f"{type(backbone).__name__}: missing {missing[:10] or 'none'}, unexpected "
+                           f"{unexpected[:10] or 'none'} (only a bias-free `score` head may sit beside the "
+                           "backbone)"])
+    return backbone, read_head(path)
+
+
+def read_head(path: str) -> torch.Tensor:
+    """`score.weight` of an HF folder's safetensors (single file or sharded with an index)."""
+    import json as _json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from rm_trainer.errors import ConfigError
+
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    name = (_json.loads(index.read_text())["weight_map"].get("score.weight") if index.is_file()
+            else "model.safetensors")
+    if name is None or not (folder / name).is_file():
+        raise ConfigError([f"model.path {path!r}: no score.weight in its safetensors files"])
+    with safe_open(str(folder / name), framework="pt") as f:
+        if "score.weight" not in f.keys():
+            raise ConfigError([f"model.path {path!r}: no score.weight in {name}"])
+        head = f.get_tensor("score.weight")
+    if head.shape[0] != 1:
+        raise ConfigError([f"model.path {path!r}: score.weight has shape {tuple(head.shape)}, expected (1, H)"])
+    return head
 
 
 def backbone_from_config_dict(config: dict, dtype: torch.dtype) -> nn.Module:

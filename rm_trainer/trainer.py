@@ -22,6 +22,7 @@ from rm_trainer.ds_config import fill_scheduler_steps, resolve_ds_config
 from rm_trainer.errors import ConfigError, DataError
 from rm_trainer.evaluate import Evaluator
 from rm_trainer.logger import MetricsLogger
+from rm_trainer.lora import apply_lora, trainable_summary
 from rm_trainer.model import DTYPES, RewardModel, build_backbone, check_packing, disable_dropout, enable_checkpointing
 from rm_trainer.optim import build_optimizer, scheduler_factory, warmup_steps
 from rm_trainer.step import SkipGuard, StopFlag, train_step
@@ -73,10 +74,12 @@ def train(plan: Plan) -> dict:
 
     # ---- the loop: `step` is the number of the optimizer step being taken (1-based)
     try:
+        if t.eval_at_start and done == 0 and test_ds is not None:  # e.g. the model this run continues from
+            log.log("eval", 0, {k: v for k, v in evaluator.run(eng, 0).items() if k != "pairs"})
         batches = get_preference_iterator(train_ds, sampler, tok.pad_token_id, done, total, cfg.pack_len)
         for step, micro_batches in batches:
             rec = train_step(eng, step, micro_batches, rt.device, cfg.model.reward_path == "fused", bool(stop),
-                             loss_scale)
+                             loss_scale, t.center_rewards_coefficient)
             guard.check(rec)
             log.train_step(rec, lambda: engine.grad_norm(eng), guard.total)
             if evaluator.due(step, total):
@@ -115,12 +118,19 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, n
              "total_steps": total, "train_pairs": n_train,
              "test_pairs": len(test_ds) if test_ds is not None else 0}, indent=2) + "\n")
     z3 = engine.zero3_context(ds_cfg)
-    backbone = build_backbone(cfg.model.path, DTYPES[t.dtype], cfg.model.random_init, cfg.model.attn_implementation)
+    backbone, head = build_backbone(cfg.model.path, DTYPES[t.dtype], cfg.model.random_init,
+                                    cfg.model.attn_implementation)
     if cfg.model.disable_dropout:
         disable_dropout(backbone)
+    if cfg.model.lora_r:  # after disable_dropout: an explicit lora_dropout is kept
+        backbone = apply_lora(backbone, cfg.model.model_dump(), t.seed)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(backbone)
-    model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed, reward_path=cfg.model.reward_path)
+    model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed, reward_path=cfg.model.reward_path, head=head)
+    if rt.is_main and head is not None:
+        print(f"[rm_trainer] continuing from the reward head of {cfg.model.path}", flush=True)
+    if rt.is_main and cfg.model.lora_r:
+        print(f"[rm_trainer] LoRA: {json.dumps(trainable_summary(model))}", flush=True)
     optimizer = None if "optimizer" in ds_cfg else build_optimizer(model, t)
     scheduler = None if "scheduler" in ds_cfg else scheduler_factory(t, total)
     eng = engine.initialize(model, ds_cfg, optimizer, scheduler)
@@ -142,7 +152,8 @@ def finish(cfg: RunConfig, rt: engine.Runtime, out: Path, total: int, last_eval:
         hf_out = (cfg.output.hf_out or out / "hf") if cfg.output.hf_export else None
         result["reward_pt"] = consolidate(out / "checkpoints", out / "reward.pt", f"step_{total}",
                                           verify=cfg.output.verify_consolidation, hf_out=hf_out,
-                                          hf_shard_size=cfg.output.hf_shard_size)
+                                          hf_shard_size=cfg.output.hf_shard_size,
+                                          lora_out=out / "lora_adapter" if cfg.output.lora_export else None)
         if hf_out is not None:
             result["hf"] = result["reward_pt"].pop("hf")
         (out / "final_metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -11,6 +11,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rm_trainer import demo  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_shm_segments():
+    """Runs that tests SIGKILL never reach the trainer's own cleanup of DeepSpeed's /dev/shm all-reduce
+    segments (66 MB per rank, RAM-backed): remove the ones this session created."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for p in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+        p.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory) -> dict[str, str]:
     """Synthetic pairs + a word-level tokenizer + a tiny Llama config.json (random-init backbone)."""

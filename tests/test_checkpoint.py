@@ -186,8 +186,9 @@ def train_losses(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("accum,micro,pause,extra", [(1, 2, "8.0", []), (2, 1, "8.1", []),
-                                                     (2, 1, "8.1", ["--packing", "--pack_len", "64"])],
-                         ids=["boundary", "mid_accumulation", "packed_mid_accumulation"])
+                                                     (2, 1, "8.1", ["--packing", "--pack_len", "64"]),
+                                                     (2, 1, "8.1", ["--lora_r", "8"])],
+                         ids=["boundary", "mid_accumulation", "packed_mid_accumulation", "lora_mid_accumulation"])
 def test_sigkill_then_resume_is_bit_exact(tmp_path, demo_assets, tiny_pretrained, accum, micro, pause, extra):
     args = base_args(demo_assets, tiny_pretrained, accum, micro) + extra
     a = tmp_path / "uninterrupted"
@@ -309,6 +310,23 @@ def test_hf_export_loads_in_plain_transformers_and_matches_reward_pt(finished, d
         with torch.no_grad():
             got = model(**batch).logits[:, 0]
         assert (got - want).abs().max() <= 1e-5, (side, got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,ranks,ds", [("python", 1, "zero2"), ("deepspeed", 2, "zero3")])
+def test_a_run_continues_from_the_exported_hf_folder_with_its_head(finished, demo_assets, tmp_path, launcher, ranks,
+                                                                   ds):
+    """--model OUT/hf: the step-0 eval of the new run is the finished run's final eval (same rewards), under
+    ZeRO-2 in one process and ZeRO-3 on 2 ranks (partitioned loading)."""
+    out = tmp_path / "continued"
+    args = base_args(demo_assets, str(finished / "hf")) + ["--max_steps", "1", "--eval_at_start", "--ds_config",
+                                                           f"ds_configs/{ds}.json", "--micro_batch_size", "4"]
+    proc = train(out, args, launcher=launcher, nprocs=ranks)
+    assert "continuing from the reward head of" in proc.stdout
+    want, got = metrics(finished, "eval")[-1], metrics(out, "eval")[0]
+    assert got["step"] == 0 and got["acc"] == want["acc"]
+    for k in ("loss", "margin", "reward_mean", "reward_std"):
+        assert abs(got[k] - want[k]) <= 1e-5 * max(1.0, abs(want[k])), (k, got, want)
 
 
 @pytest.mark.slow

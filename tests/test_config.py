@@ -70,3 +70,17 @@ def test_json_config_and_dry_run_flag(tmp_path, paths):
 def test_negative_number_value_is_not_a_flag():
     over, problems, _ = parse_cli(["--seed", "-3"])
     assert over == {"train": {"seed": "-3"}} and not problems
+
+
+def test_lora_and_centering_flags_and_their_checks(paths, tmp_path):
+    cfg, _ = load_run_config(paths + ["--lora_r", "8", "--lora_target", "q_proj,v_proj", "--lora_export",
+                                      "--center_rewards_coefficient", "0.01", "--eval_at_start"])
+    assert cfg.model.lora_r == 8 and cfg.model.lora_target == ["q_proj", "v_proj"] and cfg.output.lora_export
+    assert cfg.train.center_rewards_coefficient == 0.01 and cfg.train.eval_at_start
+    pt = tmp_path / "reward.pt"
+    pt.write_bytes(b"x")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(["--model", str(pt), "--data", paths[3], "--output_dir", "/tmp/o", "--lora_export"])
+    msg = str(e.value)
+    for needle in ("output.lora_export needs LoRA", f"python -m rm_trainer.hf_export {pt} DIR"):
+        assert needle in msg, msg

@@ -8,7 +8,7 @@ import pytest
 from helpers import ROOT, run_env
 from transformers import LlamaConfig
 
-from rm_trainer.estimate import activation_bytes, count_params, estimate
+from rm_trainer.estimate import activation_bytes, count_params, estimate, report
 
 GiB = 1024**3
 
@@ -66,3 +66,18 @@ def test_dry_run_reports_fit_without_starting(llama3_8b, demo_assets, tmp_path):
                         "--gpu_memory_gb", "24"], cwd=ROOT, env=run_env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0 and "DOES NOT FIT in 24 GB per GPU" in p.stdout, p.stdout + p.stderr
+
+
+def test_lora_dry_run_reports_trainable_parameters_and_the_memory_saved(llama3_8b):
+    lora = {"lora_r": 8}
+    e = estimate(llama3_8b, {"zero_optimization": {"stage": 3}}, world_size=8, lora=lora)
+    # rank 8 on q, k, v, o (k/v project to 8 KV heads x 128) and gate, up, down, x 32 layers, + the head
+    per_layer = 8 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert e.trainable_params == 32 * per_layer + 4096 == 20_975_616
+    full = estimate(llama3_8b, {"zero_optimization": {"stage": 3}}, world_size=8)
+    assert e.full_model_states_gpu_gib == full.model_states_gpu_gib
+    frozen = (e.params - 4096) * 2 // 8  # every base weight in bf16, sharded over 8
+    assert e.model_states_gpu_gib == round((4 * e.largest_layer_params + int(18 * e.trainable_params / 8) + frozen)
+                                           / GiB, 2)
+    assert e.model_states_gpu_gib < full.model_states_gpu_gib / 4
+    assert "LoRA: 21.0 M trainable (0.28%)" in report(e)

@@ -174,3 +174,41 @@ def test_packing_guard_catches_sequences_that_see_each_other(monkeypatch):
     assert "attend to each other" in check_packing(m, m.config, torch.device("cpu"))
     m.config._attn_implementation = "flex_attention"
     assert "cannot keep packed sequences apart" in check_packing(m, m.config, torch.device("cpu"))
+
+
+def test_starting_from_a_reward_model_loads_its_head_and_refuses_what_does_not_fit(tmp_path):
+    """--model may be an HF *ForSequenceClassification folder with num_labels=1 (ours or e.g. Skywork's):
+    the backbone loads from its `model.` keys and the head is kept. Other label counts and extra weights
+    are refused with a message naming them."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rm_trainer.errors import ConfigError
+    from rm_trainer.model import build_backbone
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(cfg).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    backbone, head = build_backbone(str(tmp_path / "rm"), torch.float32)
+    assert torch.equal(head, rm.score.weight.detach())
+    model = RewardModel(backbone, head=head).eval()
+    ids = torch.randint(4, 97, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(model(ids, torch.tensor([9])), rm(input_ids=ids).logits[:, 0], rtol=1e-5, atol=0)
+    # an SFT folder has no head to continue from
+    rm.model.save_pretrained(tmp_path / "sft")
+    assert build_backbone(str(tmp_path / "sft"), torch.float32)[1] is None
+
+    cfg.num_labels = 2
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "two")
+    with pytest.raises(ConfigError, match="num_labels=2; a reward model has one output"):
+        build_backbone(str(tmp_path / "two"), torch.float32)
+
+    weights = load_file(tmp_path / "rm" / "model.safetensors")
+    weights["v_head.weight"] = torch.zeros(1, 32)
+    del weights["model.norm.weight"]
+    save_file(weights, tmp_path / "rm" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"missing \['norm.weight'\], unexpected \['v_head.weight'\]"):
+        build_backbone(str(tmp_path / "rm"), torch.float32)

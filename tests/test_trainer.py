@@ -151,12 +151,13 @@ def test_metrics_jsonl_and_tensorboard_tags(run):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
         assert {"loss", "acc", "margin", "lr", "grad_norm", "pairs_per_s", "tokens_per_s", "skipped_steps",
-                "padding_efficiency"} <= r.keys()
+                "padding_efficiency", "reward_mean", "reward_std"} <= r.keys()
         assert r["grad_norm"] > 0 and r["pairs_per_s"] > 0
     ev = EventAccumulator(str(out / "tb"))
     ev.Reload()
     tags = set(ev.Tags()["scalars"])
-    want = {f"train/{k}" for k in ("loss", "acc", "margin", "lr", "grad_norm", "pairs_per_s", "tokens_per_s")}
+    want = {f"train/{k}" for k in ("loss", "acc", "margin", "lr", "grad_norm", "pairs_per_s", "tokens_per_s",
+                                   "reward_mean", "reward_std")}
     want |= {"eval/loss", "eval/acc", "eval/margin"}
     assert want <= tags, want - tags
     assert [s.value for s in ev.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
@@ -195,3 +196,23 @@ def test_real_hh_rlhf_two_rank_zero3(tmp_path):
     assert (out / "reward.pt").is_file()
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["eval"]["pairs"] == report["test"]["used"] and final["reward_pt"]["probe_max_abs_diff"] <= TOL
+
+
+def test_reward_centering_pulls_held_out_rewards_to_zero_without_costing_accuracy(demo_assets, tiny_pretrained,
+                                                                                  tmp_path):
+    """TRL's center_rewards_coefficient 0.01 against none, same run otherwise (2 ranks, ZeRO-2, 2 epochs):
+    the BT loss leaves the reward offset free; the centering term pins it near 0."""
+    args = ["--model", tiny_pretrained, "--data", demo_assets["train"], "--test_data", demo_assets["test"],
+            "--ds_config", "ds_configs/zero2.json", "--dtype", "fp32", "--lr", "1e-3", "--max_steps", "32",
+            "--warmup_steps", "1", "--max_len", "64", "--seed", "7", "--micro_batch_size", "8", "--hf_export",
+            "false"]
+    train(tmp_path / "plain", args)
+    train(tmp_path / "centered", args + ["--center_rewards_coefficient", "0.01"])
+    plain, centered = metrics(tmp_path / "plain", "eval")[-1], metrics(tmp_path / "centered", "eval")[-1]
+    print("held-out reward mean / acc without centering", plain["reward_mean"], plain["acc"], "with c=0.01",
+          centered["reward_mean"], centered["acc"])
+    assert abs(centered["reward_mean"]) < abs(plain["reward_mean"])
+    assert centered["acc"] >= plain["acc"] - 0.02
+    # the train log carries the reward statistics that centering acts on
+    rows = metrics(tmp_path / "centered")
+    assert all("reward_mean" in r and r["reward_std"] >= 0 for r in rows)

@@ -1,0 +1,151 @@
+"""LoRA on the backbone (peft), and what consolidation does with it: merge, or export a peft adapter.
+
+Training: peft wraps the chosen linear layers of the backbone in place (`inject_adapter_in_model`), so
+the model is still our RewardModel: the fused reward path, packing, activation checkpointing and ZeRO-2/3
+work unchanged. Only the adapters and the `score` head require grad, so only they get optimizer state;
+the head is always fully trained (it is new: an adapter on it would start from a random matrix).
+
+Consolidation (artifact.consolidate): the merged state of a LoRA run holds the frozen base weights
+(`X.base_layer.weight`), the adapters (`X.lora_A.default.weight`, `X.lora_B.default.weight`) and the
+head. `merge_lora` folds every adapter into its base weight, W + (alpha / r) B A, computed in fp32 and
+rounded once, so `reward.pt` and the HF export are plain full models: no `lora_` keys, head (1, H).
+`export_adapter` writes the unmerged adapters + head as a standard peft folder instead. Neither needs
+anything but torch (and peft for the adapter folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rm_trainer.errors import ConfigError
+
+ADAPTER = "default"  # peft's adapter name; it appears in the parameter names
+LORA_A, LORA_B, BASE = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight", ".base_layer"
+
+
+def linear_names(backbone: nn.Module) -> list[str]:
+    """The distinct leaf names of the backbone's linear layers (q_proj, ..., down_proj; GPT-2's Conv1D
+    c_attn, c_proj, c_fc): the default LoRA targets, 'every linear layer of the decoder'."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules()
+                   if n and isinstance(m, (nn.Linear, Conv1D))})
+
+
+def settings(model_cfg: dict) -> dict | None:
+    """r, alpha and targets of a run's `model` config section (a dict: also read back from checkpoints);
+    None without LoRA."""
+    r = int(model_cfg.get("lora_r") or 0)
+    if not r:
+        return None
+    return {"r": r, "alpha": float(model_cfg.get("lora_alpha") or 2 * r),
+            "dropout": float(model_cfg.get("lora_dropout") or 0.0), "target": model_cfg.get("lora_target")}
+
+
+def apply_lora(backbone: nn.Module, model_cfg: dict, seed: int) -> nn.Module:
+    """Wrap the target layers with LoRA adapters (A: kaiming-uniform from `seed`, B: zeros, so training
+    starts exactly at the backbone) and freeze everything else of the backbone."""
+    lora = settings(model_cfg)
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ConfigError(["model.lora_r: LoRA needs peft; pip install 'rm_trainer[lora]' (or peft)"]) from None
+    available = linear_names(backbone)
+    targets = lora["target"] or available
+    unknown = sorted(set(targets) - set(available))
+    if unknown:
+        raise ConfigError([f"model.lora_target: no linear layer named {', '.join(unknown)} in "
+                           f"{type(backbone).__name__}; its linear layers are {', '.join(available)}"])
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=list(targets), bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # same adapters on every rank and for every world size
+        backbone = inject_adapter_in_model(config, backbone, adapter_name=ADAPTER)
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return backbone
+
+
+def is_lora_state(state: dict[str, torch.Tensor]) -> bool:
+    return any(k.endswith(LORA_A) for k in state)
+
+
+def merge_lora(state: dict[str, torch.Tensor], lora: dict, backbone_config: dict) -> int:
+    """In place: every adapted layer's `X.base_layer.weight` + `X.lora_{A,B}` -> `X.weight` = W + s B A with
+    s = alpha / r, computed in fp32 and cast back to W's dtype (bias moved likewise). GPT-2's Conv1D stores
+    W transposed (in, out); which layers are Conv1D comes from the architecture built on the meta device,
+    not from the shapes (square layers would be ambiguous). Returns how many layers were merged."""
+    from transformers.pytorch_utils import Conv1D
+
+    from rm_trainer.model import RewardModel, backbone_from_config_dict
+
+    with torch.device("meta"):
+        plain = RewardModel(backbone_from_config_dict(backbone_config, torch.float32))
+    scale = lora["alpha"] / lora["r"]
+    merged = 0
+    for key in [k for k in state if k.endswith(LORA_A)]:
+        layer = key.removesuffix(LORA_A)
+        a, b = state.pop(key), state.pop(layer + LORA_B)
+        w = state.pop(layer + BASE + ".weight")
+        delta = (b.float() @ a.float()) * scale
+        if isinstance(plain.get_submodule(layer), Conv1D):
+            delta = delta.T
+        state[layer + ".weight"] = (w.float() + delta).to(w.dtype)
+        if layer + BASE + ".bias" in state:
+            state[layer + ".bias"] = state.pop(layer + BASE + ".bias")
+        merged += 1
+    leftover = sorted(k for k in state if ".lora_" in k or BASE + "." in k)
+    if leftover:
+        raise RuntimeError(f"LoRA merge left adapter keys behind: {leftover[:5]}")
+    return merged
+
+
+def export_adapter(state: dict[str, torch.Tensor], lora: dict, backbone_config: dict, base_path: str,
+                   tokenizer, pad_token_id: int | None, out_dir: str | Path) -> Path:
+    """The unmerged adapters + the score head as a standard peft folder (adapter_config.json with
+    task_type SEQ_CLS and modules_to_save=[score], adapter_model.safetensors):
+
+        base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1)
+        rm = PeftModel.from_pretrained(base, out_dir)
+
+    gives the rewards of reward.pt. Built with peft itself around a model on the meta device, so only the
+    adapter tensors are ever materialised."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(**backbone_config)
+    config.num_labels = 1
+    config.pad_token_id = pad_token_id
+    dtype = state["score.weight"].dtype
+    with init_empty_weights(include_buffers=False):
+        hf = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    targets = lora["target"] or linear_names(getattr(hf, hf.base_model_prefix))
+    pcfg = LoraConfig(task_type="SEQ_CLS", r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=list(targets), bias="none")  # SEQ_CLS: peft adds `score` to modules_to_save
+    model = get_peft_model(hf, pcfg, adapter_name=ADAPTER)
+    prefix = f"base_model.model.{hf.base_model_prefix}."
+    adapter = {prefix + k.removeprefix("backbone."): v for k, v in state.items() if ".lora_" in k}
+    adapter[f"base_model.model.score.modules_to_save.{ADAPTER}.weight"] = state["score.weight"]
+    missing = sorted(set(adapter) - {n for n, _ in model.named_parameters()})
+    if missing:
+        raise RuntimeError(f"LoRA adapter export: the peft model has no parameters {missing[:5]}")
+    model.load_state_dict(adapter, strict=False, assign=True)
+    model.peft_config[ADAPTER].base_model_name_or_path = str(base_path)
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def trainable_summary(model: nn.Module) -> dict[str, int]:
+    """Parameters that get optimizer state vs all parameters (ZeRO-3: their full sizes)."""
+    def numel(p: torch.Tensor) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    params = list(model.parameters())
+    return {"trainable_params": sum(numel(p) for p in params if p.requires_grad),
+            "total_params": sum(numel(p) for p in params)}
