@@ -211,7 +211,8 @@ def read_artifact(path: str | Path) -> dict:
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
                       dtype: torch.dtype | None = None, normalize: bool = False) -> RewardModel:
-    """Rebuild the reward model from `reward.pt` alone (no network, no original folders).
+    """Rebuild the reward model from `reward.pt` alone (no network, no original folders), or from a run's
+    `hf/` folder (the same weights, tokenizer and max_len: the same rewards, bit for bit).
 
     Returns it in eval mode with `.tokenizer` and `.max_len` attached; call `model(ids, lengths)` or
     `model.score_texts([...])`. This is what a PPO stage calls. normalize=True returns
@@ -220,6 +221,8 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
     On CPU the weights stay backed by the file: do not overwrite reward.pt in place while it is loaded
     (rm_trainer itself always writes a new file and renames it).
     """
+    if Path(path).is_dir():
+        return _load_hf_folder(Path(path), device, dtype, normalize)
     art = read_artifact(path)
     dtype = dtype or DTYPES[art["dtype"]]
     model = model_from_state(json.loads(art["backbone_config"]), art["state_dict"], dtype)
@@ -231,4 +234,22 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
         if "mean" not in stats:
             raise UserError(f"{path}: has no held-out reward statistics (trained without a test set)")
         model.set_normalization(stats["mean"], stats["std"])
+    return model.to(device).eval()
+
+
+def _load_hf_folder(path: Path, device, dtype: torch.dtype | None, normalize: bool) -> RewardModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rm_trainer.model import build_backbone
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "rm_max_len", None) is None:
+        raise UserError(f"{path}: not an rm_trainer hf/ export (its config.json has no rm_max_len, so the "
+                        "training max_len is unknown); use the run's reward.pt")
+    backbone, head = build_backbone(str(path), dtype or config.dtype)
+    model = RewardModel(backbone, head=head)
+    model.tokenizer = AutoTokenizer.from_pretrained(path)
+    model.max_len, model.pad_token_id = int(config.rm_max_len), int(config.pad_token_id)
+    if normalize:
+        model.set_normalization(config.reward_mean, config.reward_std)
     return model.to(device).eval()

@@ -54,7 +54,9 @@ def main_prepare(argv: list[str] | None = None) -> int:
 def prepare_only(cfg) -> int:
     from rm_trainer.data import load_tokenizer
     from rm_trainer.data_cache import prepare_or_load
+    from rm_trainer.trainer import resolve_model
 
+    cfg = resolve_model(cfg)
     dest, hit = prepare_or_load(cfg, load_tokenizer(cfg))
     report = json.loads((dest / "report.json").read_text())
     print(json.dumps({"data_cache": str(dest), "already_built": hit, "report": report}, indent=2), flush=True)

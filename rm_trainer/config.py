@@ -23,7 +23,8 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    path: str | None = Field(None, description="HF save_pretrained folder of the SFT backbone")
+    path: str | None = Field(None, description="HF save_pretrained folder of the SFT backbone; or a reward model "
+                             "to continue: an HF *ForSequenceClassification folder (num_labels=1) or a reward.pt")
     tokenizer: str | None = Field(None, description="tokenizer folder; defaults to model.path")
     random_init: bool = Field(False, description="build the backbone from path's config.json with random weights")
     gradient_checkpointing: bool = Field(False, description="activation checkpointing of the decoder layers")
@@ -368,9 +369,9 @@ def _path_problems(tree: dict) -> list[str]:
 
     problems = []
     path = get("model", "path")
-    if path and Path(path).is_file() and path.endswith(".pt"):
-        problems.append(f"model.path {path!r} is a reward.pt: export it as an HF folder first (python -m "
-                        f"rm_trainer.hf_export {path} DIR) and pass --model DIR; the run continues from its head")
+    if path and path.endswith(".pt"):
+        if not Path(path).is_file():
+            problems.append(f"model.path {path!r}: file not found (a reward.pt to continue from)")
     elif path and not Path(path).is_dir():
         problems.append(f"model.path {path!r}: not a folder (expected an HF save_pretrained folder)")
     elif path and not (Path(path) / "config.json").is_file():

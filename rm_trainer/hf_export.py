@@ -88,6 +88,7 @@ def export_artifact(art: dict, out_dir: str | Path, shard_size: str = "5GB") -> 
     stats = art.get("reward_stats") or {}
     config.reward_mean = float(stats.get("mean", 0.0))
     config.reward_std = float(stats.get("std", 1.0))
+    config.rm_max_len = int(art["max_len"])  # load_reward_model(hf folder) tokenizes exactly as training did
     dtype = art["state_dict"]["score.weight"].dtype
     with init_empty_weights(include_buffers=False):
         hf = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
@@ -112,6 +113,33 @@ def export_artifact(art: dict, out_dir: str | Path, shard_size: str = "5GB") -> 
                                                std=round(config.reward_std, 4), max_len=art["max_len"],
                                                pad=tok.pad_token, pad_id=pad_id))
     return out
+
+
+def hf_folder_for(reward_pt: str | Path, out_dir: str | Path, timeout_s: float, poll_s: float = 1.0) -> Path:
+    """`--model reward.pt`: the HF folder a run starts from (and continues the head of), exported once into
+    OUT/init_model/<key> by rank 0, keyed by the file's path, size and mtime. Runs before any process group
+    exists, so the other ranks (on any node sharing OUT) poll for the finished folder: the export is
+    written beside it and renamed into place."""
+    import hashlib
+    import os
+    import shutil
+    import time
+
+    src = Path(reward_pt).resolve()
+    st = src.stat()
+    key = hashlib.sha256(f"{src}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = Path(out_dir) / "init_model" / key
+    if os.environ.get("RANK", "0") == "0" and not dest.is_dir():
+        tmp = dest.with_name(key + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_hf(src, tmp)
+        tmp.rename(dest)
+    deadline = time.monotonic() + timeout_s
+    while not dest.is_dir():
+        if time.monotonic() > deadline:
+            raise UserError(f"waited {timeout_s:.0f}s for rank 0 to export {src} to {dest}")
+        time.sleep(poll_s)
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,23 +131,20 @@ class RewardModel(nn.Module):
         return r
 
     @torch.no_grad()
-    def score_texts(self, texts: list, batch_size: int = 8) -> torch.Tensor:
-        """Rewards for texts, tokenized exactly as in training. Each item is a full text, a
-        (prompt, response) pair (reproduces training tokenization bit for bit), a conversation (a list of
-        {role, content} messages, rendered with the chat template the model was trained with), or a
-        (prompt, response messages) pair. See data.encode_item.
+    def score_texts(self, texts: list, max_batch_tokens: int = 16384) -> torch.Tensor:
+        """Rewards (fp32, on the CPU, in input order) for texts, tokenized exactly as in training. Each item is
+        a full text, a (prompt, response) pair (reproduces training tokenization bit for bit), a
+        conversation (a list of {role, content} messages, rendered with the chat template the model was
+        trained with), or a (prompt, response messages) pair. See data.encode_item. Batched as `rm-score`
+        batches: sorted by length, at most max_batch_tokens padded tokens per forward.
 
         Needs `.tokenizer`, `.max_len` and `.pad_token_id`, which `load_reward_model` attaches."""
-        from rm_trainer.data import encode_item, pad_right, special_prefix
+        from rm_trainer.data import encode_item, special_prefix
+        from rm_trainer.scoring import score_sequences
 
-        device = self.score.weight.device
         prefix = special_prefix(self.tokenizer)
-        out = []
-        for i in range(0, len(texts), batch_size):
-            ids = [encode_item(self.tokenizer, t, self.max_len, prefix) for t in texts[i:i + batch_size]]
-            lens = torch.tensor([len(s) for s in ids], device=device)
-            out.append(self(pad_right(ids, self.pad_token_id).to(device), lens))
-        return torch.cat(out)
+        return score_sequences(self, [encode_item(self.tokenizer, t, self.max_len, prefix) for t in texts],
+                               max_batch_tokens)
 
 
 PACKABLE = ("sdpa", "eager", "flash_attention_2")

@@ -39,12 +39,23 @@ class Plan:
 
 def prepare(cfg: RunConfig) -> Plan:
     """Everything that can fail on a bad config, before a process group exists."""
+    cfg = resolve_model(cfg)
     hidden = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("hidden_size")
     world = world_size_from_env()
     ds_cfg, cfg = resolve_ds_config(cfg, world, hidden, cuda=torch.cuda.is_available())
     # one rank checks (the launcher stops the others if it fails) and later tells them its choice
     resume_from = check_resume(cfg, world) if os.environ.get("RANK", "0") == "0" else None
     return Plan(cfg, ds_cfg, resume_from)
+
+
+def resolve_model(cfg: RunConfig) -> RunConfig:
+    """--model reward.pt continues from that reward model through its HF export (see hf_export.hf_folder_for)."""
+    if not cfg.model.path.endswith(".pt"):
+        return cfg
+    from rm_trainer.hf_export import hf_folder_for
+
+    folder = hf_folder_for(cfg.model.path, cfg.output.output_dir, cfg.data.prepare_timeout_s)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(folder)})})
 
 
 def train(plan: Plan) -> dict:

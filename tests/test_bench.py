@@ -71,3 +71,19 @@ def test_throughput_bench_smoke_runs_three_modes_with_equal_losses(tmp_path):
     assert r["max_loss_difference"] <= 1e-5  # the same global batches: the same steps
     assert set(r["targets"]) == {"grouped efficiency >= 0.85", "packed efficiency >= 0.95",
                                  "grouped tokens/s >= 1.5x random", "packed tokens/s >= 1.8x random"}
+
+
+def test_score_speed_bench_smoke(tmp_path):
+    """rm-score's batching on the real HH texts: sorted batches pad less than input-order ones, and both
+    give the same rewards; the README's ratio comes from the default size."""
+    if not SHARED_HH.is_file():
+        pytest.skip(f"real HH-RLHF pairs not found at {SHARED_HH}")
+    out = tmp_path / "score.json"
+    p = subprocess.run([sys.executable, "bench/score_speed.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["rewards_agree"] and r["rows"] == 64
+    m = r["modes"]
+    assert m["sorted"]["padding_efficiency"] > m["unsorted"]["padding_efficiency"]
+    assert m["sorted"]["forwards"] <= m["unsorted"]["forwards"]

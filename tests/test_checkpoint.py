@@ -313,14 +313,15 @@ def test_hf_export_loads_in_plain_transformers_and_matches_reward_pt(finished, d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher,ranks,ds", [("python", 1, "zero2"), ("deepspeed", 2, "zero3")])
-def test_a_run_continues_from_the_exported_hf_folder_with_its_head(finished, demo_assets, tmp_path, launcher, ranks,
-                                                                   ds):
-    """--model OUT/hf: the step-0 eval of the new run is the finished run's final eval (same rewards), under
-    ZeRO-2 in one process and ZeRO-3 on 2 ranks (partitioned loading)."""
+@pytest.mark.parametrize("launcher,ranks,ds,source", [("python", 1, "zero2", "reward.pt"),
+                                                       ("deepspeed", 2, "zero3", "hf")])
+def test_a_run_continues_from_the_exported_model_with_its_head(finished, demo_assets, tmp_path, launcher, ranks, ds,
+                                                               source):
+    """--model OUT/hf or OUT/reward.pt: the step-0 eval of the new run is the finished run's final eval (same
+    rewards), under ZeRO-2 in one process and ZeRO-3 on 2 ranks (partitioned loading)."""
     out = tmp_path / "continued"
-    args = base_args(demo_assets, str(finished / "hf")) + ["--max_steps", "1", "--eval_at_start", "--ds_config",
-                                                           f"ds_configs/{ds}.json", "--micro_batch_size", "4"]
+    args = base_args(demo_assets, str(finished / source)) + ["--max_steps", "1", "--eval_at_start", "--ds_config",
+                                                             f"ds_configs/{ds}.json", "--micro_batch_size", "4"]
     proc = train(out, args, launcher=launcher, nprocs=ranks)
     assert "continuing from the reward head of" in proc.stdout
     want, got = metrics(finished, "eval")[-1], metrics(out, "eval")[0]

@@ -77,10 +77,9 @@ def test_lora_and_centering_flags_and_their_checks(paths, tmp_path):
                                       "--center_rewards_coefficient", "0.01", "--eval_at_start"])
     assert cfg.model.lora_r == 8 and cfg.model.lora_target == ["q_proj", "v_proj"] and cfg.output.lora_export
     assert cfg.train.center_rewards_coefficient == 0.01 and cfg.train.eval_at_start
-    pt = tmp_path / "reward.pt"
-    pt.write_bytes(b"x")
+    pt = tmp_path / "reward.pt"  # not there
     with pytest.raises(ConfigError) as e:
         load_run_config(["--model", str(pt), "--data", paths[3], "--output_dir", "/tmp/o", "--lora_export"])
     msg = str(e.value)
-    for needle in ("output.lora_export needs LoRA", f"python -m rm_trainer.hf_export {pt} DIR"):
+    for needle in ("output.lora_export needs LoRA", f"model.path '{pt}': file not found (a reward.pt"):
         assert needle in msg, msg

@@ -100,7 +100,7 @@ def lora_run(demo_assets, wide_sft, tmp_path_factory):
 
     def get(name: str):
         if name not in done:
-            ds, extra = {"z2": ("zero2", ["--lora_r", "8"]),
+            ds, extra = {"z2": ("zero2", ["--lora_r", "8", "--packing", "--pack_len", "128"]),
                          "z3": ("zero3", ["--lora_r", "8", "--gradient_checkpointing", "--lora_export"]),
                          "full_z2": ("zero2", [])}[name]
             done[name] = out = root / name
@@ -114,11 +114,13 @@ def lora_run(demo_assets, wide_sft, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_lora_zero2_and_zero3_with_checkpointing_take_the_same_steps(lora_run):
+def test_lora_zero2_packed_and_zero3_with_checkpointing_take_the_same_steps(lora_run):
+    """The same global batches: ZeRO-2 with packed rows vs ZeRO-3 with length-grouped padded batches and
+    activation checkpointing."""
     a, b = losses(lora_run("z2")), losses(lora_run("z3"))
     assert len(a) == len(b) == 8
     diff = max(abs(x - y) for x, y in zip(a, b, strict=True))
-    print("LoRA ZeRO-2 vs ZeRO-3 (+checkpointing) observed max |dloss|", diff)
+    print("LoRA ZeRO-2 packed vs ZeRO-3 grouped + checkpointing, observed max |dloss|", diff)
     assert diff <= 1e-5, (a, b)
     assert a[-1] < a[0]  # it learns
 
@@ -143,15 +145,20 @@ def test_merged_reward_pt_and_hf_export_hold_full_weights_and_a_trained_head(lor
     assert torch.equal(state["backbone.embed_tokens.weight"], base["embed_tokens.weight"])
     assert not torch.equal(state["backbone.layers.0.self_attn.q_proj.weight"],
                            base["layers.0.self_attn.q_proj.weight"])  # merged: base + BA
+    assert_scores_like_reward_pt(AutoModelForSequenceClassification.from_pretrained(out / "hf"), out, demo_assets)
+
+
+def assert_scores_like_reward_pt(model, out, demo_assets) -> None:
+    """A transformers sequence classifier (one text at a time, no padding) vs load_reward_model(reward.pt)
+    on held-out texts."""
     rm = load_reward_model(out / "reward.pt")
     rows = [json.loads(line) for line in open(demo_assets["test"])][:4]
-    texts = [r["prompt"] + r["chosen"] for r in rows]
+    texts = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
     want = rm.score_texts(texts)
-    hf = AutoModelForSequenceClassification.from_pretrained(out / "hf").eval()
     tok = rm.tokenizer
     for t, w in zip(texts, want, strict=True):
         with torch.no_grad():
-            got = hf(**tok(t + tok.eos_token, return_tensors="pt")).logits[0, 0]
+            got = model.eval()(**tok(t + tok.eos_token, return_tensors="pt")).logits[0, 0]
         assert abs(got - w) <= 1e-5 * max(1.0, abs(w)), (got, w)
 
 
@@ -165,16 +172,7 @@ def test_peft_adapter_folder_reloads_with_the_head_and_gives_the_same_rewards(lo
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["task_type"] == "SEQ_CLS" and "score" in cfg["modules_to_save"]
     base = AutoModelForSequenceClassification.from_pretrained(wide_sft, num_labels=1)
-    model = PeftModel.from_pretrained(base, adapter).eval()
-    rm = load_reward_model(out / "reward.pt")
-    rows = [json.loads(line) for line in open(demo_assets["test"])][:4]
-    texts = [r["prompt"] + r["rejected"] for r in rows]
-    want = rm.score_texts(texts)
-    tok = rm.tokenizer
-    for t, w in zip(texts, want, strict=True):
-        with torch.no_grad():
-            got = model(**tok(t + tok.eos_token, return_tensors="pt")).logits[0, 0]
-        assert abs(got - w) <= 1e-5 * max(1.0, abs(w)), (got, w)
+    assert_scores_like_reward_pt(PeftModel.from_pretrained(base, adapter), out, demo_assets)
 
 
 @pytest.mark.slow

@@ -114,6 +114,19 @@ def test_score_texts_of_conversations_matches_training_tokenization_and_rewards(
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     as_pairs = rm.score_texts([(r["chosen"][:1], r["chosen"][1:]) for r in rows])  # (prompt msgs, response msgs)
     assert torch.equal(as_pairs, got[:4])
+    # rm-score on a `messages` file: the chat template inside reward.pt, the same rewards as score_texts
+    import subprocess
+    import sys
+
+    from helpers import ROOT, run_env
+
+    (tmp_path / "msgs.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in items))
+    p = subprocess.run([sys.executable, "-m", "rm_trainer.scoring", "--model", str(out / "reward.pt"), "--input",
+                        str(tmp_path / "msgs.jsonl"), "--output", str(tmp_path / "scored.jsonl")], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    scored = torch.tensor([json.loads(line)["reward"] for line in open(tmp_path / "scored.jsonl")])
+    assert torch.equal(scored, got)
 
 
 PACK_FAMILIES = ("llama", "qwen2", "gpt2")

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""rm-score's batching: rows/s with length-sorted vs input-order token-budgeted batches (JSON out).
+
+Rows are the real HH-RLHF pairs in ../shared/data, each chosen and each rejected response scored as a
+(prompt, response) row, tokenized exactly as rm-score does (data.encode_item) with a 2k byte-level BPE
+trained locally on them, max_len 512. The reward model has real-model proportions but is small (H 512,
+4 layers, GQA 8/2, random init, fp32). Both modes score the same rows with the same --max_batch_tokens
+through scoring.score_sequences (rm-score's own code), in one process; their rewards must agree.
+
+    python bench/score_speed.py               # 1,024 rows (~3 min on 2 cores)
+    python bench/score_speed.py --smoke       # seconds (the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_HH = Path(os.environ.get("RM_TRAINER_SHARED", ROOT.parent / "shared")) / "data" / \
+    "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1024)
+    ap.add_argument("--max_len", type=int, default=512)
+    ap.add_argument("--max_batch_tokens", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.rows, a.max_len, a.max_batch_tokens, a.hidden, a.layers = 64, 128, 1024, 64, 2
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from transformers import AutoModel, LlamaConfig
+
+    from rm_trainer.data import encode_item, special_prefix
+    from rm_trainer.demo import train_tokenizer
+    from rm_trainer.formats import split_hh
+    from rm_trainer.model import RewardModel
+    from rm_trainer.scoring import score_sequences
+
+    torch.set_num_threads(a.threads)
+    hh = [json.loads(line) for line in gzip.open(SHARED_HH, "rt")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_tokenizer([r["chosen"] for r in hh] + [r["rejected"] for r in hh], Path(tmp) / "tok",
+                              vocab_size=2000, kind="bpe")
+    items = []
+    for r in hh:
+        split = split_hh(r["chosen"], r["rejected"])
+        if split is not None and split[1].strip() and split[2].strip():
+            items += [(split[0], split[1]), (split[0], split[2])]
+    random.Random(0).shuffle(items)  # a scoring file in no particular length order
+    items = items[:a.rows]
+    prefix = special_prefix(tok)
+    seqs = [encode_item(tok, it, a.max_len, prefix) for it in items]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, num_hidden_layers=a.layers,
+                      num_attention_heads=max(1, a.hidden // 64), num_key_value_heads=max(1, a.hidden // 256),
+                      intermediate_size=int(a.hidden * 2.6875), max_position_embeddings=a.max_len,
+                      bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    model = RewardModel(AutoModel.from_config(cfg)).eval()
+    model.pad_token_id = tok.pad_token_id
+    result: dict = {"rows": len(seqs), "max_len": a.max_len, "max_batch_tokens": a.max_batch_tokens,
+                    "hidden": a.hidden, "layers": a.layers, "threads": a.threads,
+                    "real_tokens": sum(len(s) for s in seqs), "modes": {}}
+    rewards = {}
+    score_sequences(model, seqs[:8], a.max_batch_tokens)  # warm-up
+    for mode, sort in (("unsorted", False), ("sorted", True)):
+        from rm_trainer.scoring import token_budget_batches
+
+        batches = token_budget_batches([len(s) for s in seqs], a.max_batch_tokens, sort)
+        slots = sum(max(len(seqs[i]) for i in b) * len(b) for b in batches)
+        t0 = time.perf_counter()
+        rewards[mode] = score_sequences(model, seqs, a.max_batch_tokens, sort=sort)
+        seconds = time.perf_counter() - t0
+        result["modes"][mode] = {"seconds": round(seconds, 3), "rows_per_s": round(len(seqs) / seconds, 2),
+                                 "forwards": len(batches),
+                                 "padding_efficiency": round(result["real_tokens"] / slots, 4)}
+    m = result["modes"]
+    result["sorted_over_unsorted_rows_per_s"] = round(m["sorted"]["rows_per_s"] / m["unsorted"]["rows_per_s"], 3)
+    diff = (rewards["sorted"] - rewards["unsorted"]).abs().max().item()
+    result["max_reward_difference"] = diff
+    result["rewards_agree"] = diff <= 1e-4 * max(1.0, rewards["sorted"].abs().max().item())
+    print(json.dumps(result, indent=2))
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
