@@ -192,7 +192,7 @@ def write_part(path: Path, rows: list[dict], dropped: Counter) -> None:
     tmp.replace(path)  # a chunk is either complete or absent: a killed run redoes only unfinished ones
 
 
-def merge(parts: list[Path], output: Path) -> Counter:
+def merge(parts: list[Path], parts_dir: Path, output: Path) -> Counter:
     """The chunks, in order, into the output (jsonl: streamed; parquet: through an arrow cache)."""
     dropped: Counter = Counter()
     tmp = output.with_name(output.name + ".tmp.jsonl")
@@ -204,7 +204,8 @@ def merge(parts: list[Path], output: Path) -> Counter:
     if output.suffix == ".parquet":
         from datasets import Dataset
 
-        Dataset.from_json(str(tmp), keep_in_memory=False).to_parquet(str(output))
+        # the arrow cache goes beside the parts (deleted with them), not into the home directory
+        Dataset.from_json(str(tmp), cache_dir=str(parts_dir / "arrow")).to_parquet(str(output))
         tmp.unlink()
     else:
         tmp.replace(output)
@@ -249,7 +250,7 @@ def run(args) -> dict:
             raise UserError(f"waited {args.wait_timeout_s:.0f}s for the other ranks' chunks {missing[:3]}...; "
                             "rerun to continue (finished chunks are kept)")
         time.sleep(0.5)
-    dropped = merge(every, output)
+    dropped = merge(every, parts, output)
     shutil.rmtree(parts)
     report |= {"output": str(output), "written": len(ds) - sum(dropped.values()), "dropped": dict(dropped)}
     Path(str(output) + ".report.json").write_text(json.dumps(report, indent=2) + "\n")
