@@ -4,7 +4,6 @@ keeps its traceback."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -19,11 +18,15 @@ def _fail(msg: str) -> int:
 
 def main_train(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        from rm_trainer.config import RunConfig
+    if "-h" in argv or "--help" in argv:
+        from rm_trainer.cli_surface import train_help
 
-        print(__doc__ or "")
-        print(json.dumps(RunConfig.model_json_schema(), indent=1))
+        print(train_help())
+        return 0
+    if "--version" in argv:
+        from rm_trainer.cli_surface import version
+
+        print(version())
         return 0
     from rm_trainer.trainer import EXIT_PREEMPTED, Preempted, prepare, train
 
@@ -82,12 +85,14 @@ def dry_run(cfg, ds_cfg: dict, flags: dict) -> int:
 
 
 def main_consolidate(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Merge a ZeRO-2/3 checkpoint into a verified reward.pt. "
+    from rm_trainer.cli_surface import Parser
+
+    p = Parser(prog="rm-consolidate", description="Merge a ZeRO-2/3 checkpoint into a verified reward.pt. "
                                 "Reads pickled DeepSpeed files: use only on checkpoints you trust.")
     p.add_argument("checkpoint_dir", help="OUT/checkpoints (the folder holding 'latest' and step_N/)")
     p.add_argument("--out", required=True, help="path of the reward.pt to write")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the one named in 'latest')")
-    p.add_argument("--no-verify", action="store_true", help="skip re-scoring the probe batch")
+    p.add_argument("--no_verify", action="store_true", help="skip re-scoring the probe batch")
     p.add_argument("--hf_out", default=None, help="also write the HF folder here (from the same tensors)")
     p.add_argument("--hf_shard_size", default="5GB", help="largest safetensors shard of the HF folder")
     p.add_argument("--lora_out", default=None, help="LoRA runs: also write the unmerged adapters + head here as "

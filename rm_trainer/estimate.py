@@ -9,7 +9,6 @@ The same report is printed by `launch/train_reward.py ... --dry-run`.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,7 +143,9 @@ def report(e: Estimate) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from rm_trainer.cli_surface import Parser
+
+    p = Parser(prog="rm-estimate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF folder with config.json (weights are not read)")
     p.add_argument("--ds_config", default=None)
     p.add_argument("--world_size", type=int, default=1)

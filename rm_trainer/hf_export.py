@@ -10,7 +10,6 @@ logit, not a sigmoid of it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -143,7 +142,9 @@ def hf_folder_for(reward_pt: str | Path, out_dir: str | Path, timeout_s: float, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from rm_trainer.cli_surface import Parser
+
+    ap = Parser(prog="rm-export-hf", description=__doc__.splitlines()[0])
     ap.add_argument("reward_pt")
     ap.add_argument("out_dir")
     ap.add_argument("--shard_size", default="5GB", help="largest safetensors shard (default 5GB)")

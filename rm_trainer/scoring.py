@@ -258,8 +258,9 @@ def run(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rm-score", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from rm_trainer.cli_surface import Parser
+
+    p = Parser(prog="rm-score", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="reward.pt or the hf/ folder of a run")
     p.add_argument("--input", required=True, help=".jsonl, .json or .parquet")
     p.add_argument("--output", required=True, help=".jsonl or .parquet")
