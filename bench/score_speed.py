@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rm_trainer.demo import train_tokenizer
     from rm_trainer.formats import split_hh
     from rm_trainer.model import RewardModel
-    from rm_trainer.scoring import score_sequences
+    from rm_trainer.scoring import score_sequences, token_budget_batches
 
     torch.set_num_threads(a.threads)
     hh = [json.loads(line) for line in gzip.open(SHARED_HH, "rt")]
@@ -78,8 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
     rewards = {}
     score_sequences(model, seqs[:8], a.max_batch_tokens)  # warm-up
     for mode, sort in (("unsorted", False), ("sorted", True)):
-        from rm_trainer.scoring import token_budget_batches
-
         batches = token_budget_batches([len(s) for s in seqs], a.max_batch_tokens, sort)
         slots = sum(max(len(seqs[i]) for i in b) * len(b) for b in batches)
         t0 = time.perf_counter()

@@ -38,14 +38,19 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {
         "chosen_ids": pad_right([r["chosen_ids"] for r in rows], pad_id, T),
         "rejected_ids": pad_right([r["rejected_ids"] for r in rows], pad_id, T),
-        "chosen_len": torch.tensor([r["chosen_len"] for r in rows], dtype=torch.long),
-        "rejected_len": torch.tensor([r["rejected_len"] for r in rows], dtype=torch.long),
     }
+    return batch | pair_fields(rows)
+
+
+def pair_fields(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Per-pair tensors every batch carries, padded or packed: lengths, and margin and source if present."""
+    out = {"chosen_len": torch.tensor([r["chosen_len"] for r in rows], dtype=torch.long),
+           "rejected_len": torch.tensor([r["rejected_len"] for r in rows], dtype=torch.long)}
     if "margin" in rows[0]:
-        batch["margin"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)
+        out["margin"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)
     if "source" in rows[0]:
-        batch["source"] = torch.tensor([r["source"] for r in rows], dtype=torch.long)
-    return batch
+        out["source"] = torch.tensor([r["source"] for r in rows], dtype=torch.long)
+    return out
 
 
 def pack(rows: list[dict[str, Any]], pad_id: int, pack_len: int | None) -> dict[str, torch.Tensor]:
@@ -77,14 +82,8 @@ def pack(rows: list[dict[str, Any]], pad_id: int, pack_len: int | None) -> dict[
     batch = {
         "input_ids": ids, "position_ids": pos,
         "last": torch.tensor([(row, col + len(seqs[i]) - 1) for i, (row, col) in enumerate(place)]),
-        "chosen_len": torch.tensor([r["chosen_len"] for r in rows], dtype=torch.long),
-        "rejected_len": torch.tensor([r["rejected_len"] for r in rows], dtype=torch.long),
     }
-    if "margin" in rows[0]:
-        batch["margin"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)
-    if "source" in rows[0]:
-        batch["source"] = torch.tensor([r["source"] for r in rows], dtype=torch.long)
-    return batch
+    return batch | pair_fields(rows)
 
 
 def _spread(seqs: list[list[int]], n_rows: int, cap: int):

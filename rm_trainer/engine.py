@@ -174,6 +174,7 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> None:
 def _load_ds(path: Path) -> dict:
     """A DeepSpeed checkpoint file, memory-mapped. These are pickles written by DeepSpeed itself
     (weights_only=False is required): load them only from checkpoint directories you trust."""
+    # weights_only=False: DeepSpeed's own checkpoint pickles, trusted input only (see the docstring)
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
