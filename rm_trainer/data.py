@@ -69,6 +69,9 @@ def encode_item(tok, item, max_len: int, prefix: list[int]) -> list[int]:
     else:
         prompt, response = item
     if isinstance(response, list):
+        if not getattr(tok, "chat_template", None):
+            raise DataError("a conversation (messages) needs a chat template, and this model's tokenizer has "
+                            "none; send plain text or prompt + response instead")
         p, c, _ = render_conversation(tok, prompt, response, response, None)
         return encode(tok, p, c, max_len, chat=True).chosen
     return encode(tok, prompt, response, max_len, prefix=prefix).chosen

@@ -1,11 +1,14 @@
 """Held-out evaluation: exact metrics over the whole test set, overall and per source, at eval_every and
-at the end. The last result's reward mean/std are the normalisation statistics (never training data)."""
+at the end. The last result's reward mean/std are the normalisation statistics (never training data).
+Every evaluation also gathers each pair's rewards to rank 0 for the diagnostics (diagnostics.py: length
+bias, calibration, margins) and the reward histograms; the last one becomes OUT/eval/ (eval_report.py)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from rm_trainer import engine
+from rm_trainer import diagnostics, engine
 from rm_trainer.data import collate, eval_batches
 from rm_trainer.loss import N_SUMS, metrics_from_sums, pair_sums
 from rm_trainer.step import score_batch
@@ -17,6 +20,23 @@ class Evaluator:
         self.sources = sources
         self.last: dict[str, float] = {}
         self.last_step = 0
+        self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0: the last eval's (r_chosen, r_rejected)
+        self.diagnostics: dict = {}
+        self._lengths: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response tokens of every test pair (after the shared prefix), computed once, on rank 0."""
+        if self._lengths is None:
+            lc, lr = [], []
+            for c, r in zip(self.test["chosen_ids"], self.test["rejected_ids"], strict=True):
+                c, r = np.asarray(c), np.asarray(r)
+                m = min(len(c), len(r))
+                diff = np.flatnonzero(c[:m] != r[:m])
+                k = int(diff[0]) if len(diff) else m
+                lc.append(len(c) - k)
+                lr.append(len(r) - k)
+            self._lengths = torch.tensor(lc), torch.tensor(lr)
+        return self._lengths
 
     def due(self, step: int, total: int) -> bool:
         return self.test is not None and (step == total or bool(self.every and step % self.every == 0))
@@ -33,21 +53,31 @@ class Evaluator:
         rt = self.rt
         eng.eval()
         sums = torch.zeros(len(self.sources), N_SUMS, dtype=torch.float64)
+        per_pair = torch.zeros(len(self.test), 2, dtype=torch.float64)  # each rank fills its pairs; summed below
         with torch.no_grad():
             for idx, w in eval_batches(len(self.test), rt.world_size, rt.rank, self.batch_size):
                 b = collate([self.test[i] for i in idx], self.pad_id)
                 rewards = score_batch(eng, b, rt.device).cpu()  # a CPU-GPU sync point, once per eval batch
                 B = len(idx)
+                real = [j for j, wj in enumerate(w) if wj > 0]
+                per_pair[[idx[j] for j in real]] = torch.stack([rewards[:B], rewards[B:]], 1)[real].double()
                 for s in b["source"].unique().tolist():
                     mask = (b["source"] == s).double() * torch.tensor(w, dtype=torch.float64)
                     sums[s] += pair_sums(rewards[:B], rewards[B:], mask)
         eng.train()
         sums = engine.all_reduce_sum(sums.to(rt.device)).cpu()
+        per_pair = engine.all_reduce_sum(per_pair.to(rt.device)).cpu()
         result = metrics_from_sums(sums.sum(0))
         if len(self.sources) > 1:
             for s, name in enumerate(self.sources):
                 if sums[s, 0] > 0:
                     m = metrics_from_sums(sums[s])
                     result |= {f"{name}/{k}": m[k] for k in ("loss", "acc", "margin")}
+        if rt.is_main:  # seconds of solo work after the collectives, none pending
+            r_c, r_r = per_pair[:, 0].float(), per_pair[:, 1].float()
+            names = [self.sources[int(i)] for i in self.test["source"]] if len(self.sources) > 1 else None
+            self.diagnostics = diagnostics.diagnose(r_c, r_r, *self.lengths(), names)
+            self.pairs = (r_c, r_r)
+            result |= diagnostics.scalars(self.diagnostics)
         self.last, self.last_step = result, step
         return result

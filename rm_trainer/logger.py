@@ -66,6 +66,14 @@ class MetricsLogger:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{split}/{k}", v, step)
 
+    def eval(self, step: int, result: dict, pairs: tuple | None) -> None:
+        """An evaluation's numbers, and (tensorboard) histograms of its rewards and margins."""
+        self.log("eval", step, {k: v for k, v in result.items() if k != "pairs"})
+        if self.enabled and self.tb is not None and pairs is not None:
+            from rm_trainer.eval_report import log_histograms
+
+            log_histograms(self.tb, step, *pairs)
+
     def close(self) -> None:
         self.bar.close()
         if self.tb is not None:

@@ -94,36 +94,41 @@ class RewardModel(nn.Module):
     def config(self) -> PretrainedConfig:
         return self.backbone.config
 
-    def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, H) of the backbone, after its final norm."""
-        return self.backbone(**self._inputs(input_ids, position_ids)).last_hidden_state
+        return self.backbone(**self._inputs(input_ids, position_ids, attention_mask)).last_hidden_state
 
     @staticmethod
-    def _inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> dict:
+    def _inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                attention_mask: torch.Tensor | None = None) -> dict:
         # use_cache=False always: with a cache, transformers skips packed-sequence detection silently.
         # Packed rows: position_ids restart at 0 for every sequence and attention_mask is None, so
-        # transformers builds a per-sequence causal mask (sdpa, eager; see check_packing).
+        # transformers builds a per-sequence causal mask (sdpa, eager; see check_packing). Left-padded
+        # rows (scoring only) pass their attention_mask and position_ids that start at the first real token.
         kw = {"input_ids": input_ids, "use_cache": False}
-        return kw if position_ids is None else kw | {"position_ids": position_ids, "attention_mask": None}
+        return kw if position_ids is None else kw | {"position_ids": position_ids, "attention_mask": attention_mask}
 
     def forward(self, input_ids: torch.Tensor, seq_lengths: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, last: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards in fp32, one per sequence. Right-padded rows (B, T): read at seq_lengths - 1. Packed rows
         (batching.pack): several sequences per row, position_ids restarting at 0 for each, rewards read
-        at `last` = (row, column) of every sequence's final token."""
+        at `last` = (row, column) of every sequence's final token. Left-padded rows (scoring.score_sequences
+        with padding_side="left"): attention_mask and position_ids given, `last` = (row, T - 1)."""
         if position_ids is None:
             pick = lambda x: gather_last(x, seq_lengths)  # noqa: E731
         else:
             pick = lambda x: x[last[:, 0].to(x.device), last[:, 1].to(x.device)]  # noqa: E731
         if self.reward_path == "plain":
-            per_token = self.score(self.forward_hidden(input_ids, position_ids)).squeeze(-1)  # every token
+            per_token = self.score(self.forward_hidden(input_ids, position_ids, attention_mask)).squeeze(-1)
             r = pick(per_token).float()
         else:
             if self.final_norm_name is None:
-                rows = pick(self.forward_hidden(input_ids, position_ids))
+                rows = pick(self.forward_hidden(input_ids, position_ids, attention_mask))
             else:
                 with bypass(self.backbone, self.final_norm_name) as norm:
-                    h = self.backbone(**self._inputs(input_ids, position_ids)).last_hidden_state
+                    h = self.backbone(**self._inputs(input_ids, position_ids, attention_mask)).last_hidden_state
                 rows = norm(pick(h))  # (N, H): the only rows that carry a reward
             r = self.score(rows.float()).squeeze(-1)
         if self.normalization is not None:

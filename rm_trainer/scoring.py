@@ -114,16 +114,36 @@ def token_budget_batches(lengths: list[int], max_batch_tokens: int, sort: bool =
 
 
 @torch.no_grad()
-def score_sequences(model, seqs: list[list[int]], max_batch_tokens: int, sort: bool = True) -> torch.Tensor:
-    """fp32 rewards of token-id sequences, in input order."""
+def score_sequences(model, seqs: list[list[int]], max_batch_tokens: int, sort: bool = True,
+                    padding_side: str = "right", on_forward=None) -> torch.Tensor:
+    """fp32 rewards of token-id sequences, in input order. padding_side="left" pads in front, with an
+    attention mask and position ids that start at each sequence's first token (what HF pipelines do);
+    the rewards agree with right padding to fp32 rounding. on_forward(rows, seconds) is told of every
+    forward (rm-serve's metrics)."""
     from rm_trainer.data import pad_right
 
+    assert padding_side in ("right", "left"), padding_side
     device = model.score.weight.device
     out = torch.empty(len(seqs), dtype=torch.float32)
     for batch in token_budget_batches([len(s) for s in seqs], max_batch_tokens, sort):
-        ids = pad_right([seqs[i] for i in batch], model.pad_token_id).to(device)
-        lens = torch.tensor([len(seqs[i]) for i in batch], device=device)
-        out[torch.tensor(batch)] = model(ids, lens).float().cpu()  # a device-host sync per batch
+        started = time.perf_counter()
+        lens = torch.tensor([len(seqs[i]) for i in batch])
+        if padding_side == "right":
+            ids = pad_right([seqs[i] for i in batch], model.pad_token_id).to(device)
+            r = model(ids, lens.to(device))
+        else:
+            T = int(lens.max())
+            ids = torch.full((len(batch), T), model.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(len(batch), T, dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, T - len(seqs[i]):] = torch.tensor(seqs[i])
+                mask[row, T - len(seqs[i]):] = 1
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            last = torch.stack([torch.arange(len(batch)), torch.full((len(batch),), T - 1)], 1)
+            r = model(ids.to(device), None, pos.to(device), last.to(device), mask.to(device))
+        out[torch.tensor(batch)] = r.float().cpu()  # a device-host sync per batch
+        if on_forward is not None:
+            on_forward(len(batch), time.perf_counter() - started)
     return out
 
 

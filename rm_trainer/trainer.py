@@ -86,7 +86,7 @@ def train(plan: Plan) -> dict:
     # ---- the loop: `step` is the number of the optimizer step being taken (1-based)
     try:
         if t.eval_at_start and done == 0 and test_ds is not None:  # e.g. the model this run continues from
-            log.log("eval", 0, {k: v for k, v in evaluator.run(eng, 0).items() if k != "pairs"})
+            log.eval(0, evaluator.run(eng, 0), evaluator.pairs)
         batches = get_preference_iterator(train_ds, sampler, tok.pad_token_id, done, total, cfg.pack_len)
         for step, micro_batches in batches:
             rec = train_step(eng, step, micro_batches, rt.device, cfg.model.reward_path == "fused", bool(stop),
@@ -94,7 +94,7 @@ def train(plan: Plan) -> dict:
             guard.check(rec)
             log.train_step(rec, lambda: engine.grad_norm(eng), guard.total)
             if evaluator.due(step, total):
-                log.log("eval", step, {k: v for k, v in evaluator.run(eng, step).items() if k != "pairs"})
+                log.eval(step, evaluator.run(eng, step), evaluator.pairs)
             ckpt.after_step(eng, rec, total)  # saves when due; on an agreed stop saves and raises Preempted
         if test_ds is not None and not evaluator.last:  # resumed at the very end: still report and normalise
             evaluator.run(eng, total)
@@ -102,7 +102,7 @@ def train(plan: Plan) -> dict:
     finally:
         log.close()
         ckpt.close()
-    return finish(cfg, rt, out, total, evaluator.last, guard.total)
+    return finish(cfg, rt, out, total, evaluator, guard.total)
 
 
 def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime) -> PairSampler:
@@ -154,11 +154,18 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, n
     return eng, backbone
 
 
-def finish(cfg: RunConfig, rt: engine.Runtime, out: Path, total: int, last_eval: dict, skipped: int) -> dict:
-    """End of run. Every rank leaves the process group first; then rank 0 alone consolidates, verifies and
-    exports (minutes for a big model) with no collective pending, so no rank can time out waiting."""
+def finish(cfg: RunConfig, rt: engine.Runtime, out: Path, total: int, evaluator: Evaluator, skipped: int) -> dict:
+    """End of run. Every rank leaves the process group first; then rank 0 alone writes the held-out
+    evaluation's report (OUT/eval/), consolidates, verifies and exports (minutes for a big model) with no
+    collective pending, so no rank can time out waiting."""
     engine.leave_process_group()
-    result = {"steps": total, "eval": last_eval, "skipped_steps": skipped}
+    result = {"steps": total, "eval": evaluator.last, "skipped_steps": skipped}
+    if rt.is_main and evaluator.pairs is not None:
+        from rm_trainer import eval_report
+
+        eval_report.write(out / "eval", {"model": f"{out.name} at step {evaluator.last_step} (held-out set)",
+                                         "files": [cfg.data.test_path or "held-out split"],
+                                         "diagnostics": evaluator.diagnostics}, *evaluator.pairs)
     if rt.is_main:
         hf_out = (cfg.output.hf_out or out / "hf") if cfg.output.hf_export else None
         result["reward_pt"] = consolidate(out / "checkpoints", out / "reward.pt", f"step_{total}",

@@ -10,6 +10,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rm_trainer import demo  # noqa: E402
 
+# The same kernels (the same summation order, so the same fp32 bits) as the subprocesses the tests start
+# (helpers.run_env sets OMP_NUM_THREADS=1): in-process score_texts is compared bit for bit with them.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_shm_segments():

@@ -10,7 +10,8 @@ from helpers import BIN, ROOT, run_env
 
 from rm_trainer.config import SECTIONS, RunConfig
 
-COMMANDS = ("rm-train", "rm-prepare", "rm-consolidate", "rm-score", "rm-export-hf", "rm-estimate")
+COMMANDS = ("rm-train", "rm-prepare", "rm-consolidate", "rm-score", "rm-serve", "rm-eval", "rm-export-hf",
+            "rm-estimate")
 
 
 def cli(command: str, *args: str) -> subprocess.CompletedProcess:
@@ -23,7 +24,9 @@ def side_parser(command: str):
     import rm_trainer.cli as c
     import rm_trainer.estimate as e
     import rm_trainer.hf_export as h
+    import rm_trainer.rm_eval as ev
     import rm_trainer.scoring as s
+    import rm_trainer.serve as sv
 
     captured = {}
 
@@ -37,8 +40,8 @@ def side_parser(command: str):
     Parser.parse_args = grab
     try:
         with pytest.raises(SystemExit):
-            {"rm-consolidate": c.main_consolidate, "rm-score": s.main, "rm-export-hf": h.main,
-             "rm-estimate": e.main}[command]([])
+            {"rm-consolidate": c.main_consolidate, "rm-score": s.main, "rm-serve": sv.main, "rm-eval": ev.main,
+             "rm-export-hf": h.main, "rm-estimate": e.main}[command]([])
     finally:
         Parser.parse_args = original
     return captured["parser"]
@@ -66,6 +69,8 @@ def test_help_names_every_option_and_version_prints(command):
     ("rm-prepare", ["--micro-batch-sise", "2"], "--micro_batch_size"),
     ("rm-consolidate", ["ckpt", "--out", "x", "--hf-outt", "y"], "--hf_out"),
     ("rm-score", ["--model", "m", "--input", "i", "--output", "o", "--max-batch-tokns", "5"], "--max_batch_tokens"),
+    ("rm-serve", ["--model", "m", "--max-wait-msec", "5"], "--max_wait_ms"),
+    ("rm-eval", ["--model", "m", "--data", "d", "--max_batch_tokns", "5"], "--max_batch_tokens"),
     ("rm-export-hf", ["a", "b", "--shard-sise", "1GB"], "--shard_size"),
     ("rm-estimate", ["--model", "m", "--wold_size", "8"], "--world_size"),
 ])

@@ -126,8 +126,10 @@ def test_standalone_consolidate_reproduces_reward_pt(run, tmp_path):
 def test_run_writes_exactly_these_files(run):
     out = run("torchrun_z3_w2")
     top = sorted(p.name for p in out.iterdir())
-    assert top == ["checkpoints", "data_cache", "data_report.json", "final_metrics.json", "hf", "metrics.jsonl",
-                   "reward.pt", "run_config.json", "tb"]
+    assert top == ["checkpoints", "data_cache", "data_report.json", "eval", "final_metrics.json", "hf",
+                   "metrics.jsonl", "reward.pt", "run_config.json", "tb"]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["calibration.png", "length_gap.png", "metrics.json",
+                                                                "report.md", "rewards.png"]
     ck = out / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_12", "step_6", "zero_to_fp32.py",
                                                    "zero_to_torch.py"]
