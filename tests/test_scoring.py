@@ -26,7 +26,11 @@ def test_token_budget_batches_cover_every_index_once_within_the_budget():
     for b in batches:
         assert max(lengths[i] for i in b) * len(b) <= 80 or len(b) == 1  # 300 > 80 gets a batch of its own
         assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+        assert min(lengths[i] for i in b) >= 0.75 * max(lengths[i] for i in b)  # at most a quarter padding
+    # 300 | 40 40 (x3 > 80) | 39 | 12 (< 0.75 x 39) | 7 7 | 5 (< 0.75 x 7) | 1
+    assert [[lengths[i] for i in b] for b in batches] == [[300], [40, 40], [39], [12], [7, 7], [5], [1]]
     assert token_budget_batches(lengths, 80, sort=False)[0] == [0, 1]  # input order: 40 x 3 > 80
+    assert token_budget_batches([10, 2, 10], 1000, sort=False) == [[0, 1, 2]]  # the baseline: budget only
 
 
 def test_format_is_decided_from_the_columns_and_bad_rows_name_file_line_field():
