@@ -87,3 +87,20 @@ def test_score_speed_bench_smoke(tmp_path):
     m = r["modes"]
     assert m["sorted"]["padding_efficiency"] > m["unsorted"]["padding_efficiency"]
     assert m["sorted"]["forwards"] <= m["unsorted"]["forwards"]
+
+
+def test_serve_bench_smoke_reports_every_mode_and_concurrency(tmp_path):
+    """The real rm-serve process under closed-loop clients; the README's table comes from the default sizes."""
+    if not SHARED_HH.is_file():
+        pytest.skip(f"{SHARED_HH} not found")
+    out = tmp_path / "serve.json"
+    p = subprocess.run([sys.executable, "bench/serve_speed.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert set(r["modes"]) == {"batching", "max_wait_0", "off"}
+    for mode in r["modes"].values():
+        for c, run in mode["concurrency"].items():
+            assert run["requests_per_s"] > 0 and 0 < run["p50_ms"] <= run["p99_ms"], (c, run)
+    assert r["modes"]["off"]["concurrency"]["8"]["rows_per_forward"] == 1.0  # batching off: one request a forward
+    assert r["batching_over_off_requests_per_s_at_max_concurrency"] > 0
