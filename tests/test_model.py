@@ -183,7 +183,8 @@ def test_packing_guard_catches_sequences_that_see_each_other(monkeypatch):
     m = family_model("llama", "sdpa").eval()
     assert check_packing(m, m.config, torch.device("cpu")) is None
     # the silent failure: without position_ids (or with a cache) the packed row is one long sequence
-    monkeypatch.setattr(RewardModel, "_inputs", staticmethod(lambda ids, pos: {"input_ids": ids, "use_cache": False}))
+    monkeypatch.setattr(RewardModel, "_inputs",
+                        staticmethod(lambda ids, pos, mask=None: {"input_ids": ids, "use_cache": False}))
     assert "attend to each other" in check_packing(m, m.config, torch.device("cpu"))
     m.config._attn_implementation = "flex_attention"
     assert "cannot keep packed sequences apart" in check_packing(m, m.config, torch.device("cpu"))
