@@ -68,20 +68,29 @@ def _pairs_file(path: str, tok, max_len: int, chat: bool, on_error: str, sid: in
     return [c_ids[i] for i in keep], [r_ids[i] for i in keep], [str(subsets[i]) for i in keep], dropped
 
 
-def _v2_file(path: str, tok, max_len: int, chat: bool):
+def _v2_problem(row: dict) -> str | None:
+    for field in ("chosen", "rejected"):
+        v = row.get(field)
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v):
+            return f"field {field!r}: expected a non-empty list of non-empty texts"
+    if not isinstance(row.get("prompt"), str) or not isinstance(row.get("subset"), str):
+        return "fields 'prompt' and 'subset' must be text"
+    return None
+
+
+def _v2_file(path: str, tok, max_len: int, chat: bool, on_error: str, dropped: Counter):
     """Per prompt: its completions' ids (chosen first) and metadata."""
     from rm_trainer.data import encode_item, special_prefix
     from rm_trainer.scoring import read_rows
 
     prefix, prompts = special_prefix(tok), []
     for i, row in enumerate(read_rows(path)):
-        where = f"{path}:{i + 1}"
-        for field in ("chosen", "rejected"):
-            v = row.get(field)
-            if not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v):
-                raise DataError(f"{where}: field {field!r}: expected a non-empty list of non-empty texts")
-        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("subset"), str):
-            raise DataError(f"{where}: fields 'prompt' and 'subset' must be text")
+        problem = _v2_problem(row)
+        if problem and on_error == "error":
+            raise DataError(f"{path}:{i + 1}: {problem} (or pass --on_error skip to count and leave it out)")
+        if problem:
+            dropped["malformed"] += 1
+            continue
         responses = row["chosen"] + row["rejected"]
         items = ([([{"role": "user", "content": row["prompt"]}], [{"role": "assistant", "content": r}])
                   for r in responses] if chat else [(row["prompt"], r) for r in responses])
@@ -100,12 +109,13 @@ def evaluate(model, files: list[str], max_batch_tokens: int = 16384, padding_sid
     pairs_c, pairs_r, groups, dropped, v2, v1_subsets = [], [], [], Counter(), [], set()
     for sid, path in enumerate(files):
         if _is_v2(path):
-            v2 += _v2_file(path, tok, model.max_len, use_chat)
+            v2 += _v2_file(path, tok, model.max_len, use_chat, on_error, dropped)
         else:
             c, r, g, d = _pairs_file(path, tok, model.max_len, use_chat, on_error, sid)
             if rewardbench.is_v1(set(g)):
                 v1_subsets |= set(g)
-            pairs_c, pairs_r, groups, dropped = pairs_c + c, pairs_r + r, groups + g, dropped + d
+            pairs_c, pairs_r, groups = pairs_c + c, pairs_r + r, groups + g
+            dropped.update(d)
     seqs = pairs_c + pairs_r + [s for p in v2 for s in p["seqs"]]
     if not seqs:
         raise UserError(f"--data {' '.join(files)}: no usable pairs (dropped: {dict(dropped)})")
@@ -146,7 +156,9 @@ def parser():
     p = Parser(prog="rm-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="reward.pt or the hf/ folder of a run")
     p.add_argument("--data", required=True, nargs="+", help="preference files (.jsonl, .json, .parquet, ...)")
-    p.add_argument("--output_dir", default=None, help="default: eval/ beside the model")
+    p.add_argument("--output_dir", default=None,
+                   help="default: eval/<first data file's name>/ beside the model (the run's own eval/ report "
+                        "of its held-out set stays)")
     p.add_argument("--max_batch_tokens", type=int, default=16384, help="padded tokens per forward")
     p.add_argument("--padding_side", choices=("right", "left"), default="right",
                    help="how batches are padded (the results do not depend on it)")
@@ -162,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from rm_trainer.artifact import load_reward_model
 
-    out = Path(args.output_dir or Path(args.model).resolve().parent / "eval")
+    name = Path(args.data[0]).name.split(".")[0] or "data"
+    out = Path(args.output_dir or Path(args.model).resolve().parent / "eval" / name)
     try:
         model = load_reward_model(args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         result, rows, r_c, r_r = evaluate(model, args.data, args.max_batch_tokens, args.padding_side, args.chat,

@@ -5,6 +5,7 @@ end-of-training held-out report agreeing with rm-eval on the same file."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -129,5 +130,12 @@ def test_bad_rows_are_named_by_file_line_and_field(run, tmp_path):
     bad = tmp_path / "v2.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "chosen": ["a"], "rejected": ["b"], "subset": "Math"}) + "\n"
                    + json.dumps({"prompt": "p", "chosen": ["a"], "rejected": [], "subset": "Math"}) + "\n")
-    p = rm_eval("--model", str(run("torchrun_z3_w2") / "reward.pt"), "--data", str(bad))
+    model = tmp_path / "rm" / "reward.pt"  # a copy: the shared run's folder keeps exactly its own files
+    model.parent.mkdir()
+    shutil.copy(run("torchrun_z3_w2") / "reward.pt", model)
+    p = rm_eval("--model", str(model), "--data", str(bad))
     assert p.returncode == 2 and f"{bad}:2: field 'rejected'" in p.stderr and "Traceback" not in p.stderr
+    p = rm_eval("--model", str(model), "--data", str(bad), "--on_error", "skip")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["dropped"] == {"malformed": 1}
+    assert (model.parent / "eval" / "v2" / "report.md").is_file()  # default: eval/<data name>/ beside the model
