@@ -86,7 +86,9 @@ def test_score_speed_bench_smoke(tmp_path):
     assert r["rewards_agree"] and r["rows"] == 64
     m = r["modes"]
     assert m["sorted"]["padding_efficiency"] > m["unsorted"]["padding_efficiency"]
-    assert m["sorted"]["forwards"] <= m["unsorted"]["forwards"]
+    # sorted batches are split at the budget and wherever a quarter would be padding (scoring.MIN_FILL):
+    # they may take a forward or two more than input order, and are never under 3/4 real tokens
+    assert m["sorted"]["padding_efficiency"] >= 0.75
 
 
 def test_serve_bench_smoke_reports_every_mode_and_concurrency(tmp_path):
