@@ -9,6 +9,7 @@ prompt, plus any common start of the two responses).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # (label, lower, upper] on the relative length gap (len_c - len_r) / max(len_c, len_r)
@@ -19,11 +20,13 @@ CALIBRATION_BINS = 10
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def response_lengths(chosen: list[int], rejected: list[int]) -> tuple[int, int]:
-    k = 0
-    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
-        k += 1
-    return len(chosen) - k, len(rejected) - k
+def response_lengths(chosen, rejected) -> tuple[int, int]:
+    """Tokens of each side after the prefix the two share (token-id sequences)."""
+    c, r = np.asarray(chosen), np.asarray(rejected)
+    m = min(len(c), len(r))
+    diff = np.flatnonzero(c[:m] != r[:m])
+    k = int(diff[0]) if len(diff) else m
+    return len(c) - k, len(r) - k
 
 
 def correct(delta: torch.Tensor) -> torch.Tensor:

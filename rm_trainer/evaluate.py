@@ -5,7 +5,6 @@ bias, calibration, margins) and the reward histograms; the last one becomes OUT/
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from rm_trainer import diagnostics, engine
@@ -27,15 +26,9 @@ class Evaluator:
     def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Response tokens of every test pair (after the shared prefix), computed once, on rank 0."""
         if self._lengths is None:
-            lc, lr = [], []
-            for c, r in zip(self.test["chosen_ids"], self.test["rejected_ids"], strict=True):
-                c, r = np.asarray(c), np.asarray(r)
-                m = min(len(c), len(r))
-                diff = np.flatnonzero(c[:m] != r[:m])
-                k = int(diff[0]) if len(diff) else m
-                lc.append(len(c) - k)
-                lr.append(len(r) - k)
-            self._lengths = torch.tensor(lc), torch.tensor(lr)
+            pairs = zip(self.test["chosen_ids"], self.test["rejected_ids"], strict=True)
+            lengths = [diagnostics.response_lengths(c, r) for c, r in pairs]
+            self._lengths = torch.tensor([c for c, _ in lengths]), torch.tensor([r for _, r in lengths])
         return self._lengths
 
     def due(self, step: int, total: int) -> bool:
