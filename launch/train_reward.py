@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train a reward model. Works under `deepspeed`, `torchrun`, srun, or plain `python` (one process).
+"""Train a reward model: rm-train as a script. Works under `deepspeed`, `torchrun`, srun, or plain `python`
+(one process).
 
     deepspeed --num_gpus 8 launch/train_reward.py --ds_config ds_configs/zero3.json \
         --model /ckpt/sft --data pairs.jsonl --output_dir out/rm
@@ -10,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rm_trainer.cli import main_train  # noqa: E402
+from rm_trainer.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main_train(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,7 @@ the model is still our RewardModel: the fused reward path, packing, activation c
 work unchanged. Only the adapters and the `score` head require grad, so only they get optimizer state;
 the head is always fully trained (it is new: an adapter on it would start from a random matrix).
 
-Consolidation (artifact.consolidate): the merged state of a LoRA run holds the frozen base weights
+Consolidation (artifact/consolidate.py): the merged state of a LoRA run holds the frozen base weights
 (`X.base_layer.weight`), the adapters (`X.lora_A.default.weight`, `X.lora_B.default.weight`) and the
 head. `merge_lora` folds every adapter into its base weight, W + (alpha / r) B A, computed in fp32 and
 rounded once, so `reward.pt` and the HF export are plain full models: no `lora_` keys, head (1, H).
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rm_trainer.errors import ConfigError
+from rm_trainer.model import RewardModel, backbone_from_config_dict
 
 ADAPTER = "default"  # peft's adapter name; it appears in the parameter names
 LORA_A, LORA_B, BASE = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight", ".base_layer"
@@ -69,18 +70,12 @@ def apply_lora(backbone: nn.Module, model_cfg: dict, seed: int) -> nn.Module:
     return backbone
 
 
-def is_lora_state(state: dict[str, torch.Tensor]) -> bool:
-    return any(k.endswith(LORA_A) for k in state)
-
-
 def merge_lora(state: dict[str, torch.Tensor], lora: dict, backbone_config: dict) -> int:
     """In place: every adapted layer's `X.base_layer.weight` + `X.lora_{A,B}` -> `X.weight` = W + s B A with
     s = alpha / r, computed in fp32 and cast back to W's dtype (bias moved likewise). GPT-2's Conv1D stores
     W transposed (in, out); which layers are Conv1D comes from the architecture built on the meta device,
     not from the shapes (square layers would be ambiguous). Returns how many layers were merged."""
     from transformers.pytorch_utils import Conv1D
-
-    from rm_trainer.model import RewardModel, backbone_from_config_dict
 
     with torch.device("meta"):
         plain = RewardModel(backbone_from_config_dict(backbone_config, torch.float32))

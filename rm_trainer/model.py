@@ -1,8 +1,10 @@
-"""RewardModel: an HF decoder backbone (no lm_head) plus a scalar `score` head read at the last real token."""
+"""RewardModel: an HF decoder backbone (no lm_head) plus a scalar `score` head read at the last real token;
+and the one batched scorer (score_sequences) that score_texts, rm-score, rm-serve and rm-eval share."""
 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+from rm_trainer.data.batching import pad_right, token_budget_batches
+from rm_trainer.data.tokenize import encode_item, special_prefix
+from rm_trainer.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -113,8 +119,8 @@ class RewardModel(nn.Module):
                 position_ids: torch.Tensor | None = None, last: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards in fp32, one per sequence. Right-padded rows (B, T): read at seq_lengths - 1. Packed rows
-        (batching.pack): several sequences per row, position_ids restarting at 0 for each, rewards read
-        at `last` = (row, column) of every sequence's final token. Left-padded rows (scoring.score_sequences
+        (data.batching.pack): several sequences per row, position_ids restarting at 0 for each, rewards read
+        at `last` = (row, column) of every sequence's final token. Left-padded rows (score_sequences
         with padding_side="left"): attention_mask and position_ids given, `last` = (row, T - 1)."""
         if position_ids is None:
             pick = lambda x: gather_last(x, seq_lengths)  # noqa: E731
@@ -140,16 +146,45 @@ class RewardModel(nn.Module):
         """Rewards (fp32, on the CPU, in input order) for texts, tokenized exactly as in training. Each item is
         a full text, a (prompt, response) pair (reproduces training tokenization bit for bit), a
         conversation (a list of {role, content} messages, rendered with the chat template the model was
-        trained with), or a (prompt, response messages) pair. See data.encode_item. Batched as `rm-score`
+        trained with), or a (prompt, response messages) pair. See data.tokenize.encode_item. Batched as `rm-score`
         batches: sorted by length, at most max_batch_tokens padded tokens per forward.
 
         Needs `.tokenizer`, `.max_len` and `.pad_token_id`, which `load_reward_model` attaches."""
-        from rm_trainer.data import encode_item, special_prefix
-        from rm_trainer.scoring import score_sequences
-
         prefix = special_prefix(self.tokenizer)
         return score_sequences(self, [encode_item(self.tokenizer, t, self.max_len, prefix) for t in texts],
                                max_batch_tokens)
+
+
+@torch.no_grad()
+def score_sequences(model, seqs: list[list[int]], max_batch_tokens: int, sort: bool = True,
+                    padding_side: str = "right", on_forward=None) -> torch.Tensor:
+    """fp32 rewards of token-id sequences, in input order. padding_side="left" pads in front, with an
+    attention mask and position ids that start at each sequence's first token (what HF pipelines do);
+    the rewards agree with right padding to fp32 rounding. on_forward(rows, seconds) is told of every
+    forward (rm-serve's metrics)."""
+    assert padding_side in ("right", "left"), padding_side
+    device = model.score.weight.device
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    for batch in token_budget_batches([len(s) for s in seqs], max_batch_tokens, sort):
+        started = time.perf_counter()
+        lens = torch.tensor([len(seqs[i]) for i in batch])
+        if padding_side == "right":
+            ids = pad_right([seqs[i] for i in batch], model.pad_token_id).to(device)
+            r = model(ids, lens.to(device))
+        else:
+            T = int(lens.max())
+            ids = torch.full((len(batch), T), model.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(len(batch), T, dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, T - len(seqs[i]):] = torch.tensor(seqs[i])
+                mask[row, T - len(seqs[i]):] = 1
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            last = torch.stack([torch.arange(len(batch)), torch.full((len(batch),), T - 1)], 1)
+            r = model(ids.to(device), None, pos.to(device), last.to(device), mask.to(device))
+        out[torch.tensor(batch)] = r.float().cpu()  # a device-host sync per batch
+        if on_forward is not None:
+            on_forward(len(batch), time.perf_counter() - started)
+    return out
 
 
 PACKABLE = ("sdpa", "eager", "flash_attention_2")
@@ -212,8 +247,6 @@ def build_backbone(path: str, dtype: torch.dtype, random_init: bool = False,
     Under ZeRO-3 the engine keeps an HfDeepSpeedConfig alive meanwhile, and transformers then builds
     every layer already partitioned.
     """
-    from rm_trainer.errors import ConfigError
-
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     config = AutoConfig.from_pretrained(path)
     is_rm = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
@@ -241,8 +274,6 @@ def read_head(path: str) -> torch.Tensor:
     from pathlib import Path
 
     from safetensors import safe_open
-
-    from rm_trainer.errors import ConfigError
 
     folder = Path(path)
     index = folder / "model.safetensors.index.json"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rm_trainer import data_cache, trainer  # noqa: E402
-from rm_trainer.cli import main_train  # noqa: E402
+from rm_trainer.cli.train import main as main_train  # noqa: E402
+from rm_trainer.data import cache as data_cache  # noqa: E402
+from rm_trainer.train import run as trainer  # noqa: E402
 
 real_train_step = trainer.train_step
 

@@ -18,6 +18,25 @@ SHARED = Path(os.environ.get("RM_TRAINER_SHARED", ROOT.parent / "shared"))
 SHARED_HH = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
+def train_args(model, data, test_data=None, ds: str | None = None, **flags) -> list[str]:
+    """A training command line: the model, the data, the held-out file, the DeepSpeed JSON
+    (ds_configs/<ds>.json), then `--flag value` for every keyword (True: the bare boolean flag, False:
+    --no-flag, None: left out). The one place tests spell rm-train's arguments."""
+    args = ["--model", str(model), "--data", str(data)]
+    if test_data is not None:
+        args += ["--test_data", str(test_data)]
+    if ds is not None:
+        args += ["--ds_config", f"ds_configs/{ds}.json"]
+    for name, value in flags.items():
+        if value is True:
+            args.append(f"--{name}")
+        elif value is False:
+            args.append(f"--no-{name}")
+        elif value is not None:
+            args += [f"--{name}", str(value)]
+    return args
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

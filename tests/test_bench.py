@@ -33,8 +33,8 @@ def test_artifact_memory_bench_small_model(tmp_path):
     """The end-of-run commands (consolidate, load, export) run as separate processes on a real 2-rank
     ZeRO-3 checkpoint and report their peaks; the README's figures come from the default (0.3 B) size."""
     out = tmp_path / "am.json"
-    small = ["--layers", "2", "--hidden", "256", "--inter", "512", "--vocab", "8000", "--shard_size", "1MB"]
-    p = subprocess.run([sys.executable, "bench/artifact_memory.py", *small, "--out", str(out)], cwd=ROOT,
+    small = ["--layers", "2", "--hidden", "256", "--inter", "512", "--vocab", "8000", "--hf_shard_size", "1MB"]
+    p = subprocess.run([sys.executable, "bench/artifact_memory.py", *small, "--output", str(out)], cwd=ROOT,
                        env=run_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     r = json.loads(out.read_text())
@@ -48,7 +48,7 @@ def test_artifact_memory_bench_small_model(tmp_path):
 def test_prepare_data_bench_second_start_hits_the_cache(tmp_path):
     out = tmp_path / "pd.json"
     p = subprocess.run([sys.executable, "bench/prepare_data.py", "--pairs", "3000", "--formats", "jsonl,conversational",
-                        "--out", str(out)], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=900)
+                        "--output", str(out)], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     r = json.loads(out.read_text())
     for fmt in ("jsonl", "conversational"):
@@ -60,7 +60,7 @@ def test_prepare_data_bench_second_start_hits_the_cache(tmp_path):
 @pytest.mark.skipif(not SHARED_HH.is_file(), reason=f"real HH-RLHF pairs not found at {SHARED_HH}")
 def test_throughput_bench_smoke_runs_three_modes_with_equal_losses(tmp_path):
     out = tmp_path / "tp.json"
-    p = subprocess.run([sys.executable, "bench/throughput.py", "--smoke", "--threads", "1", "--out", str(out)],
+    p = subprocess.run([sys.executable, "bench/throughput.py", "--smoke", "--threads", "1", "--output", str(out)],
                        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     r = json.loads(out.read_text())
@@ -79,7 +79,7 @@ def test_score_speed_bench_smoke(tmp_path):
     if not SHARED_HH.is_file():
         pytest.skip(f"real HH-RLHF pairs not found at {SHARED_HH}")
     out = tmp_path / "score.json"
-    p = subprocess.run([sys.executable, "bench/score_speed.py", "--smoke", "--out", str(out)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "bench/score_speed.py", "--smoke", "--output", str(out)], cwd=ROOT,
                        env=run_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     r = json.loads(out.read_text())
@@ -96,7 +96,7 @@ def test_serve_bench_smoke_reports_every_mode_and_concurrency(tmp_path):
     if not SHARED_HH.is_file():
         pytest.skip(f"{SHARED_HH} not found")
     out = tmp_path / "serve.json"
-    p = subprocess.run([sys.executable, "bench/serve_speed.py", "--smoke", "--out", str(out)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "bench/serve_speed.py", "--smoke", "--output", str(out)], cwd=ROOT,
                        env=run_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     r = json.loads(out.read_text())

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import load_artifact, losses, train
+from helpers import load_artifact, losses, train, train_args
 from test_model import family_model
 
 from rm_trainer import load_reward_model
@@ -100,14 +100,13 @@ def lora_run(demo_assets, wide_sft, tmp_path_factory):
 
     def get(name: str):
         if name not in done:
-            ds, extra = {"z2": ("zero2", ["--lora_r", "8", "--packing", "--pack_len", "128"]),
-                         "z3": ("zero3", ["--lora_r", "8", "--gradient_checkpointing", "--lora_export"]),
-                         "full_z2": ("zero2", [])}[name]
+            ds, extra = {"z2": ("zero2", {"lora_r": 8, "packing": True, "pack_len": 128}),
+                         "z3": ("zero3", {"lora_r": 8, "gradient_checkpointing": True, "lora_export": True}),
+                         "full_z2": ("zero2", {})}[name]
             done[name] = out = root / name
-            train(out, ["--model", wide_sft, "--data", demo_assets["train"], "--test_data", demo_assets["test"],
-                        "--ds_config", f"ds_configs/{ds}.json", "--dtype", "fp32", "--lr", "1e-3", "--max_steps",
-                        "8", "--warmup_steps", "1", "--max_len", "64", "--seed", "5", "--micro_batch_size", "2",
-                        "--eval_every", "4"] + extra)
+            train(out, train_args(wide_sft, demo_assets["train"], demo_assets["test"], ds, dtype="fp32", lr=1e-3,
+                                  max_steps=8, warmup_steps=1, max_len=64, seed=5, micro_batch_size=2, eval_every=4,
+                                  **extra))
         return done[name]
 
     return get

@@ -78,7 +78,7 @@ def test_score_texts_of_conversations_matches_training_tokenization_and_rewards(
     the probe pairs' token ids, and the live engine's rewards for them."""
     import json
 
-    from helpers import load_artifact, train
+    from helpers import load_artifact, train, train_args
 
     from rm_trainer import load_reward_model
 
@@ -95,16 +95,15 @@ def test_score_texts_of_conversations_matches_training_tokenization_and_rewards(
 
     (tmp_path / "chat.jinja").write_text(CHAT)
     out = tmp_path / "run"
-    train(out, ["--model", tiny_pretrained, "--data", conv(demo_assets["train"]), "--test_data",
-                conv(demo_assets["test"]), "--chat_template", str(tmp_path / "chat.jinja"), "--dtype", "fp32",
-                "--max_steps", "3", "--max_len", "64", "--micro_batch_size", "4", "--lr", "1e-3"],
-          launcher="python", nprocs=1)
+    train(out, train_args(tiny_pretrained, conv(demo_assets["train"]), conv(demo_assets["test"]),
+                          chat_template=tmp_path / "chat.jinja", dtype="fp32", max_steps=3, max_len=64,
+                          micro_batch_size=4, lr=1e-3), launcher="python", nprocs=1)
     rm = load_reward_model(out / "reward.pt")
     assert rm.tokenizer.chat_template == CHAT  # carried inside reward.pt
     probe = load_artifact(out)["probe"]
     rows = [json.loads(line) for line in open(tmp_path / "test.jsonl")][:4]
     items = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]  # whole conversations
-    from rm_trainer.data import encode_item, special_prefix
+    from rm_trainer.data.tokenize import encode_item, special_prefix
 
     prefix = special_prefix(rm.tokenizer)
     for item, ids, n in zip(items, probe["input_ids"], probe["seq_lengths"], strict=True):
@@ -121,7 +120,7 @@ def test_score_texts_of_conversations_matches_training_tokenization_and_rewards(
     from helpers import ROOT, run_env
 
     (tmp_path / "msgs.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in items))
-    p = subprocess.run([sys.executable, "-m", "rm_trainer.scoring", "--model", str(out / "reward.pt"), "--input",
+    p = subprocess.run([sys.executable, "-m", "rm_trainer.cli.score", "--model", str(out / "reward.pt"), "--data",
                         str(tmp_path / "msgs.jsonl"), "--output", str(tmp_path / "scored.jsonl")], cwd=ROOT,
                        env=run_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -158,7 +157,7 @@ def pairs(n=5, seed=0):
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", PACK_FAMILIES)
 def test_packed_rows_give_the_rewards_and_gradients_of_padded_rows(family, impl):
-    from rm_trainer.batching import collate, pack
+    from rm_trainer.data.batching import collate, pack
     from rm_trainer.loss import fused_bradley_terry
 
     rows = pairs()

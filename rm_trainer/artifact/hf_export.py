@@ -1,0 +1,137 @@
+"""Export `reward.pt` as a folder plain transformers loads with AutoModelForSequenceClassification.
+
+    rm-export-hf --model OUT/reward.pt --output_dir OUT/hf [--hf_shard_size 5GB]
+
+The folder has the *ForSequenceClassification architecture, num_labels=1, the head named `score`,
+pad_token_id set, safetensors weights (sharded, with an index, above the shard size), the tokenizer,
+the held-out reward mean/std in the config, and a model card showing how to read the raw reward (the
+logit, not a sigmoid of it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rm_trainer.artifact.format import read_artifact, tokenizer_from_files
+from rm_trainer.errors import UserError
+
+CARD = """---
+library_name: transformers
+tags: [reward-model, rlhf, rm_trainer]
+---
+# Reward model (Bradley-Terry), trained with rm_trainer
+
+A scalar reward head (`score`, Linear(H, 1, bias=False)) on a {base} backbone. The reward of a text
+is the raw logit at its last real token; higher means more preferred. Use the logit itself: a sigmoid
+of a single reward is not a probability. `sigmoid(r_a - r_b)` is the modelled probability that a is
+preferred to b.
+
+```python
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("{path}")
+rm = AutoModelForSequenceClassification.from_pretrained("{path}").eval()
+texts = ["Human: hi Assistant: Hello! How can I help?"]
+# exactly as in training: the text ends in EOS, where the reward is read
+batch = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True,
+            add_special_tokens=True)
+with torch.no_grad():
+    reward = rm(**batch).logits[:, 0]          # raw reward, one per text
+normalized = (reward - rm.config.reward_mean) / rm.config.reward_std   # held-out statistics
+```
+
+Held-out reward statistics: mean {mean}, std {std}. Max length in training: {max_len} tokens.
+Padding token for batching: `{pad}` (id {pad_id}), which differs from EOS so that the pooled
+position is the final EOS.
+"""
+
+
+def export_hf(reward_pt: str | Path, out_dir: str | Path, shard_size: str = "5GB") -> Path:
+    """reward.pt (memory-mapped) -> HF folder."""
+    return export_artifact(read_artifact(reward_pt), out_dir, shard_size)
+
+
+def export_artifact(art: dict, out_dir: str | Path, shard_size: str = "5GB") -> Path:
+    """Write the HF folder from an artifact dict whose tensors are already in memory (or memory-mapped):
+    the model is built on the meta device around those tensors, so nothing is copied but one shard at a
+    time while the safetensors files are written (`model.safetensors`, or `model-0000k-of-0000n
+    .safetensors` + `model.safetensors.index.json` above shard_size)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    tok = tokenizer_from_files(art["tokenizer_files"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = json.loads(art["backbone_config"])
+    config = AutoConfig.for_model(**cfg_dict)
+    config.num_labels = 1
+    config.problem_type = "regression"
+    # HF pools at the last token that is not pad_token_id. With pad == eos (common for Llama-3), that
+    # would skip our final EOS, where the reward lives; pick another special token as the pad.
+    pad_id = tok.pad_token_id
+    if pad_id is None or pad_id == tok.eos_token_id:
+        for candidate in (tok.bos_token, tok.unk_token):
+            if candidate is not None and tok.convert_tokens_to_ids(candidate) != tok.eos_token_id:
+                tok.pad_token = candidate
+                break
+        else:
+            raise UserError("the tokenizer has no special token other than EOS to pad with; add a pad token")
+        pad_id = tok.pad_token_id
+    config.pad_token_id = pad_id
+    stats = art.get("reward_stats") or {}
+    config.reward_mean = float(stats.get("mean", 0.0))
+    config.reward_std = float(stats.get("std", 1.0))
+    config.rm_max_len = int(art["max_len"])  # load_reward_model(hf folder) tokenizes exactly as training did
+    dtype = art["state_dict"]["score.weight"].dtype
+    with init_empty_weights(include_buffers=False):
+        hf = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    prefix = hf.base_model_prefix
+    state = {}
+    for k, v in art["state_dict"].items():
+        if k.startswith("backbone."):
+            state[f"{prefix}.{k.removeprefix('backbone.')}"] = v
+        elif k == "score.weight":
+            state["score.weight"] = v
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    # buffers such as rotary inv_freq are rebuilt from the config; every parameter must be covered
+    params = {n for n, p in hf.named_parameters()}
+    still_meta = sorted(n for n, p in hf.named_parameters() if p.is_meta)
+    if set(missing) & params or unexpected or still_meta:
+        raise RuntimeError(f"HF export: missing {sorted(set(missing) & params)}, unexpected {unexpected}, "
+                           f"never assigned {still_meta}")
+    hf.save_pretrained(out, safe_serialization=True, max_shard_size=shard_size)
+    tok.save_pretrained(out)
+    (out / "README.md").write_text(CARD.format(base=type(hf).__name__.removesuffix("ForSequenceClassification"),
+                                               path=str(out), mean=round(config.reward_mean, 4),
+                                               std=round(config.reward_std, 4), max_len=art["max_len"],
+                                               pad=tok.pad_token, pad_id=pad_id))
+    return out
+
+
+def hf_folder_for(reward_pt: str | Path, out_dir: str | Path, timeout_s: float, poll_s: float = 1.0) -> Path:
+    """`--model reward.pt`: the HF folder a run starts from (and continues the head of), exported once into
+    OUT/init_model/<key> by rank 0, keyed by the file's path, size and mtime. Runs before any process group
+    exists, so the other ranks (on any node sharing OUT) poll for the finished folder: the export is
+    written beside it and renamed into place."""
+    import hashlib
+    import os
+    import shutil
+    import time
+
+    src = Path(reward_pt).resolve()
+    st = src.stat()
+    key = hashlib.sha256(f"{src}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = Path(out_dir) / "init_model" / key
+    if os.environ.get("RANK", "0") == "0" and not dest.is_dir():
+        tmp = dest.with_name(key + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_hf(src, tmp)
+        tmp.rename(dest)
+    deadline = time.monotonic() + timeout_s
+    while not dest.is_dir():
+        if time.monotonic() > deadline:
+            raise UserError(f"waited {timeout_s:.0f}s for rank 0 to export {src} to {dest}")
+        time.sleep(poll_s)
+    return dest

@@ -1,0 +1,63 @@
+"""rm-eval: evaluate a reward model on preference files, RewardBench v1/v2 among them, with diagnostics.
+
+    rm-eval --model OUT/reward.pt --data reward-bench.parquet [more files] [--output_dir OUT/eval/NAME]
+
+Pair files are read as training reads them (the same shapes, column-key flags and --chat_template);
+RewardBench 2 files (list-valued chosen/rejected) are scored one chosen against all its rejected. Writes
+metrics.json, report.md, scores.jsonl and the pictures (rm_trainer/eval/files.py, report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from rm_trainer.cli.parser import Parser, add_model_options, add_on_error, model_options, run
+
+PROG = "rm-eval"
+
+
+def parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_model_options(p)
+    p.add_argument("--data", default=None, nargs="+", help="preference files (.jsonl, .json, .parquet, ...)")
+    p.require("--data")
+    p.add_argument("--output_dir", default=None,
+                   help="default: eval/<first data file's name>/ beside the model (the run's own eval/ report "
+                        "of its held-out set stays)")
+    p.add_argument("--format", choices=("auto", "hh", "prompt", "conversational"), default="auto",
+                   help="the pair files' shape (auto: decided from each file's first row)")
+    for name in ("prompt", "chosen", "rejected"):
+        p.add_argument(f"--{name}_key", default=name, help=f"column of the {name} field in pair files")
+    p.add_argument("--padding_side", choices=("right", "left"), default="right",
+                   help="how batches are padded (the results do not depend on it)")
+    p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="render RewardBench's plain prompts with the chat template (auto: if the tokenizer has one)")
+    add_on_error(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    def go() -> int:
+        from rm_trainer.data.formats import PairKeys
+        from rm_trainer.eval.files import EvalOptions, evaluate, write
+
+        name = Path(args.data[0]).name.split(".")[0] or "data"
+        out = Path(args.output_dir or Path(args.model).resolve().parent / "eval" / name)
+        opts = EvalOptions(PairKeys(args.prompt_key, args.chosen_key, args.rejected_key), args.format, args.chat,
+                           args.on_error, args.max_batch_tokens, args.padding_side)
+        result, rows, r_c, r_r = evaluate(model_options(args).load(), args.data, opts)
+        result["model"] = str(args.model)
+        print(json.dumps(write(out, result, rows, r_c, r_r)), flush=True)
+        return 0
+
+    return run(PROG, go)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Preference data, from file to batch: read and check every source (formats), truncate (truncation),
+tokenize (tokenize), split, mix and account for every row (sources), cache the result by content
+(cache), and cut it into micro-batches (batching). Imports nothing above `config`."""

@@ -1,0 +1,179 @@
+"""Tokenization exactly as training does it, for training (tokenize_source: a whole source in one batched
+datasets.map, every row given a status) and for scoring (encode_item: one text, pair or conversation).
+
+A sequence is [BOS] + prompt + response, truncated by the policy in truncation.py, + EOS: the reward is
+read at that final EOS. Conversations are rendered with the chat template, which writes its own BOS.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rm_trainer.config import DataConfig
+from rm_trainer.data.formats import (
+    PairKeys,
+    render_conversation,
+    row_location,
+    row_problem,
+    skip_hint,
+    split_hh,
+)
+from rm_trainer.data.truncation import truncate_pair
+from rm_trainer.errors import DataError
+
+DROP_REASONS = ("malformed", "empty_response", "identical_raw", "identical_after_truncation")
+KEPT_NOTES = ("prompt_truncated", "response_truncated", "hh_no_common_prompt")
+
+
+def special_prefix(tok) -> list[int]:
+    """Leading special tokens the tokenizer adds (e.g. BOS); kept at the front of every sequence."""
+    ids = tok("", add_special_tokens=True)["input_ids"]
+    return [i for i in ids if i != tok.eos_token_id]
+
+
+def encode(tok, prompt: str, response: str, max_len: int, chat: bool = False, prefix: list[int] | None = None):
+    """Token ids exactly as in training: [BOS] + prompt + response, truncated by the policy, + EOS.
+    chat=True: the prompt was rendered by the chat template, which writes its own BOS. Returns the
+    Truncated record (ids in .chosen)."""
+    prefix = [] if chat else special_prefix(tok) if prefix is None else prefix
+    p = prefix + tok(prompt, add_special_tokens=False)["input_ids"]
+    r = tok(response, add_special_tokens=False)["input_ids"]
+    return truncate_pair(p, r, r, tok.eos_token_id, max_len, keep_prefix=len(prefix))
+
+
+def split_conversation(messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(prompt messages, response messages) of one conversation: the response is the trailing run of
+    assistant turns, as in training, where the prompt is what chosen and rejected share."""
+    k = len(messages)
+    while k > 1 and messages[k - 1].get("role") == "assistant":
+        k -= 1
+    return messages[:k], messages[k:]
+
+
+def encode_item(tok, item, max_len: int, prefix: list[int]) -> list[int]:
+    """One item to score, tokenized exactly as training tokenized its sequences: a full text (str); a
+    (prompt, response) pair of strings; a conversation (a list of {role, content}: the trailing assistant
+    turns are the response, rendered with the chat template saved with the model); or (prompt,
+    response messages) with the prompt as text or messages."""
+    if isinstance(item, str):
+        return encode(tok, "", item, max_len, prefix=prefix).chosen
+    if isinstance(item, list):
+        prompt, response = split_conversation(item)
+    else:
+        prompt, response = item
+    if isinstance(response, list):
+        if not getattr(tok, "chat_template", None):
+            raise DataError("a conversation (messages) needs a chat template, and this model's tokenizer has "
+                            "none; send plain text or prompt + response instead")
+        p, c, _ = render_conversation(tok, prompt, response, response, None)
+        return encode(tok, p, c, max_len, chat=True).chosen
+    return encode(tok, prompt, response, max_len, prefix=prefix).chosen
+
+
+def _texts(row: dict, fmt: str, keys: PairKeys, tok) -> tuple[str, str, str, bool, str]:
+    """(prompt, chosen response, rejected response, chat-rendered?, note) of a row of format `fmt`."""
+    c, r = row[keys.chosen], row[keys.rejected]
+    if fmt == "conversational":
+        p, c, r = render_conversation(tok, row.get(keys.prompt), c, r, None)
+        return p, c, r, True, ""
+    if fmt == "prompt":
+        return row[keys.prompt], c, r, False, ""
+    split = split_hh(c, r)
+    if split is None:
+        return "", c, r, False, "hh_no_common_prompt"
+    return (*split, False, "")
+
+
+COLUMNS = ("chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin", "source", "status",
+           "prompt_tokens", "chosen_tokens", "rejected_tokens")
+
+
+def default_num_proc(n_rows: int) -> int:
+    """Tokenization processes: the cores this process may use, capped at 16, and one per 10k rows (a
+    worker costs a second to start)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 16, n_rows // 10_000))
+
+
+def _status(chosen: str, rejected: str, cut, note: str) -> str:
+    """A drop reason (DROP_REASONS), a note (KEPT_NOTES) or "" for a pair that is used as it is."""
+    if not chosen.strip() or not rejected.strip():
+        return "empty_response"
+    if chosen == rejected:
+        return "identical_raw"
+    if cut.identical:
+        return "identical_after_truncation"
+    return note or ("response_truncated" if cut.response_cut else "prompt_truncated" if cut.prompt_cut else "")
+
+
+def tokenize_source(ds, fmt: str, tok, d: DataConfig, source_id: int = 0, path: str = "",
+                    work_dir: str | None = None):
+    """One batched datasets.map over a whole source: check each row against the source's format, render,
+    tokenize (one batched call per field), truncate. Every row gets a status (a drop reason, a note, or
+    ""), so nothing is lost uncounted. A malformed row raises DataError naming file:line and field,
+    unless data.on_error=skip, which counts it. work_dir: where the result's arrow files go (default:
+    beside the source's own, which for a save_to_disk folder is the user's folder)."""
+    keys = PairKeys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key)
+    prefix = special_prefix(tok)
+    eos = tok.eos_token_id
+    if fmt == "conversational" and not tok.chat_template:
+        raise DataError(f"{path}: holds conversations (messages), but the tokenizer has no chat template; "
+                        "pass --chat_template FILE (a Jinja template)")
+
+    def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in COLUMNS}
+        rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+        texts = []
+        for i, row in zip(indices, rows, strict=True):
+            problem = row_problem(row, fmt, keys)
+            if problem and d.on_error == "error":
+                raise DataError(f"{row_location(path, i)}: {problem}" + skip_hint())
+            texts.append(None if problem else _texts(row, fmt, keys, tok))
+        ok = [t for t in texts if t is not None]
+        enc = [tok([t[j] for t in ok], add_special_tokens=False)["input_ids"] if ok else [] for j in range(3)]
+        k = 0
+        for row, t in zip(rows, texts, strict=True):
+            if t is None:
+                p_ids, c_ids, r_ids, status, cut = [], [], [], "malformed", None
+            else:
+                p, c, r, chat, note = t
+                pre = [] if chat else prefix
+                p_ids, c_ids, r_ids = pre + enc[0][k], enc[1][k], enc[2][k]
+                k += 1
+                cut = truncate_pair(p_ids, c_ids, r_ids, eos, d.max_len, keep_prefix=len(pre))
+                status = _status(c, r, cut, note)
+            out["chosen_ids"].append(cut.chosen if cut else [])
+            out["rejected_ids"].append(cut.rejected if cut else [])
+            out["chosen_len"].append(len(cut.chosen) if cut else 0)
+            out["rejected_len"].append(len(cut.rejected) if cut else 0)
+            out["margin"].append(float(row.get(keys.margin) or 0.0) if keys.margin and cut else 0.0)
+            out["source"].append(source_id)
+            out["status"].append(status)
+            out["prompt_tokens"].append(len(p_ids))
+            out["chosen_tokens"].append(len(c_ids) + 1)
+            out["rejected_tokens"].append(len(r_ids) + 1)
+        return out
+
+    num_proc = d.num_proc or default_num_proc(len(ds))
+    name = Path(path).name or "pairs"
+    cache = str(Path(work_dir) / f"tokenized-{source_id}-{name}.arrow") if work_dir else None
+    return ds.map(fn, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
+                  num_proc=num_proc if num_proc > 1 else None, desc=f"tokenizing {name}", cache_file_name=cache,
+                  load_from_cache_file=False)  # reuse is cache.py's job, by content key, never implicit
+
+
+def load_tokenizer(cfg):
+    """The tokenizer, with --chat_template attached: it is saved into every checkpoint and reward.pt, so
+    scoring renders conversations exactly as training did."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    if tok.eos_token_id is None:
+        raise DataError(f"tokenizer {cfg.model.tokenizer or cfg.model.path} has no eos_token; the reward "
+                        "is read at the final EOS, so set eos_token in tokenizer_config.json")
+    if tok.pad_token_id is None:  # pad positions are never read (right padding + causal attention)
+        tok.pad_token = tok.eos_token
+    if cfg.data.chat_template:
+        tok.chat_template = Path(cfg.data.chat_template).read_text()
+    return tok

@@ -1,0 +1,164 @@
+"""The checkpoint owner. It decides when to save (every save_every steps, at the end, and at the step the
+ranks agreed to stop at), writes and commits (artifact/checkpoint_files.py's protocol), rotates in the
+background, resumes, and refuses a resume that would not be exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from rm_trainer.artifact import checkpoint_files as ckpt
+from rm_trainer.config import RunConfig
+from rm_trainer.data.batching import collate
+from rm_trainer.data.cache import data_identity
+from rm_trainer.errors import ConfigError
+from rm_trainer.train import engine
+from rm_trainer.train.step import StepRecord
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly at a committed checkpoint; rerun to resume
+PROBE_PAIRS = 4
+
+
+class Preempted(Exception):
+    """Raised on every rank after the preemption checkpoint is committed."""
+
+    def __init__(self, step: int, tag: str):
+        super().__init__(f"preempted: checkpoint {tag} committed at step {step}; rerun to resume")
+        self.step, self.tag = step, tag
+
+
+def resume_keys(cfg: RunConfig, world: int) -> dict:
+    """What must match for a resume to continue exactly where the checkpoint left off."""
+    t = cfg.train
+    model_id = hashlib.sha256((Path(cfg.model.path) / "config.json").read_bytes()).hexdigest()[:16]
+    return {"world_size": world, "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
+            "global_batch": t.micro_batch_size * t.grad_accum * world,
+            "batching": [t.batching, t.packing and cfg.pack_len]} | data_identity(cfg)
+
+
+def check_resume(cfg: RunConfig, world: int) -> Path | None:
+    """Rank 0, before the process group exists: the checkpoint to resume (damaged ones skipped or refused,
+    see checkpoint.resume_target), refused with every difference named if the resume would not be exact."""
+    root = Path(cfg.output.output_dir) / "checkpoints"
+    target = ckpt.resume_target(root, cfg.train.resume)
+    if target is None:
+        return None
+    diffs = ckpt.resume_differences(target, resume_keys(cfg, world))
+    if any(d.startswith("world_size") for d in diffs):
+        raise ConfigError([f"cannot resume {target} exactly: " + "; ".join(diffs) + ". ZeRO shards are "
+                           "per rank: relaunch with the same number of ranks, or start a new run from its "
+                           "reward.pt (rm-consolidate), or pass --resume never"])
+    if diffs and not cfg.train.resume_force:
+        raise ConfigError([f"cannot resume {target} exactly: " + "; ".join(diffs) +
+                           ". Pass --resume_force to continue anyway (not bit-exact), or --resume never "
+                           "to start over"])
+    return target
+
+
+def make_probe(ds, pad_id: int) -> dict[str, torch.Tensor]:
+    """A few held-out pairs that every checkpoint scores with the live engine; consolidation must
+    reproduce those rewards from the merged weights alone."""
+    b = collate([ds[i] for i in range(min(PROBE_PAIRS, len(ds)))], pad_id)
+    return {"input_ids": torch.cat([b["chosen_ids"], b["rejected_ids"]]),
+            "seq_lengths": torch.cat([b["chosen_len"], b["rejected_len"]])}
+
+
+def run_record(cfg: RunConfig, backbone, tok, world: int, is_main: bool) -> ckpt.CheckpointRecord:
+    bc = backbone.config.to_diff_dict() | {"model_type": backbone.config.model_type}
+    return ckpt.CheckpointRecord(
+        run_config=cfg.model_dump(mode="json"), backbone_config=bc, dtype=cfg.train.dtype,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_len=cfg.data.max_len, world_size=world,
+        resume_keys=resume_keys(cfg, world) if is_main else {})
+
+
+class Checkpointer:
+    def __init__(self, cfg: RunConfig, rt: engine.Runtime, tok, record: ckpt.CheckpointRecord,
+                 probe: dict[str, torch.Tensor], reward_stats):
+        out = Path(cfg.output.output_dir)
+        self.root = out / "checkpoints"
+        self.every, self.keep_last = cfg.train.save_every, cfg.train.keep_last
+        self.marker = Path(cfg.output.preempt_marker or out / "preempted.json")
+        self.rt, self.tok, self.record, self.probe, self.reward_stats = rt, tok, record, probe, reward_stats
+        self.saved: tuple[int, str] | None = None
+        self._rotation: threading.Thread | None = None
+        if rt.is_main:  # half-written folders of a killed run: moved aside now, deleted in the background
+            ckpt.clean_partial(self.root)
+            self._background(ckpt.purge_trash, self.root)
+
+    def resume(self, eng, target: Path | None) -> int:
+        """Weights, Adam state and LR schedule (DeepSpeed), then step and RNG states (ours). Returns the
+        number of steps already done (0 for a fresh start)."""
+        if target is None:
+            return 0
+        eng.load(str(target.parent), target.name)
+        step = ckpt.restore_rank_state(target / f"rm_state_rank{self.rt.rank}.pt")
+        if self.rt.is_main:
+            print(f"[rm_trainer] resumed from {target} at step {step}", flush=True)
+        return step
+
+    def after_step(self, eng, rec: StepRecord, total: int) -> None:
+        """Save every save_every steps (the last step is saved by the end of the run). If the ranks agreed
+        to stop, make sure this step is committed, write the marker and raise Preempted everywhere."""
+        if rec.step == total:
+            return
+        if self.every and rec.step % self.every == 0:
+            self.save(eng, rec.step)
+        if rec.stop:
+            tag = self.saved[1] if self.saved and self.saved[0] == rec.step else self.save(eng, rec.step)
+            if self.rt.is_main:
+                self.marker.write_text(json.dumps({"step": rec.step, "tag": tag,
+                                                   "ranks_signalled": rec.stop_votes}) + "\n")
+            engine.barrier()  # no rank exits (and makes the launcher kill the others) before the marker
+            raise Preempted(rec.step, tag)
+
+    def save(self, eng, step: int) -> str:
+        """Every rank writes and checksums its files into step_N.tmp/; rank 0 commits after a barrier."""
+        rt, tag, t0 = self.rt, ckpt.tag_for(step), time.perf_counter()
+        eng.eval()
+        with torch.no_grad():  # the probe the consolidated weights must reproduce (collective under ZeRO-3)
+            rewards = eng(self.probe["input_ids"].to(rt.device), self.probe["seq_lengths"].to(rt.device)).cpu()
+        eng.train()
+        tmp = self.root / (tag + ".tmp")
+        eng.save(str(self.root), tmp.name)
+        torch.save(ckpt.rank_state(step), tmp / f"rm_state_rank{rt.rank}.pt")
+        if rt.is_main:
+            self.tok.save_pretrained(tmp / ckpt.TOKENIZER_DIR)
+            self.record.step, self.record.reward_stats = step, self.reward_stats()
+            self.record.probe = {k: v.tolist() for k, v in self.probe.items()} | {"rewards": rewards.tolist()}
+            self.record.write(tmp / ckpt.META_FILE)
+        ckpt.write_rank_checksums(tmp, rt.rank, rt.world_size)  # in parallel, while the pages are hot
+        engine.barrier()  # every rank's files are on disk before the commit
+        if rt.is_main:
+            self.close()  # the previous rotation must be done before `latest` moves again
+            ckpt.commit(self.root, step, rt.world_size)
+            print(f"[rm_trainer] committed {tag} in {time.perf_counter() - t0:.2f}s", flush=True)
+            # deleting old checkpoints can take a while on a parallel file system: not behind a barrier
+            self._background(self._rotate)
+        engine.barrier()
+        self.saved = (step, tag)
+        return tag
+
+    def _background(self, fn, *args) -> None:
+        self._rotation = threading.Thread(target=fn, args=args, name="rm_trainer-rotation")
+        self._rotation.start()
+
+    def _rotate(self) -> None:
+        try:
+            removed = ckpt.rotate(self.root, self.keep_last)
+        except OSError as e:  # a failed deletion must not kill training: say so and keep going
+            print(f"[rm_trainer] rotation failed: {e}", flush=True)
+            return
+        if removed:
+            print(f"[rm_trainer] rotated out {', '.join(removed)}", flush=True)
+
+    def close(self) -> None:
+        if self._rotation is not None:
+            self._rotation.join()
+            self._rotation = None
+

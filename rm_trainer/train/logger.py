@@ -1,0 +1,82 @@
+"""Metrics sinks: tensorboard under OUT/tb, one JSON object per line in OUT/metrics.jsonl, and the
+progress bar (rank 0). The logger decides which steps get a log line; only those pay a host sync."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rm_trainer.train.step import StepRecord
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int = 0,
+                 total: int = 0, every: int = 1):
+        """resume_step > 0: drop what an interrupted run logged after that step, so every step appears
+        once in metrics.jsonl and in tensorboard (purge_step) after a resume."""
+        self.enabled, self.total, self.every = enabled, total, every
+        self.tb = None
+        self.jsonl = None
+        self.bar = tqdm(total=total, initial=resume_step, disable=not enabled, desc="train", dynamic_ncols=True)
+        self.window: tuple[float, int] | None = None  # (start time, steps done before) of the current window
+        if not enabled:
+            return
+        path = out_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        self.jsonl = open(path, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def train_step(self, rec: StepRecord, grad_norm: Callable[[], float | None], skipped_steps: int) -> None:
+        """A line every `every` steps, at the last step, and at every skipped (non-finite) step. Step time
+        is averaged over the steps since the previous line, from the first one's start to this line's
+        sync: the host runs ahead of the GPU in between, so only a window that ends at a sync measures
+        it (and evaluation or saving after a line stays outside the next window)."""
+        self.bar.update(1)
+        if self.window is None:
+            self.window = (rec.started, rec.step - 1)
+        if not self.enabled or not (rec.step % self.every == 0 or rec.step == self.total or rec.skipped):
+            return
+        stats = rec.stats.tolist()  # the statistics reach the host here, and only here
+        start, before = self.window
+        self.window = None
+        m = rec.metrics((time.perf_counter() - start) / (rec.step - before), stats)
+        g = grad_norm()
+        self.log("train", rec.step, m | {"grad_norm": g if g is not None and math.isfinite(g) else None,
+                                         "skipped_steps": skipped_steps})
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", skipped=skipped_steps)
+
+    def log(self, split: str, step: int, values: dict[str, float | int | None]) -> None:
+        if not self.enabled:
+            return
+        values = {k: v for k, v in values.items() if v is not None}
+        self.jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def eval(self, step: int, result: dict, pairs: tuple | None) -> None:
+        """An evaluation's numbers, and (tensorboard) histograms of its rewards and margins."""
+        self.log("eval", step, {k: v for k, v in result.items() if k != "pairs"})
+        if self.enabled and self.tb is not None and pairs is not None:
+            from rm_trainer.eval.report import log_histograms
+
+            log_histograms(self.tb, step, *pairs)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

@@ -1,0 +1,187 @@
+"""The training run, top to bottom: data -> model -> engine -> steps -> end of run. Each concern has an
+owner that decides for itself: the data cache (data/cache.py), the step (step.py), evaluation
+(evaluator.py), checkpoints and resume (checkpointer.py), logging (logger.py), the artifact
+(artifact/consolidate.py). DeepSpeed stays behind engine.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rm_trainer.artifact.consolidate import consolidate
+from rm_trainer.config import RunConfig
+from rm_trainer.data.batching import PairSampler, get_preference_iterator
+from rm_trainer.data.cache import load_data
+from rm_trainer.data.tokenize import load_tokenizer
+from rm_trainer.errors import ConfigError, DataError
+from rm_trainer.lora import apply_lora, trainable_summary
+from rm_trainer.model import DTYPES, RewardModel, build_backbone, check_packing, disable_dropout, enable_checkpointing
+from rm_trainer.train import engine
+from rm_trainer.train.checkpointer import (
+    EXIT_PREEMPTED,
+    Checkpointer,
+    Preempted,
+    check_resume,
+    make_probe,
+    run_record,
+)
+from rm_trainer.train.ds_config import fill_scheduler_steps, resolve_ds_config
+from rm_trainer.train.evaluator import Evaluator
+from rm_trainer.train.logger import MetricsLogger
+from rm_trainer.train.optim import build_optimizer, scheduler_factory, warmup_steps
+from rm_trainer.train.step import SkipGuard, StopFlag, train_step
+
+__all__ = ["EXIT_PREEMPTED", "Plan", "Preempted", "prepare", "train"]
+
+
+@dataclass
+class Plan:
+    cfg: RunConfig
+    ds_cfg: dict
+    resume_from: Path | None  # decided by rank 0 (None on the other ranks until it is broadcast)
+
+
+def prepare(cfg: RunConfig) -> Plan:
+    """Everything that can fail on a bad config, before a process group exists."""
+    cfg = resolve_model(cfg)
+    hidden = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("hidden_size")
+    world = engine.world_size_from_env()
+    ds_cfg, cfg = resolve_ds_config(cfg, world, hidden, cuda=torch.cuda.is_available())
+    # one rank checks (the launcher stops the others if it fails) and later tells them its choice
+    resume_from = check_resume(cfg, world) if os.environ.get("RANK", "0") == "0" else None
+    return Plan(cfg, ds_cfg, resume_from)
+
+
+def resolve_model(cfg: RunConfig) -> RunConfig:
+    """--model reward.pt continues from that reward model through its HF export (see hf_export.hf_folder_for)."""
+    if not cfg.model.path.endswith(".pt"):
+        return cfg
+    from rm_trainer.artifact.hf_export import hf_folder_for
+
+    folder = hf_folder_for(cfg.model.path, cfg.output.output_dir, cfg.data.prepare_timeout_s)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(folder)})})
+
+
+def train(plan: Plan) -> dict:
+    cfg, t = plan.cfg, plan.cfg.train
+    out = Path(cfg.output.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rt = engine.init_distributed(t.dist_timeout_s)
+    stop = StopFlag().install()
+    torch.manual_seed(t.seed)
+
+    # ---- data: rank 0 builds or loads the tokenized cache; the others poll for it (no collective)
+    tok = load_tokenizer(cfg)
+    train_ds, test_ds, sources = load_data(cfg, tok, rt, out)
+    sampler = make_sampler(cfg, train_ds, rt)
+    total = t.max_steps or t.epochs * sampler.steps_per_epoch
+    eng, backbone = build_engine(cfg, plan.ds_cfg, rt, total, len(train_ds), sampler.global_batch, test_ds)
+    # packing: each micro step's pair-loss sum x world x accum / global pairs (see step.train_step)
+    loss_scale = rt.world_size * t.grad_accum / sampler.global_batch if t.packing else None
+
+    # ---- owners: evaluation, checkpoints (and resume), the non-finite guard, logging
+    evaluator = Evaluator(test_ds, t.eval_every, cfg.eval_batch_size, rt, tok.pad_token_id, sources)
+    ckpt = Checkpointer(cfg, rt, tok, run_record(cfg, backbone, tok, rt.world_size, rt.is_main),
+                        make_probe(test_ds if test_ds else train_ds, tok.pad_token_id), evaluator.reward_stats)
+    done = ckpt.resume(eng, engine.broadcast_object(plan.resume_from))
+    guard = SkipGuard(t.max_consecutive_skips, lambda step: sampler.global_batch_indices(step - 1))
+    log = MetricsLogger(out, rt.is_main, cfg.output.tensorboard, done, total, t.log_every)
+
+    # ---- the loop: `step` is the number of the optimizer step being taken (1-based)
+    try:
+        if t.eval_at_start and done == 0 and test_ds is not None:  # e.g. the model this run continues from
+            log.eval(0, evaluator.run(eng, 0), evaluator.pairs)
+        batches = get_preference_iterator(train_ds, sampler, tok.pad_token_id, done, total, cfg.pack_len)
+        for step, micro_batches in batches:
+            rec = train_step(eng, step, micro_batches, rt.device, cfg.model.reward_path == "fused", bool(stop),
+                             loss_scale, t.center_rewards_coefficient)
+            guard.check(rec)
+            log.train_step(rec, eng.grad_norm, guard.total)
+            if evaluator.due(step, total):
+                log.eval(step, evaluator.run(eng, step), evaluator.pairs)
+            ckpt.after_step(eng, rec, total)  # saves when due; on an agreed stop saves and raises Preempted
+        if test_ds is not None and not evaluator.last:  # resumed at the very end: still report and normalise
+            evaluator.run(eng, total)
+        ckpt.save(eng, total)
+    finally:
+        log.close()
+        ckpt.close()
+    return finish(cfg, rt, out, total, evaluator, guard.total)
+
+
+def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime) -> PairSampler:
+    t = cfg.train
+    lengths = {}
+    if t.batching == "grouped" or t.packing:  # token counts of every pair, read as two arrow columns
+        lengths = {k: train_ds.data.column(k).to_numpy() for k in ("chosen_len", "rejected_len")}
+    return PairSampler(len(train_ds), t.micro_batch_size, t.grad_accum, rt.world_size, rt.rank, t.seed, t.batching,
+                       t.packing, **lengths)
+
+
+def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, n_train: int, global_batch: int,
+                 test_ds) -> tuple:
+    """Backbone + head -> DeepSpeed engine. Under ZeRO-3 `z3` must stay referenced until initialize:
+    transformers builds the layers already partitioned while it is alive."""
+    t = cfg.train
+    if total == 0:
+        raise DataError(f"{n_train} training pairs cannot fill one global batch of {global_batch} "
+                        "(micro_batch_size x grad_accum x world_size); lower them")
+    fill_scheduler_steps(ds_cfg, total, warmup_steps(t, total))
+    if rt.is_main:
+        (Path(cfg.output.output_dir) / "run_config.json").write_text(json.dumps(
+            {"run": cfg.model_dump(mode="json"), "deepspeed": ds_cfg, "world_size": rt.world_size,
+             "total_steps": total, "train_pairs": n_train,
+             "test_pairs": len(test_ds) if test_ds is not None else 0}, indent=2) + "\n")
+    z3 = engine.zero3_context(ds_cfg)
+    backbone, head = build_backbone(cfg.model.path, DTYPES[t.dtype], cfg.model.random_init,
+                                    cfg.model.attn_implementation)
+    if cfg.model.disable_dropout:
+        disable_dropout(backbone)
+    if cfg.model.lora_r:  # after disable_dropout: an explicit lora_dropout is kept
+        backbone = apply_lora(backbone, cfg.model.model_dump(), t.seed)
+    if cfg.model.gradient_checkpointing:
+        enable_checkpointing(backbone)
+    model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed, reward_path=cfg.model.reward_path, head=head)
+    if rt.is_main and head is not None:
+        print(f"[rm_trainer] continuing from the reward head of {cfg.model.path}", flush=True)
+    if rt.is_main and cfg.model.lora_r:
+        print(f"[rm_trainer] LoRA: {json.dumps(trainable_summary(model))}", flush=True)
+    optimizer = None if "optimizer" in ds_cfg else build_optimizer(model, t)
+    scheduler = None if "scheduler" in ds_cfg else scheduler_factory(t, total)
+    eng = engine.initialize(model, ds_cfg, optimizer, scheduler)
+    del z3
+    if t.packing:  # refuse a model that would let packed sequences attend to each other (every rank runs it)
+        problem = check_packing(eng, backbone.config, rt.device)
+        if problem:
+            raise ConfigError([f"train.packing: {problem}"])
+    eng.train()
+    return eng, backbone
+
+
+def finish(cfg: RunConfig, rt: engine.Runtime, out: Path, total: int, evaluator: Evaluator, skipped: int) -> dict:
+    """End of run. Every rank leaves the process group first; then rank 0 alone writes the held-out
+    evaluation's report (OUT/eval/), consolidates, verifies and exports (minutes for a big model) with no
+    collective pending, so no rank can time out waiting."""
+    engine.leave_process_group()
+    result = {"steps": total, "eval": evaluator.last, "skipped_steps": skipped}
+    if rt.is_main and evaluator.pairs is not None:
+        from rm_trainer.eval import report
+
+        report.write(out / "eval", {"model": f"{out.name} at step {evaluator.last_step} (held-out set)",
+                                         "files": [cfg.data.test_path or "held-out split"],
+                                         "diagnostics": evaluator.diagnostics}, *evaluator.pairs)
+    if rt.is_main:
+        hf_out = (cfg.output.hf_output_dir or out / "hf") if cfg.output.hf_export else None
+        result["reward_pt"] = consolidate(out / "checkpoints", out / "reward.pt", f"step_{total}",
+                                          verify=cfg.output.verify, hf_out=hf_out,
+                                          hf_shard_size=cfg.output.hf_shard_size,
+                                          lora_out=out / "lora_adapter" if cfg.output.lora_export else None)
+        if hf_out is not None:
+            result["hf"] = result["reward_pt"].pop("hf")
+        (out / "final_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

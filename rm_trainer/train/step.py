@@ -1,0 +1,137 @@
+"""One optimizer step: its micro-batches go through forward, backward and step; its statistics stay on
+the device, are all-reduced once, and reach the host only when a log line is written (no host sync on
+the hot path).
+
+Also here: the stop flag that preemption signals set, and the guard that counts (and, after too many in
+a row, aborts on) non-finite steps.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rm_trainer.data.batching import token_slots
+from rm_trainer.loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, metrics_from_sums, pair_sums
+from rm_trainer.train import engine
+
+TOKENS, SLOTS = N_SUMS, N_SUMS + 1  # after the pair sums in a step's statistics vector
+
+
+class StopFlag:
+    """USR1/TERM only set a flag (saving inside a signal handler could interleave with a collective in
+    flight). The flag rides on the step's all-reduce, so every rank sees any rank's signal at the same step."""
+
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+
+    def install(self) -> StopFlag:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: self.signals.append(signal.Signals(signum).name))
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.signals)
+
+
+def score_batch(eng, b: dict, device: torch.device) -> torch.Tensor:
+    """Rewards (2B,) = [chosen; rejected] from ONE forward: both halves share every ZeRO-3 weight
+    gather and kernel launch. Padded batches (data.batching.collate) or packed ones (data.batching.pack)."""
+    if "input_ids" in b:
+        return eng(b["input_ids"].to(device), None, b["position_ids"].to(device), b["last"].to(device))
+    ids = torch.cat([b["chosen_ids"], b["rejected_ids"]]).to(device)
+    lens = torch.cat([b["chosen_len"], b["rejected_len"]]).to(device)
+    return eng(ids, lens)
+
+
+def loss_fn(rewards: torch.Tensor, fused: bool, margin: torch.Tensor | None = None,
+            scale: float | None = None, center: float = 0.0) -> torch.Tensor:
+    if fused:
+        return fused_bradley_terry(rewards, margin, scale, center)[0]
+    B = rewards.shape[0] // 2
+    return bradley_terry_loss(rewards[:B], rewards[B:], margin, scale, center)
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step did. `stats` is on the device, already summed over ranks:
+    [pair sums (see loss.SUM_FIELDS), real tokens, token slots computed]. `skipped` and `stop_votes` are
+    host values: DeepSpeed's own skipped-step counter, and how many ranks were asked to stop."""
+
+    step: int
+    stats: torch.Tensor
+    skipped: bool
+    stop_votes: int
+    lr: float
+    started: float  # host clock when the step began (the logger times windows of steps from it)
+
+    @property
+    def stop(self) -> bool:
+        return self.stop_votes > 0
+
+    def metrics(self, seconds: float, values: list[float] | None = None) -> dict[str, float | None]:
+        """Per-pair means and throughput (`seconds`: the step's wall time). Moves the statistics to the
+        host (unless `values` already holds them): a CPU-GPU sync point, so only when a line is logged."""
+        v = self.stats.tolist() if values is None else values
+        m = metrics_from_sums(torch.tensor(v[:N_SUMS], dtype=torch.float64))
+        finite = {k: (x if math.isfinite(x) else None) for k, x in m.items()
+                  if k in ("acc", "margin", "reward_mean", "reward_std")}
+        return {"loss": m["loss"], **finite, "lr": self.lr, "pairs_per_s": m["pairs"] / seconds,
+                "tokens_per_s": v[TOKENS] / seconds, "padding_efficiency": v[TOKENS] / v[SLOTS]}
+
+
+def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, fused: bool,
+               stop_requested: bool, loss_scale: float | None = None, center: float = 0.0) -> StepRecord:
+    """grad_accum micro-batches -> one optimizer update (DeepSpeed applies it at the last micro step).
+    Nothing here waits for the GPU.
+
+    loss_scale None: each micro-batch's loss is its mean pair loss (equal-sized micro-batches). With
+    packing they differ in size, so each contributes its pair-loss *sum* x loss_scale = world x accum /
+    global pairs: after DeepSpeed's 1/accum and its average over ranks, the update minimises the mean
+    over the global batch's pairs, exactly as with equal micro-batches. `center` (reward centering) is a
+    per-pair term, so the same weighting applies to it. The logged loss is the BT part alone."""
+    started = time.perf_counter()
+    lr = eng.lr()
+    skipped_before = eng.skipped()
+    sums = torch.zeros(N_SUMS, dtype=torch.float64, device=device)
+    tokens = slots = 0
+    for b in micro_batches:
+        rewards = score_batch(eng, b, device)
+        margin = b["margin"].to(device) if "margin" in b else None
+        loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale, center=center)
+        eng.backward(loss)  # scaled by 1/grad_accum and reduced across ranks
+        # At the accumulation boundary this applies the update, unless the all-reduced gradient norm is
+        # non-finite (a NaN loss anywhere makes it so): the engine then skips it on every rank together
+        # (no weight or Adam change) and counts it (eng.skipped()).
+        eng.step()
+        B = b["chosen_len"].shape[0]
+        sums += pair_sums(rewards[:B], rewards[B:])  # stays on the device: no sync per micro step
+        tokens += int(b["chosen_len"].sum() + b["rejected_len"].sum())  # host tensors from collate
+        slots += token_slots(b)
+    stats = torch.cat([sums, torch.tensor([tokens, slots], dtype=torch.float64, device=device)])
+    engine.all_reduce_sum(stats)  # one collective per step, queued on the device; read only by a log line
+    # Stop votes travel as host integers (gloo), so every rank agrees on stopping at this step without
+    # waiting for the GPU; a signal seen by any rank stops them all here.
+    stop_votes = engine.host_sum(int(stop_requested))
+    return StepRecord(step, stats, eng.skipped() > skipped_before, stop_votes, lr, started)
+
+
+class SkipGuard:
+    """Counts steps whose loss or gradient norm was not finite (DeepSpeed already skipped their update
+    on every rank) and aborts after max_consecutive of them in a row, naming the step and its pairs."""
+
+    def __init__(self, max_consecutive: int, batch_indices) -> None:
+        self.max_consecutive, self.batch_indices = max_consecutive, batch_indices
+        self.total = self.in_a_row = 0
+
+    def check(self, rec: StepRecord) -> None:
+        self.total += rec.skipped
+        self.in_a_row = self.in_a_row + 1 if rec.skipped else 0
+        if self.in_a_row >= self.max_consecutive:
+            raise RuntimeError(
+                f"step {rec.step}: {self.in_a_row} consecutive steps with a non-finite loss or gradient norm; "
+                f"the last global batch held training pairs {sorted(self.batch_indices(rec.step))}")

@@ -1,0 +1,170 @@
+"""rm-score: score a file of texts with a trained reward model, for best-of-n, rejection sampling and data
+filtering (rows: see use/rows.py). The output has the same rows in the same order plus `reward` (or
+`rewards` and `best_index`).
+
+Fast: sequences are sorted by length into batches of at most max_batch_tokens padded tokens
+(model.score_sequences, the same code as score_texts and rm-serve), and the rewards go back to input
+order. The rows are cut into fixed chunks of chunk_rows; with several ranks (torchrun / deepspeed set RANK
+and WORLD_SIZE) each takes a contiguous run of chunks. A finished chunk is written to OUTPUT.parts/ and
+renamed into place, so a killed run continues where it stopped; rank 0 merges the chunks in order once
+they all exist. No process group is needed: ranks share only files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rm_trainer.artifact.load import ModelOptions
+from rm_trainer.data.tokenize import encode_item, special_prefix
+from rm_trainer.errors import DataError, UserError
+from rm_trainer.model import score_sequences
+from rm_trainer.use.rows import RowKeys, detect_row_format, row_items
+
+
+@dataclass
+class ScoreOptions:
+    """What rm-score does with a loaded model: which file, which columns, how it batches and resumes."""
+
+    data: str
+    output: str
+    keys: RowKeys = field(default_factory=RowKeys)
+    max_batch_tokens: int = 16384
+    chunk_rows: int = 2048
+    on_error: str = "error"  # or "skip": a malformed row is counted and left out
+    wait_timeout_s: float = 86400  # rank 0's wait for the other ranks' chunks
+
+
+def read_rows(path: str, flag: str = "--data"):
+    """jsonl / json / parquet through `datasets` (any size: memory-mapped arrow)."""
+    from datasets import load_dataset
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {path}: file not found")
+    kind = "parquet" if p.suffix == ".parquet" else "json" if p.suffix in (".json", ".jsonl", ".gz") else None
+    if kind is None:
+        raise UserError(f"{flag} {path}: expected .jsonl, .json or .parquet")
+    return load_dataset(kind, data_files=str(p), split="train")
+
+
+def chunk_ranges(n: int, chunk_rows: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """Rank `rank`'s contiguous run of the fixed chunks [k * chunk_rows, ...): the chunks, and so every
+    batch and every bit of every reward, are the same for any number of ranks."""
+    chunks = [(lo, min(lo + chunk_rows, n)) for lo in range(0, n, chunk_rows)]
+    per = -(-len(chunks) // world) if chunks else 0
+    return chunks[rank * per:(rank + 1) * per]
+
+
+def part_path(parts: Path, lo: int, hi: int) -> Path:
+    return parts / f"{lo:012d}-{hi:012d}.jsonl"
+
+
+def score_chunk(model, ds, lo: int, hi: int, fmt: str, opts: ScoreOptions) -> tuple[list[dict], Counter]:
+    prefix = special_prefix(model.tokenizer)
+    rows, owners, seqs, dropped = [], [], [], Counter()
+    for i in range(lo, hi):
+        row = ds[i]
+        where = f"{opts.data}:{i + 1}" if not opts.data.endswith(".parquet") else f"{opts.data} row {i}"
+        try:
+            items = row_items(row, fmt, opts.keys, where)
+        except DataError:
+            if opts.on_error == "error":
+                raise
+            dropped["malformed"] += 1
+            continue
+        for item in items:
+            owners.append(len(rows))
+            seqs.append(encode_item(model.tokenizer, item, model.max_len, prefix))
+        rows.append(row)
+    rewards = score_sequences(model, seqs, opts.max_batch_tokens).tolist() if seqs else []
+    per_row: list[list[float]] = [[] for _ in rows]
+    for owner, r in zip(owners, rewards, strict=True):
+        per_row[owner].append(r)
+    for row, rs in zip(rows, per_row, strict=True):
+        if fmt == "responses":
+            row["rewards"], row["best_index"] = rs, max(range(len(rs)), key=rs.__getitem__)
+        else:
+            row["reward"] = rs[0]
+    return rows, dropped
+
+
+def write_part(path: Path, rows: list[dict], dropped: Counter) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"__dropped__": dict(dropped)}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    tmp.replace(path)  # a chunk is either complete or absent: a killed run redoes only unfinished ones
+
+
+def merge(parts: list[Path], parts_dir: Path, output: Path) -> Counter:
+    """The chunks, in order, into the output (jsonl: streamed; parquet: through an arrow cache)."""
+    dropped: Counter = Counter()
+    tmp = output.with_name(output.name + ".tmp.jsonl")
+    with open(tmp, "w") as out:
+        for p in parts:
+            with open(p) as f:
+                dropped.update(json.loads(f.readline())["__dropped__"])
+                shutil.copyfileobj(f, out)
+    if output.suffix == ".parquet":
+        from datasets import Dataset
+
+        # the arrow cache goes beside the parts (deleted with them), not into the home directory
+        Dataset.from_json(str(tmp), cache_dir=str(parts_dir / "arrow")).to_parquet(str(output))
+        tmp.unlink()
+    else:
+        tmp.replace(output)
+    return dropped
+
+
+def run(model_opts: ModelOptions, opts: ScoreOptions) -> dict:
+    """Score opts.data into opts.output. The model is loaded only if this rank has chunks left to score
+    (a resumed run whose chunks all exist loads nothing)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    ds = read_rows(opts.data)
+    fmt = detect_row_format(ds.column_names, opts.keys, opts.data)
+    output = Path(opts.output)
+    parts = Path(str(output) + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    mine = chunk_ranges(len(ds), opts.chunk_rows, rank, world)
+    todo = [(lo, hi) for lo, hi in mine if not part_path(parts, lo, hi).is_file()]
+    started = time.perf_counter()
+    if todo:
+        model = model_opts.load()
+        bar = tqdm(total=sum(hi - lo for lo, hi in todo), unit="row", desc=f"score rank {rank}",
+                   disable=rank != 0 and world > 1, dynamic_ncols=True)
+        for lo, hi in todo:
+            rows, dropped = score_chunk(model, ds, lo, hi, fmt, opts)
+            write_part(part_path(parts, lo, hi), rows, dropped)
+            bar.update(hi - lo)
+        bar.close()
+    report = {"rows": len(ds), "format": fmt, "scored_here": sum(hi - lo for lo, hi in todo),
+              "resumed_chunks": len(mine) - len(todo), "seconds": round(time.perf_counter() - started, 3)}
+    if rank != 0:
+        return report
+    report |= _merge_all(len(ds), world, parts, output, opts)
+    Path(str(output) + ".report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _merge_all(n: int, world: int, parts: Path, output: Path, opts: ScoreOptions) -> dict:
+    """Rank 0: merge once every rank's chunks exist (ranks share files, not a process group)."""
+    every = [part_path(parts, lo, hi) for r in range(world) for lo, hi in chunk_ranges(n, opts.chunk_rows, r, world)]
+    deadline = time.monotonic() + opts.wait_timeout_s
+    while not all(p.is_file() for p in every):
+        if time.monotonic() > deadline:
+            missing = [p.name for p in every if not p.is_file()]
+            raise UserError(f"waited {opts.wait_timeout_s:.0f}s for the other ranks' chunks {missing[:3]}...; "
+                            "rerun to continue (finished chunks are kept)")
+        time.sleep(0.5)
+    dropped = merge(every, parts, output)
+    shutil.rmtree(parts)
+    return {"output": str(output), "written": n - sum(dropped.values()), "dropped": dict(dropped)}

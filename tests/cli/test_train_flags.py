@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from rm_trainer.cli.train_flags import load_run_config, parse_cli
+from rm_trainer.errors import ConfigError
+
+
+@pytest.fixture
+def paths(demo_assets):
+    return ["--model", demo_assets["model"], "--data", demo_assets["train"], "--output_dir", "/tmp/x"]
+
+
+def test_short_and_dotted_overrides_and_float_parsing(paths):
+    cfg, flags = load_run_config(paths + ["--lr", "1e-5", "--max_len", "768", "--train.grad_accum", "4",
+                                          "--gradient_checkpointing", "--micro_batch_size=2"])
+    assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.data.max_len == 768
+    assert cfg.train.grad_accum == 4 and cfg.train.micro_batch_size == 2
+    assert cfg.model.gradient_checkpointing is True
+    assert flags == {}
+
+
+def test_deepspeed_local_rank_flag_is_accepted(paths):
+    cfg, _ = load_run_config(["--local_rank=1"] + paths + ["--local_rank", "0"])
+    assert cfg.data.train_path is not None
+
+
+def test_yaml_file_then_cli_override(tmp_path, paths):
+    f = tmp_path / "run.yaml"
+    f.write_text("train:\n  lr: 1e-5\n  epochs: 3\ndata:\n  max_len: 256\n")
+    cfg, _ = load_run_config(["--config", str(f)] + paths + ["--epochs", "2"])
+    assert cfg.train.lr == 1e-5  # YAML 1.1 reads 1e-5 as a string; it must still be a float
+    assert cfg.train.epochs == 2 and cfg.data.max_len == 256
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  lr: -1\n  bogus: 3\nmodel:\n  path: /nope\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(["--config", str(f), "--max_len", "abc", "--micro_batch_sise", "2",
+                         "--data", "/no/such.jsonl", "--output_dir", "/tmp/o"])
+    msg = str(e.value)
+    for needle in ("train.lr", "train.bogus: unknown field", "data.max_len",
+                   "unknown option --micro_batch_sise (did you mean --micro_batch_size?)"):
+        assert needle in msg, msg
+    assert len(e.value.problems) >= 4
+
+
+def test_missing_paths_named(demo_assets):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(["--model", "/nope", "--data", "/no/such.jsonl", "--output_dir", "/tmp/o"])
+    msg = str(e.value)
+    assert "model.path '/nope'" in msg and "data.train_path '/no/such.jsonl'" in msg
+
+
+def test_required_fields_listed_together():
+    with pytest.raises(ConfigError) as e:
+        load_run_config([])
+    assert {"model.path", "data.train_path", "output.output_dir"} <= {
+        p.split(" ")[0] for p in e.value.problems}
+
+
+def test_json_config_and_dry_run_flag(tmp_path, paths):
+    f = tmp_path / "run.json"
+    f.write_text(json.dumps({"train": {"adam_betas": [0.9, 0.99]}}))
+    cfg, flags = load_run_config(["--config", str(f), "--dry-run"] + paths)
+    assert cfg.train.adam_betas == (0.9, 0.99) and flags == {"dry_run": True}
+
+
+def test_negative_number_value_is_not_a_flag():
+    over, problems, _ = parse_cli(["--seed", "-3"])
+    assert over == {"train": {"seed": "-3"}} and not problems
+
+
+def test_lora_and_centering_flags_and_their_checks(paths, tmp_path):
+    cfg, _ = load_run_config(paths + ["--lora_r", "8", "--lora_target", "q_proj,v_proj", "--lora_export",
+                                      "--center_rewards_coefficient", "0.01", "--eval_at_start"])
+    assert cfg.model.lora_r == 8 and cfg.model.lora_target == ["q_proj", "v_proj"] and cfg.output.lora_export
+    assert cfg.train.center_rewards_coefficient == 0.01 and cfg.train.eval_at_start
+    pt = tmp_path / "reward.pt"  # not there
+    with pytest.raises(ConfigError) as e:
+        load_run_config(["--model", str(pt), "--data", paths[3], "--output_dir", "/tmp/o", "--lora_export"])
+    msg = str(e.value)
+    for needle in ("output.lora_export needs LoRA", f"model.path '{pt}': file not found (a reward.pt"):
+        assert needle in msg, msg

@@ -1,0 +1,83 @@
+"""Memory estimate: DeepSpeed's formulas on the fixed Llama-3-8B case, and --dry-run end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, run_env
+from transformers import LlamaConfig
+
+from rm_trainer.train.estimate import activation_bytes, count_params, estimate, report
+
+GiB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def llama3_8b(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama3_8b")
+    LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8).save_pretrained(d)
+    return str(d)
+
+
+def test_llama3_8b_counts_on_meta_device(llama3_8b):
+    total, largest, name, _ = count_params(llama3_8b)
+    assert round(total / 1e9, 3) == 7.505 and name == "embed_tokens" and largest == 128256 * 4096
+
+
+def test_llama3_8b_on_8_gpus_matches_deepspeed_numbers(llama3_8b):
+    z3 = estimate(llama3_8b, {"zero_optimization": {"stage": 3}}, world_size=8)
+    z2 = estimate(llama3_8b, {"zero_optimization": {"stage": 2}}, world_size=8)
+    assert z3.model_states_gpu_gib == pytest.approx(17.68, abs=0.01)
+    assert z2.model_states_gpu_gib == pytest.approx(29.71, abs=0.01)
+    # independent re-derivation of DeepSpeed's formulas (18 bytes/param of sharded states)
+    total, largest = z3.params, z3.largest_layer_params
+    assert z3.model_states_gpu_gib == round((4 * largest + int(18 * total / 8)) / GiB, 2)
+    assert z2.model_states_gpu_gib == round((2 * total + int(18 * total / 8)) / GiB, 2)
+    off = estimate(llama3_8b, {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                                     "offload_param": {"device": "cpu"}}}, world_size=8)
+    assert off.model_states_gpu_gib == round(4 * largest / GiB, 2) and off.offload_param
+
+
+def test_activation_estimate_formula():
+    cfg = {"hidden_size": 8, "num_hidden_layers": 3, "intermediate_size": 16, "num_attention_heads": 2}
+    tokens = 2 * 2 * 5
+    per_layer = 2 * (8 * 8 + 4 * 8 + 4 * 16) + 8 * 8
+    assert activation_bytes(cfg, 2, 5, "bf16", True) == 3 * tokens * 8 * 2 + tokens * per_layer
+    assert activation_bytes(cfg, 2, 5, "bf16", False) == 3 * tokens * per_layer
+
+
+def test_dry_run_reports_fit_without_starting(llama3_8b, demo_assets, tmp_path):
+    out = tmp_path / "o"
+    p = subprocess.run([sys.executable, "launch/train_reward.py", "--model", llama3_8b, "--tokenizer",
+                        demo_assets["model"], "--data",
+                        demo_assets["train"], "--output_dir", str(out), "--ds_config", "ds_configs/zero3.json",
+                        "--dry-run", "--world_size", "8", "--gpu_memory_gb", "80", "--max_len", "2048",
+                        "--gradient_checkpointing"], cwd=ROOT, env=run_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "model states per GPU: 17.68 GiB" in p.stdout and "FITS in 80 GB per GPU" in p.stdout
+    body = json.JSONDecoder().raw_decode(p.stdout[p.stdout.index("{"):])[0]
+    assert body["estimate"]["world_size"] == 8 and body["deepspeed"]["zero_optimization"]["stage"] == 3
+    assert not out.exists()
+    p = subprocess.run([sys.executable, "-m", "rm_trainer.cli.estimate", "--model", llama3_8b, "--world_size", "1",
+                        "--micro_batch_size", "8", "--max_len", "4096", "--ds_config", "ds_configs/zero2.json",
+                        "--gpu_memory_gb", "24"], cwd=ROOT, env=run_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and "DOES NOT FIT in 24 GB per GPU" in p.stdout, p.stdout + p.stderr
+
+
+def test_lora_dry_run_reports_trainable_parameters_and_the_memory_saved(llama3_8b):
+    lora = {"lora_r": 8}
+    e = estimate(llama3_8b, {"zero_optimization": {"stage": 3}}, world_size=8, lora=lora)
+    # rank 8 on q, k, v, o (k/v project to 8 KV heads x 128) and gate, up, down, x 32 layers, + the head
+    per_layer = 8 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert e.trainable_params == 32 * per_layer + 4096 == 20_975_616
+    full = estimate(llama3_8b, {"zero_optimization": {"stage": 3}}, world_size=8)
+    assert e.full_model_states_gpu_gib == full.model_states_gpu_gib
+    frozen = (e.params - 4096) * 2 // 8  # every base weight in bf16, sharded over 8
+    assert e.model_states_gpu_gib == round((4 * e.largest_layer_params + int(18 * e.trainable_params / 8) + frozen)
+                                           / GiB, 2)
+    assert e.model_states_gpu_gib < full.model_states_gpu_gib / 4
+    assert "LoRA: 21.0 M trainable (0.28%)" in report(e)

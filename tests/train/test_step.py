@@ -1,0 +1,126 @@
+"""The step at its seams: a stub engine (train.engine.Engine's methods) instead of DeepSpeed (the real one
+runs in test_trainer.py and test_checkpoint.py). No host sync inside a step, the skipped step's loss is the
+mean, the guard aborts."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from rm_trainer.data.batching import collate
+from rm_trainer.loss import pair_sums
+from rm_trainer.train.step import SkipGuard, StepRecord, StopFlag, train_step
+
+
+class StubEngine:
+    """Returns fixed rewards per call; 'skips' its update when told to (as DeepSpeed does on a
+    non-finite gradient norm)."""
+
+    def __init__(self, rewards: list[torch.Tensor], skip_update: bool = False):
+        self.rewards, self.calls, self.skip_update = rewards, 0, skip_update
+        self.skipped_steps, self.backwards, self.steps = 0, 0, 0
+
+    def __call__(self, ids, lens):
+        assert ids.shape[0] == lens.shape[0] == self.rewards[self.calls].shape[0]
+        r = self.rewards[self.calls].clone().requires_grad_()
+        self.calls += 1
+        return r
+
+    def lr(self):
+        return 1e-3
+
+    def skipped(self):
+        return self.skipped_steps
+
+    def backward(self, loss):
+        self.backwards += 1
+        loss.backward()
+
+    def step(self):
+        self.steps += 1
+        if self.skip_update and self.steps == 2:  # the accumulation boundary
+            self.skipped_steps += 1
+
+
+def micro(n_pairs: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    rows = [{"chosen_ids": torch.randint(1, 9, (int(c),), generator=g).tolist(), "chosen_len": int(c),
+             "rejected_ids": torch.randint(1, 9, (int(r),), generator=g).tolist(), "rejected_len": int(r)}
+            for c, r in torch.randint(2, 7, (n_pairs, 2), generator=g)]
+    return collate(rows, pad_id=0)
+
+
+def rewards_for(b: dict, seed: int) -> torch.Tensor:
+    return torch.randn(2 * b["chosen_ids"].shape[0], generator=torch.Generator().manual_seed(seed))
+
+
+def test_statistics_are_summed_over_micro_batches_without_a_host_sync(monkeypatch):
+    batches = [micro(3, 0), micro(2, 1)]
+    rewards = [rewards_for(b, i) for i, b in enumerate(batches)]
+    eng = StubEngine(rewards)
+    syncs = []
+    for name in ("tolist", "item", "cpu"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, **k:
+                            (syncs.append(_n), _real(self, *a, **k))[1])
+    rec = train_step(eng, 7, batches, torch.device("cpu"), fused=True, stop_requested=False)
+    assert syncs == []  # statistics stay on the device; skip and stop are decided from host values
+    monkeypatch.undo()
+    want = sum(pair_sums(r[: len(r) // 2], r[len(r) // 2:]) for r in rewards)
+    assert torch.allclose(rec.stats[:7], want, rtol=1e-12)
+    tokens = sum(int(b["chosen_len"].sum() + b["rejected_len"].sum()) for b in batches)
+    slots = sum(b["chosen_ids"].numel() * 2 for b in batches)
+    assert rec.stats[7].item() == tokens and rec.stats[8].item() == slots and rec.stop_votes == 0
+    assert (rec.step, rec.skipped, rec.stop, eng.backwards, eng.steps) == (7, False, False, 2, 2)
+    m = rec.metrics(seconds=2.0)
+    assert m["loss"] == pytest.approx(want[1].item() / 5, rel=1e-12) and m["acc"] == pytest.approx(want[2].item() / 5)
+    assert m["padding_efficiency"] == pytest.approx(tokens / slots) and m["tokens_per_s"] == tokens / 2.0
+
+
+def test_a_skipped_step_logs_the_mean_pair_loss_not_the_sum():
+    batches = [micro(4, 2), micro(4, 3)]
+    rewards = [rewards_for(b, 10 + i) for i, b in enumerate(batches)]
+    rec = train_step(StubEngine(rewards, skip_update=True), 3, batches, torch.device("cpu"), True, False)
+    assert rec.skipped
+    want = sum(pair_sums(r[:4], r[4:]) for r in rewards)
+    assert rec.metrics(1.0)["loss"] == pytest.approx(want[1].item() / 8, rel=1e-12)  # 8 pairs: the mean
+
+
+def test_a_nan_loss_is_logged_as_nan_and_the_skip_is_deepspeeds_decision():
+    """A NaN loss makes every gradient NaN, so DeepSpeed's norm check skips the update and counts it (real
+    runs: test_checkpoint); the step reads that host counter instead of syncing on the loss."""
+    b = micro(2, 4)
+    r = rewards_for(b, 5)
+    r[0] = float("nan")
+    eng = StubEngine([r, r], skip_update=True)
+    rec = train_step(eng, 1, [b, b], torch.device("cpu"), True, False)
+    assert rec.skipped and math.isnan(rec.metrics(1.0)["loss"]) and rec.metrics(1.0)["acc"] is not None
+
+
+def test_skip_guard_counts_and_aborts_after_k_in_a_row_naming_the_batch():
+    guard = SkipGuard(2, lambda step: [step * 10, step * 10 + 1])
+    rec = lambda step, skipped: StepRecord(step, torch.zeros(9), skipped, 0, 0.0, 0.0)  # noqa: E731
+    for step, skipped in ((1, True), (2, False), (3, True)):
+        guard.check(rec(step, skipped))
+    assert (guard.total, guard.in_a_row) == (2, 1)
+    with pytest.raises(RuntimeError, match=r"step 4: 2 consecutive .* training pairs \[40, 41\]"):
+        guard.check(rec(4, True))
+
+
+def test_stop_flag_is_set_by_usr1_and_term_and_rides_on_the_step():
+    old = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        flag = StopFlag().install()
+        assert not flag
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag and flag.signals == ["SIGUSR1"]
+        b = micro(1, 6)
+        rec = train_step(StubEngine([rewards_for(b, 7)]), 1, [b], torch.device("cpu"), True, bool(flag))
+        assert rec.stop and rec.stop_votes == 1  # one rank voted to stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
