@@ -4,10 +4,10 @@ each in its own process, over the bytes of the artifact's weights (JSON out).
 
   1. train a ~0.3 B Llama (random init) for one step under 2-rank ZeRO-3 on CPU, with the real entry
      point, so the checkpoint is a real DeepSpeed one;
-  2. consolidate:  launch/consolidate.py CKPT --out reward.pt        (merge + verify, what `rm-consolidate` does)
-     end_of_run:   the same plus --hf_out (what rank 0 does at the end of training)
+  2. consolidate:  rm-consolidate --checkpoint_dir CKPT --output reward.pt      (merge + verify)
+     end_of_run:   the same plus --hf_output_dir (what rank 0 does at the end of training)
      load:         load_reward_model(reward.pt) + score the probe batch (every weight is touched)
-     export:       python -m rm_trainer.hf_export reward.pt hf --shard_size 200MB
+     export:       rm-export-hf --model reward.pt --output_dir hf --hf_shard_size 200MB
      baseline:     python importing the same modules and nothing else (interpreter + torch + transformers)
   3. check the issue's bounds: consolidate <= 1.5 x W + 1 GiB, load <= 1.2 x W + 1 GiB (W = weight bytes).
 
@@ -15,23 +15,20 @@ Peak RSS is the kernel's ru_maxrss of each child (memory-mapped file pages that 
 
     python bench/artifact_memory.py                        # ~0.3 B, fp32 (about 3 minutes on 2 cores)
     python bench/artifact_memory.py --layers 2 --hidden 256 --vocab 8000   # seconds (the tests)
-    python bench/artifact_memory.py --code /path/to/older/checkout          # measure another version
+    python bench/artifact_memory.py --code /path/to/other/checkout          # another checkout (this layout)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-GIB = 1 << 30
+from common import GIB, ROOT, add_output, child_env, finish, free_port
 
 
 def peak_rss(cmd: list[str], env: dict, cwd: Path) -> tuple[int, float, str]:
@@ -48,12 +45,6 @@ def peak_rss(cmd: list[str], env: dict, cwd: Path) -> tuple[int, float, str]:
     return usage.ru_maxrss * 1024, time.perf_counter() - t0, out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=1024)
@@ -61,22 +52,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--inter", type=int, default=2816)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--shard_size", default="200MB")
+    ap.add_argument("--hf_shard_size", "--shard_size", dest="hf_shard_size", default="200MB")
     ap.add_argument("--code", type=Path, default=ROOT, help="rm_trainer checkout to measure (default: this one)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    add_output(ap)
     a = ap.parse_args(argv)
     code = a.code.resolve()
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(code), PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    env = child_env(1, PYTHONPATH=str(code))
     py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         # ---- a real checkpoint of a mid-size model
-        sys.path.insert(0, str(code))
         from rm_trainer.demo import prepare, tiny_llama_config
 
         assets = prepare(work / "assets", n_train=64, n_test=8, seed=0)
@@ -88,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
                      str(code / "launch" / "train_reward.py"), "--model", assets["model"], "--random_init",
                      "--data", assets["train"], "--test_data", assets["test"], "--ds_config",
                      str(code / "ds_configs" / "zero3.json"), "--dtype", a.dtype, "--max_steps", "1",
-                     "--micro_batch_size", "1", "--max_len", "32", "--output_dir", str(run), "--hf_export", "false",
-                     "--verify_consolidation", "false"]
+                     "--micro_batch_size", "1", "--max_len", "32", "--output_dir", str(run), "--no-hf_export",
+                     "--no-verify"]
         _, train_s, _ = peak_rss(train_cmd, env, code)
         ckpt = run / "checkpoints"
         import torch
@@ -100,21 +87,21 @@ def main(argv: list[str] | None = None) -> dict:
         del art
 
         # ---- the end-of-run commands, each in a fresh process
-        imports = "import torch, transformers, deepspeed, accelerate, rm_trainer.artifact, rm_trainer.hf_export"
+        imports = ("import torch, transformers, deepspeed, accelerate, rm_trainer.artifact.consolidate, "
+                   "rm_trainer.artifact.hf_export")
         load = ("import sys, torch; from rm_trainer import load_reward_model; m = load_reward_model(sys.argv[1]); "
                 "a = torch.load(sys.argv[1], weights_only=True, mmap=True)['probe']; "
                 "torch.no_grad().__enter__(); print(m(a['input_ids'], a['seq_lengths']))")
-        has_hf_out = "--hf_out" in (code / "rm_trainer" / "cli.py").read_text()
+        consolidate = [py, "-m", "rm_trainer.cli.consolidate", "--checkpoint_dir", str(ckpt), "--output"]
         cmds = {
             "baseline": [py, "-c", imports],
-            "consolidate": [py, str(code / "launch" / "consolidate.py"), str(ckpt), "--out", str(work / "a.pt")],
+            "consolidate": consolidate + [str(work / "a.pt")],
             "load": [py, "-c", load, str(work / "a.pt")],
-            "export": [py, "-m", "rm_trainer.hf_export", str(work / "a.pt"), str(work / "hf")]
-            + (["--shard_size", a.shard_size] if has_hf_out else []),
+            "export": [py, "-m", "rm_trainer.cli.export_hf", "--model", str(work / "a.pt"), "--output_dir",
+                       str(work / "hf"), "--hf_shard_size", a.hf_shard_size],
+            "end_of_run": consolidate + [str(work / "b.pt"), "--hf_output_dir", str(work / "hf2"), "--hf_shard_size",
+                                         a.hf_shard_size],
         }
-        if has_hf_out:
-            cmds["end_of_run"] = cmds["consolidate"][:-1] + [str(work / "b.pt"), "--hf_out", str(work / "hf2"),
-                                                            "--hf_shard_size", a.shard_size]
         result = {"params": params, "weight_bytes": weight_bytes, "dtype": a.dtype, "code": str(code),
                   "train_seconds": round(train_s, 1), "runs": {}}
         for name, cmd in cmds.items():
@@ -132,13 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
         "consolidate <= 1.5 W + 1 GiB": r["consolidate"]["peak_rss_gib"] * GIB <= 1.5 * w + GIB,
         "load <= 1.2 W + 1 GiB": r["load"]["peak_rss_gib"] * GIB <= 1.2 * w + GIB,
     }
-    if "end_of_run" in r:
-        result["bounds"]["end_of_run <= 1.5 W + 1 GiB"] = r["end_of_run"]["peak_rss_gib"] * GIB <= 1.5 * w + GIB
+    result["bounds"]["end_of_run <= 1.5 W + 1 GiB"] = r["end_of_run"]["peak_rss_gib"] * GIB <= 1.5 * w + GIB
     result["bounds_met"] = all(result["bounds"].values())
-    print(json.dumps(result, indent=2))
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, a.output)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,17 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ "$mode" = smoke ]; then
-  "$py" bench/loss_memory.py --preset smoke --device cpu --dtypes bf16 --gc on --out "$out/loss_memory.json"
-  "$py" bench/train_step.py --preset smoke --steps 2 --warmup 1 --dtype fp32 --out "$out/train_step.json"
+  "$py" bench/loss_memory.py --preset smoke --device cpu --dtypes bf16 --gc on --output "$out/loss_memory.json"
+  "$py" bench/train_step.py --preset smoke --steps 2 --warmup 1 --dtype fp32 --output "$out/train_step.json"
   exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 # (a) ours vs (b) HF sequence classification vs (c) causal LM + value head: peak memory, saved bytes, FLOPs
 timeout 300 "$py" bench/loss_memory.py --preset llama1b --device cuda --dtypes bf16 --gc on \
-  --out "$out/loss_memory_llama1b.json" > "$out/loss_memory.log" 2>&1 || echo "loss_memory failed or timed out: rc=$?"
+  --output "$out/loss_memory_llama1b.json" > "$out/loss_memory.log" 2>&1 || echo "loss_memory failed or timed out: rc=$?"
 # full ZeRO-2 training steps: tokens/s and MFU
 timeout 240 "$py" bench/train_step.py --preset llama1b --steps 10 --warmup 3 \
-  --out "$out/train_step_llama1b.json" > "$out/train_step.log" 2>&1 || echo "train_step failed or timed out: rc=$?"
+  --output "$out/train_step_llama1b.json" > "$out/train_step.log" 2>&1 || echo "train_step failed or timed out: rc=$?"
 # the real entry point on CUDA/nccl, no code change: demo data, bf16, one process (ZeRO-2) and the
 # deepspeed launcher (ZeRO-3, partitioned construction)
 "$py" -m rm_trainer.demo /tmp/rm_demo >/dev/null

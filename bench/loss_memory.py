@@ -24,15 +24,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import add_output, finish
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rm_trainer.loss import bradley_terry_loss, fused_bradley_terry  # noqa: E402
-from rm_trainer.model import DTYPES, RewardModel, enable_checkpointing  # noqa: E402
+from rm_trainer.loss import bradley_terry_loss, fused_bradley_terry
+from rm_trainer.model import DTYPES, RewardModel, enable_checkpointing
 
 PRESETS = {
     "smoke": dict(hidden=64, layers=4, heads=4, kv_heads=4, inter=172, vocab=8000, seq=64, seqs=4),
@@ -180,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--gc", default="on,off", help="activation checkpointing settings to run")
     ap.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    add_output(ap)
     a = ap.parse_args(argv)
     p = PRESETS[a.preset] | ({"vocab": a.vocab} if a.vocab else {})
     result = {"preset": a.preset, "shape": p, "device": a.device, "torch": torch.__version__,
@@ -214,11 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["runs"].append(row)
             print(f"# {dtype} gc={gc}: {json.dumps(r)}", file=sys.stderr, flush=True)
     result["all_targets_met"] = all(v for row in result["runs"] for v in row["targets"].values())
-    text = json.dumps(result, indent=1)
-    if a.out:
-        a.out.write_text(text + "\n")
-    print(text)
-    return result
+    return finish(result, a.output)
 
 
 if __name__ == "__main__":

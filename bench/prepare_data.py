@@ -9,13 +9,12 @@ fresh process with an empty `datasets` home cache, running what rank 0 runs at t
 
     python bench/prepare_data.py                         # 200,000 pairs, all three formats
     python bench/prepare_data.py --pairs 5000 --formats jsonl       # seconds (the tests)
-    python bench/prepare_data.py --code /path/to/older/checkout     # measure another version
+    python bench/prepare_data.py --code /path/to/other/checkout     # measure another checkout (this layout)
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -24,36 +23,27 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_HH = Path(os.environ.get("RM_TRAINER_SHARED", ROOT.parent / "shared")) / "data" / \
-    "hh-rlhf-harmless-base-test.jsonl.gz"
-GIB = 1 << 30
+from common import GIB, ROOT, add_output, bpe_tokenizer, child_env, finish, hh_pairs
+
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}\n\nHuman: {{ m['content'] }}{% else %}\n\n"
             "Assistant: {{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}\n\nAssistant:"
             "{% endif %}")
 
-# What rank 0 runs at the start of a run. The current code keeps a content-keyed cache (data_cache);
-# an older checkout without it tokenizes and saves every time (data.load_data).
+# What rank 0 runs at the start of a run: build or load the content-keyed cache (data/cache.py). (The
+# figures for checkouts before the cache, in docs/benchmarks.md, came from this script at commit f9284b0.)
 START = """
 import json, os, sys, time
 from pathlib import Path
 import rm_trainer
-from rm_trainer.config import load_run_config
-from rm_trainer.data import load_tokenizer
+from rm_trainer.cli.train_flags import load_run_config
+from rm_trainer.data.cache import prepare_or_load
+from rm_trainer.data.tokenize import load_tokenizer
 here = Path(rm_trainer.__file__).parent
 assert here.parent == Path(os.getcwd()), f"measuring {here}, not the checkout in {os.getcwd()}"
 cfg, _ = load_run_config(sys.argv[1:])
 t0 = time.perf_counter()
-tok = load_tokenizer(cfg)
-if (here / "data_cache.py").is_file():
-    from rm_trainer.data_cache import prepare_or_load
-    dest, hit = prepare_or_load(cfg, tok)
-    report = dest / "report.json"
-else:
-    from rm_trainer.data import load_data
-    load_data(cfg, tok, Path(cfg.output.output_dir), True, lambda: None)
-    hit, report = None, Path(cfg.output.output_dir) / "data_report.json"
-pairs = json.loads(report.read_text())["_total"]["train_pairs"]
+dest, hit = prepare_or_load(cfg, load_tokenizer(cfg))
+pairs = json.loads((dest / "report.json").read_text())["_total"]["train_pairs"]
 print(json.dumps({"data_seconds": time.perf_counter() - t0, "cache_hit": hit, "train_pairs": pairs}))
 """
 
@@ -89,7 +79,7 @@ def measure(cmd: list[str], env: dict, cwd: Path) -> dict:
 def write_sources(rows: list[dict], n: int, work: Path, formats: list[str]) -> dict[str, Path]:
     import datasets
 
-    from rm_trainer.formats import split_hh
+    from rm_trainer.data.formats import split_hh
 
     def hh(i: int) -> dict:
         r = rows[i % len(rows)]
@@ -130,19 +120,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max_len", type=int, default=512)
     ap.add_argument("--num_proc", type=int, default=None, help="default: the code's own default")
     ap.add_argument("--code", type=Path, default=ROOT)
-    ap.add_argument("--out", type=Path, default=None)
+    add_output(ap)
     a = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    from rm_trainer.demo import tiny_llama_config, train_tokenizer
+    from rm_trainer.demo import tiny_llama_config
 
-    rows = [json.loads(line) for line in gzip.open(SHARED_HH, "rt")]
+    rows = hh_pairs()
     formats = a.formats.split(",")
     result = {"pairs": a.pairs, "max_len": a.max_len, "code": str(a.code.resolve()), "cores": os.cpu_count(),
               "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tok = train_tokenizer([r["chosen"] for r in rows] + [r["rejected"] for r in rows], work / "model",
-                              vocab_size=2000, kind="bpe")
+        tok = bpe_tokenizer(rows, work / "model")
         tiny_llama_config(len(tok)).save_pretrained(work / "model")
         sources = write_sources(rows, a.pairs, work, formats)
         for fmt, path in sources.items():
@@ -151,18 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
                      str(a.max_len), "--test_fraction", "0.01", "--max_drop_fraction", "0.2"]
             flags += ["--chat_template", str(work / "chat.jinja")] if fmt == "conversational" else []
             flags += ["--num_proc", str(a.num_proc)] if a.num_proc else []
-            env = dict(os.environ, PYTHONPATH=str(a.code.resolve()), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                       TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(work / f"home_cache_{fmt}"))
+            env = child_env(1, PYTHONPATH=str(a.code.resolve()), HF_DATASETS_CACHE=str(work / f"home_cache_{fmt}"))
             cmd = [sys.executable, "-c", START, *flags]
             # cwd: `python -c` puts it first on sys.path, so it decides which rm_trainer is measured
             first = measure(cmd, env, a.code.resolve())
             second = measure(cmd, env, a.code.resolve())
             result["runs"][fmt] = {"first": first, "second": second,
                                    "speedup_second": round(first["wall_seconds"] / second["wall_seconds"], 1)}
-    print(json.dumps(result, indent=2))
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, a.output)
 
 
 if __name__ == "__main__":

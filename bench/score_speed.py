@@ -2,10 +2,10 @@
 """rm-score's batching: rows/s with length-sorted vs input-order token-budgeted batches (JSON out).
 
 Rows are the real HH-RLHF pairs in ../shared/data, each chosen and each rejected response scored as a
-(prompt, response) row, tokenized exactly as rm-score does (data.encode_item) with a 2k byte-level BPE
+(prompt, response) row, tokenized exactly as rm-score does (data.tokenize.encode_item) with a 2k byte-level BPE
 trained locally on them, max_len 512. The reward model has real-model proportions but is small (H 512,
 4 layers, GQA 8/2, random init, fp32). Both modes score the same rows with the same --max_batch_tokens
-through scoring.score_sequences (rm-score's own code), in one process; their rewards must agree.
+through model.score_sequences (rm-score's own code), in one process; their rewards must agree.
 
     python bench/score_speed.py               # 1,024 rows (~3 min on 2 cores)
     python bench/score_speed.py --smoke       # seconds (the tests)
@@ -14,18 +14,13 @@ through scoring.score_sequences (rm-score's own code), in one process; their rew
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_HH = Path(os.environ.get("RM_TRAINER_SHARED", ROOT.parent / "shared")) / "data" / \
-    "hh-rlhf-harmless-base-test.jsonl.gz"
+from common import add_output, bpe_tokenizer, finish, hh_pairs, llama_config
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,25 +32,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
-    ap.add_argument("--out", type=Path, default=None)
+    add_output(ap)
     a = ap.parse_args(argv)
     if a.smoke:
         a.rows, a.max_len, a.max_batch_tokens, a.hidden, a.layers = 64, 128, 1024, 64, 2
-    sys.path.insert(0, str(ROOT))
     import torch
-    from transformers import AutoModel, LlamaConfig
+    from transformers import AutoModel
 
-    from rm_trainer.data import encode_item, special_prefix
-    from rm_trainer.demo import train_tokenizer
-    from rm_trainer.formats import split_hh
-    from rm_trainer.model import RewardModel
-    from rm_trainer.scoring import score_sequences, token_budget_batches
+    from rm_trainer.data.batching import token_budget_batches
+    from rm_trainer.data.formats import split_hh
+    from rm_trainer.data.tokenize import encode_item, special_prefix
+    from rm_trainer.model import RewardModel, score_sequences
 
     torch.set_num_threads(a.threads)
-    hh = [json.loads(line) for line in gzip.open(SHARED_HH, "rt")]
+    hh = hh_pairs()
     with tempfile.TemporaryDirectory() as tmp:
-        tok = train_tokenizer([r["chosen"] for r in hh] + [r["rejected"] for r in hh], Path(tmp) / "tok",
-                              vocab_size=2000, kind="bpe")
+        tok = bpe_tokenizer(hh, Path(tmp) / "tok")
     items = []
     for r in hh:
         split = split_hh(r["chosen"], r["rejected"])
@@ -66,11 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     prefix = special_prefix(tok)
     seqs = [encode_item(tok, it, a.max_len, prefix) for it in items]
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, num_hidden_layers=a.layers,
-                      num_attention_heads=max(1, a.hidden // 64), num_key_value_heads=max(1, a.hidden // 256),
-                      intermediate_size=int(a.hidden * 2.6875), max_position_embeddings=a.max_len,
-                      bos_token_id=2, eos_token_id=3, pad_token_id=1)
-    model = RewardModel(AutoModel.from_config(cfg)).eval()
+    model = RewardModel(AutoModel.from_config(llama_config(len(tok), a.hidden, a.layers, a.max_len))).eval()
     model.pad_token_id = tok.pad_token_id
     result: dict = {"rows": len(seqs), "max_len": a.max_len, "max_batch_tokens": a.max_batch_tokens,
                     "hidden": a.hidden, "layers": a.layers, "threads": a.threads,
@@ -91,10 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     diff = (rewards["sorted"] - rewards["unsorted"]).abs().max().item()
     result["max_reward_difference"] = diff
     result["rewards_agree"] = diff <= 1e-4 * max(1.0, rewards["sorted"].abs().max().item())
-    print(json.dumps(result, indent=2))
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, a.output)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
-import json
 import os
 import random
 import re
@@ -29,31 +27,26 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_HH = Path(os.environ.get("RM_TRAINER_SHARED", ROOT.parent / "shared")) / "data" / \
-    "hh-rlhf-harmless-base-test.jsonl.gz"
+from common import ROOT, add_output, bpe_tokenizer, child_env, finish, free_port, hh_pairs, llama_config
+
 MODES = {"batching": ["--max_wait_ms", "5"], "max_wait_0": ["--max_wait_ms", "0"],
          "off": ["--max_wait_ms", "0", "--max_batch_requests", "1"]}
 
 
-def write_reward_pt(path: Path, hidden: int, layers: int, max_len: int, texts: list[str], tmp: Path) -> None:
+def write_reward_pt(path: Path, hidden: int, layers: int, max_len: int, pairs: list[dict], tmp: Path) -> None:
     """A random-init reward model in the reward.pt format (what training writes after consolidation)."""
     import torch
-    from transformers import AutoModel, LlamaConfig
+    from transformers import AutoModel
 
-    from rm_trainer.artifact import FORMAT, _tokenizer_tensors
-    from rm_trainer.demo import train_tokenizer
+    from rm_trainer.artifact.format import FORMAT, tokenizer_tensors
     from rm_trainer.model import RewardModel
 
-    tok = train_tokenizer(texts, tmp / "tok", vocab_size=2000, kind="bpe")
+    tok = bpe_tokenizer(pairs, tmp / "tok")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
-                      intermediate_size=int(hidden * 2.6875), max_position_embeddings=max_len,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = llama_config(len(tok), hidden, layers, max_len, tok)
     model = RewardModel(AutoModel.from_config(cfg))
     torch.save({"format": FORMAT, "state_dict": model.state_dict(), "backbone_config": cfg.to_json_string(),
-                "tokenizer_files": _tokenizer_tensors(tmp / "tok"), "pad_token_id": tok.pad_token_id,
+                "tokenizer_files": tokenizer_tensors(tmp / "tok"), "pad_token_id": tok.pad_token_id,
                 "eos_token_id": tok.eos_token_id, "max_len": max_len, "dtype": "fp32", "step": 0,
                 "run_config": "{}", "probe": {}, "reward_stats": {}}, path)
 
@@ -92,9 +85,9 @@ def forwards(url: str) -> tuple[float, float]:
 
 
 def serve(model: Path, port: int, flags: list[str], threads: int) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    p = subprocess.Popen([sys.executable, "-m", "rm_trainer.serve", "--model", str(model), "--port", str(port),
-                          *flags], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "rm_trainer.cli.serve", "--model", str(model), "--port", str(port),
+                          *flags], cwd=ROOT, env=child_env(threads), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
     import urllib.request
 
     for _ in range(600):  # bounded: 60 s
@@ -116,26 +109,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests_per_client", type=int, default=4, help="requests = max(64, this x concurrency)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's torch threads")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
-    ap.add_argument("--out", type=Path, default=None)
+    add_output(ap)
     a = ap.parse_args(argv)
     if a.smoke:
         a.hidden, a.layers, a.max_len, a.concurrency, a.requests_per_client = 64, 2, 128, [1, 8], 2
-    sys.path.insert(0, str(ROOT))
-    import socket
-
-    hh = [json.loads(line) for line in gzip.open(SHARED_HH, "rt")]
+    hh = hh_pairs()
     texts = [r["chosen"] for r in hh]
     random.Random(0).shuffle(texts)
     result: dict = {"hidden": a.hidden, "layers": a.layers, "max_len": a.max_len, "server_threads": a.threads,
                     "cpus": os.cpu_count(), "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "reward.pt"
-        write_reward_pt(model, a.hidden, a.layers, a.max_len, [r["chosen"] for r in hh] + [r["rejected"] for r in hh],
-                        Path(tmp))
+        write_reward_pt(model, a.hidden, a.layers, a.max_len, hh, Path(tmp))
         for mode, flags in MODES.items():
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
+            port = free_port()
             proc = serve(model, port, flags, a.threads)
             url = f"http://127.0.0.1:{port}"
             try:
@@ -156,10 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         m["batching"]["concurrency"][top]["requests_per_s"] / m["off"]["concurrency"][top]["requests_per_s"], 3)
     result["batching_over_max_wait_0_requests_per_s_at_max_concurrency"] = round(
         m["batching"]["concurrency"][top]["requests_per_s"] / m["max_wait_0"]["concurrency"][top]["requests_per_s"], 3)
-    print(json.dumps(result, indent=2))
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, a.output)
 
 if __name__ == "__main__":
     main()

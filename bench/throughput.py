@@ -19,7 +19,6 @@ random init, fp32): with a toy H attention dominates and hides what padding cost
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -28,10 +27,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import ROOT, SHARED_HH, add_output, bpe_tokenizer, child_env, finish, hh_pairs, llama_config
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_HH = Path(os.environ.get("RM_TRAINER_SHARED", ROOT.parent / "shared")) / "data" / \
-    "hh-rlhf-harmless-base-test.jsonl.gz"
 MODES = {"random": ["--batching", "random"], "grouped": ["--batching", "grouped"],
          "packed": ["--packing"]}
 TARGETS = {"grouped efficiency >= 0.85": ("grouped", "efficiency", 0.85),
@@ -41,7 +38,7 @@ TARGETS = {"grouped efficiency >= 0.85": ("grouped", "efficiency", 0.85),
 
 
 def epoch_efficiency(rows: list[dict], micro: int, accum: int, seed: int, mode: str, pack_len: int) -> float:
-    from rm_trainer.batching import PairSampler, collate, pack, token_slots
+    from rm_trainer.data.batching import PairSampler, collate, pack, token_slots
 
     c = np.array([r["chosen_len"] for r in rows])
     r_ = np.array([r["rejected_len"] for r in rows])
@@ -67,30 +64,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
-    ap.add_argument("--out", type=Path, default=None)
+    add_output(ap)
     a = ap.parse_args(argv)
     if a.smoke:
         a.micro, a.accum, a.steps, a.max_len, a.pack_len, a.hidden, a.layers = 4, 2, 2, 128, 256, 64, 2
-    sys.path.insert(0, str(ROOT))
-    from transformers import LlamaConfig
-
-    from rm_trainer.config import load_run_config
-    from rm_trainer.data import load_tokenizer, prepare_sources
-    from rm_trainer.demo import train_tokenizer
+    from rm_trainer.cli.train_flags import load_run_config
+    from rm_trainer.data.sources import prepare_sources
+    from rm_trainer.data.tokenize import load_tokenizer
 
     seed = 1
     result: dict = {"micro": a.micro, "accum": a.accum, "global_batch": a.micro * a.accum, "max_len": a.max_len,
                     "pack_len": a.pack_len, "hidden": a.hidden, "layers": a.layers, "threads": a.threads, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        hh = [json.loads(line) for line in gzip.open(SHARED_HH, "rt")]
-        tok = train_tokenizer([r["chosen"] for r in hh] + [r["rejected"] for r in hh], work / "model",
-                              vocab_size=2000, kind="bpe")
-        LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, num_hidden_layers=a.layers,
-                    num_attention_heads=max(1, a.hidden // 64), num_key_value_heads=max(1, a.hidden // 256),
-                    intermediate_size=int(a.hidden * 2.6875), max_position_embeddings=2 * a.pack_len,
-                    tie_word_embeddings=False, bos_token_id=2, eos_token_id=3, pad_token_id=1
-                    ).save_pretrained(work / "model")
+        tok = bpe_tokenizer(hh_pairs(), work / "model")
+        llama_config(len(tok), a.hidden, a.layers, 2 * a.pack_len).save_pretrained(work / "model")
         flags = ["--model", str(work / "model"), "--random_init", "--data", str(SHARED_HH), "--test_fraction", "0",
                  "--max_len", str(a.max_len), "--max_drop_fraction", "0.5", "--seed", str(seed),
                  "--cache_dir", str(work / "cache")]
@@ -99,16 +87,14 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [dict(zip(ds, v, strict=True)) for v in zip(*ds.values(), strict=True)]
         result["pairs"] = len(rows)
         result["real_tokens_per_pair"] = round(float(np.mean([r["chosen_len"] + r["rejected_len"] for r in rows])), 1)
-        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-        env.pop("RANK", None)
-        env.pop("WORLD_SIZE", None)
+        env = child_env(a.threads)
         for mode, extra in MODES.items():
             out = work / mode
             cmd = [sys.executable, str(ROOT / "launch" / "train_reward.py"), *flags, "--output_dir", str(out),
                    "--dtype", "fp32", "--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--micro_batch_size",
                    str(a.micro), "--grad_accum", str(a.accum), "--max_steps", str(a.steps), "--lr", "1e-4",
-                   "--warmup_steps", "0", "--pack_len", str(a.pack_len), "--hf_export", "false",
-                   "--verify_consolidation", "false", "--tensorboard", "false", *extra]
+                   "--warmup_steps", "0", "--pack_len", str(a.pack_len), "--no-hf_export", "--no-verify",
+                   "--no-tensorboard", *extra]
             p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if p.returncode != 0:
                 raise RuntimeError(f"{mode} run failed:\n{p.stderr[-4000:]}")
@@ -128,10 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         zip(m[mode]["losses"], m["random"]["losses"], strict=True))
     result["targets"] = {name: m[mode][key] >= bar for name, (mode, key, bar) in TARGETS.items()}
     result["all_targets_met"] = all(result["targets"].values())
-    print(json.dumps(result, indent=2))
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, a.output)
 
 
 if __name__ == "__main__":

@@ -12,22 +12,17 @@ SXM and H200.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import add_output, finish
+from loss_memory import PRESETS, llama_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loss_memory import PRESETS, llama_config  # noqa: E402
-
-from rm_trainer import engine  # noqa: E402
-from rm_trainer.config import TrainConfig  # noqa: E402
-from rm_trainer.loss import fused_bradley_terry  # noqa: E402
-from rm_trainer.model import DTYPES, RewardModel, enable_checkpointing  # noqa: E402
-from rm_trainer.optim import build_optimizer  # noqa: E402
+from rm_trainer.config import TrainConfig
+from rm_trainer.loss import fused_bradley_terry
+from rm_trainer.model import DTYPES, RewardModel, enable_checkpointing
+from rm_trainer.train import engine
+from rm_trainer.train.optim import build_optimizer
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
@@ -40,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--micro_pairs", type=int, default=None, help="pairs per micro batch (default: preset)")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--no_gc", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
+    add_output(ap)
     a = ap.parse_args(argv)
     p = PRESETS[a.preset]
     pairs = a.micro_pairs or p["seqs"] // 2
@@ -94,12 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_tflops_assumed": peak, "losses": [round(x, 4) for x in losses],
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
     }
-    text = json.dumps(result, indent=1)
-    if a.out and rt.is_main:
-        a.out.write_text(text + "\n")
-    if rt.is_main:
-        print(text)
-    return result
+    return finish(result, a.output, show=rt.is_main)
 
 
 if __name__ == "__main__":
