@@ -1,5 +1,6 @@
 # make demo : train the demo reward model on bundled synthetic data (2 CPU ranks, ZeRO-3) -> demo_out/run/reward.pt
-# make test : the whole test suite (real DeepSpeed, several processes over gloo)
+# make test : the whole test suite (real DeepSpeed, several processes over gloo, slurm); .ci/run calls it
+# make test-fast : the unit tests and quick integration tests (everything not marked slow)
 # Both create .venv and install what they need. TORCH_SPEC picks the torch build: the default is the
 # local CPU wheel; a range-less "torch" would pull a multi-GB CUDA build.
 VENV ?= .venv
@@ -11,7 +12,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-fast lint docs clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +34,12 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+docs: venv
+	$(PY) -m rm_trainer.cli.config_doc docs/config.md
 
 lint: venv
 	$(VENV)/bin/ruff check rm_trainer launch tests bench

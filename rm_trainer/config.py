@@ -21,6 +21,8 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
+    """The backbone the reward head sits on, how it is built and run, and LoRA."""
+
     path: str | None = Field(None, description="HF save_pretrained folder of the SFT backbone; or a reward model "
                              "to continue: an HF *ForSequenceClassification folder (num_labels=1) or a reward.pt")
     tokenizer: str | None = Field(None, description="tokenizer folder; defaults to model.path")
@@ -44,23 +46,29 @@ class ModelConfig(Section):
 
 
 class SourceConfig(Section):
-    """One preference source of a mixture."""
+    """One preference source of a mixture, with its own weight and held-out split."""
+
     path: str = Field(description="file, save_to_disk folder or hub dataset name")
     name: str | None = Field(None, description="label in reports and eval metrics; default: file stem")
     weight: float = Field(1.0, gt=0, description="rows drawn per row available: 0.5 = half, 2 = each twice")
-    test_path: str | None = None
+    test_path: str | None = Field(None, description="this source's held-out file")
     test_fraction: float | None = Field(None, ge=0.0, lt=1.0, description="default: data.test_fraction")
 
 
 class DataConfig(Section):
+    """The preference files, their shape and column names, truncation, and how malformed rows are handled
+    (see docs/data.md)."""
+
     train_path: str | None = Field(None, description="preference file (or use data.sources for a mixture)")
     test_path: str | None = Field(None, description="held-out file; else test_fraction of train is held out")
-    test_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held out from train (seeded) when there is "
+                                 "no test_path")
     sources: list[SourceConfig] | None = Field(None, description="a mixture: several sources with weights")
-    format: Literal["auto", "hh", "prompt", "conversational"] = "auto"
-    prompt_key: str = "prompt"
-    chosen_key: str = "chosen"
-    rejected_key: str = "rejected"
+    format: Literal["auto", "hh", "prompt", "conversational"] = Field(
+        "auto", description="the rows' shape; auto decides once per source, from its first row")
+    prompt_key: str = Field("prompt", description="column of the prompt (explicit and conversational rows)")
+    chosen_key: str = Field("chosen", description="column of the preferred response (or full text / messages)")
+    rejected_key: str = Field("rejected", description="column of the other response")
     margin_key: str | None = Field(None, description="optional column: loss = -log sigma(r_c - r_r - margin)")
     chat_template: str | None = Field(None, description="Jinja file, for tokenizers without a chat template")
     max_len: int = Field(512, ge=8, description="tokens per sequence (prompt + response + EOS)")
@@ -81,29 +89,33 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Precision, batch, optimizer and schedule, evaluation, checkpoints and resume, batching and packing."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="training precision (fills the DeepSpeed "
+                                                    "JSON's \"auto\" bf16/fp16)")
     micro_batch_size: int = Field(4, ge=1, description="pairs per rank per micro step (2x sequences)")
     grad_accum: int = Field(1, ge=1, description="micro steps per optimizer step")
-    eval_batch_size: int | None = Field(None, ge=1)
-    lr: float = Field(1e-5, gt=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = Field(1e-8, gt=0)
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    eval_batch_size: int | None = Field(None, ge=1, description="pairs per rank per eval forward; default "
+                                        "micro_batch_size")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate of AdamW (LoRA: ~1e-4)")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final learning rate as a fraction of lr")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; never on norms, biases or the head")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas, e.g. 0.9,0.95")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="linear warmup, as a fraction of the steps")
     warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the training pairs")
     max_steps: int | None = Field(None, ge=1, description="overrides epochs")
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
-    seed: int = 42
+    seed: int = Field(42, description="data order, held-out split, mixture and head init")
     eval_every: int = Field(0, ge=0, description="steps between evals; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     keep_last: int = Field(3, ge=2, description="committed checkpoints kept (>= 2: one may be mid-rotation)")
     resume: str = Field("auto", description="auto (newest committed in OUT/checkpoints), never, or a PATH")
     resume_force: bool = Field(False, description="resume although data, model, max_len, seed or batch differ")
     max_consecutive_skips: int = Field(5, ge=1, description="abort after this many non-finite steps in a row")
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="steps between metric lines (each costs one host sync)")
     dist_timeout_s: float = Field(1800, gt=0, description="collective timeout while training: a rank that "
                                   "waits longer for the others fails instead of hanging")
     batching: Literal["grouped", "random"] = Field(
@@ -119,8 +131,10 @@ class TrainConfig(Section):
 
 
 class OutputConfig(Section):
-    output_dir: str | None = None
-    tensorboard: bool = True
+    """Where the run writes, and what the end of the run produces (reward.pt, the HF folder, the adapter)."""
+
+    output_dir: str | None = Field(None, description="where the run writes everything (see docs/checkpoints.md)")
+    tensorboard: bool = Field(True, description="also log to OUT/tb")
     verify: bool = Field(True, description="re-score a probe batch from reward.pt vs the live engine")
     hf_output_dir: str | None = Field(None, description="HF AutoModelForSequenceClassification folder; default OUT/hf")
     hf_export: bool = Field(True, description="write the HF folder at the end of training")
@@ -137,7 +151,7 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
-    ds_config: str | None = Field(None, description="DeepSpeed JSON; default ds_configs/zero2.json")
+    ds_config: str | None = Field(None, description="DeepSpeed JSON; default: a built-in ZeRO-2 config")
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> RunConfig:

@@ -186,6 +186,12 @@ def test_the_config_and_command_layers_load_neither_torch_nor_transformers(modul
     assert not {"torch", "transformers", "deepspeed"} & loaded_after(f"import {module}")
 
 
+@pytest.mark.parametrize("command", ["consolidate", "score", "serve", "eval", "export_hf", "estimate", "prepare"])
+def test_every_command_answers_help_without_loading_torch(command):
+    build = f"rm_trainer.cli.{command}.parser()" if command not in ("estimate", "prepare") else "None"
+    assert "torch" not in loaded_after(f"import rm_trainer.cli.{command}; {build}")
+
+
 def test_the_public_api_still_resolves_lazily():
     assert "torch" in loaded_after("from rm_trainer import load_reward_model, RewardModel, bradley_terry_loss")
 

@@ -86,7 +86,7 @@ def test_score_speed_bench_smoke(tmp_path):
     assert r["rewards_agree"] and r["rows"] == 64
     m = r["modes"]
     assert m["sorted"]["padding_efficiency"] > m["unsorted"]["padding_efficiency"]
-    # sorted batches are split at the budget and wherever a quarter would be padding (scoring.MIN_FILL):
+    # sorted batches are split at the budget and wherever a quarter would be padding (data.batching.MIN_FILL):
     # they may take a forward or two more than input order, and are never under 3/4 real tokens
     assert m["sorted"]["padding_efficiency"] >= 0.75
 
@@ -106,3 +106,15 @@ def test_serve_bench_smoke_reports_every_mode_and_concurrency(tmp_path):
             assert run["requests_per_s"] > 0 and 0 < run["p50_ms"] <= run["p99_ms"], (c, run)
     assert r["modes"]["off"]["concurrency"]["8"]["rows_per_forward"] == 1.0  # batching off: one request a forward
     assert r["batching_over_off_requests_per_s_at_max_concurrency"] > 0
+
+
+def test_cli_startup_bench_times_every_command(tmp_path):
+    """What docs/benchmarks.md's start-up table comes from; here once per command, this installation only."""
+    out = tmp_path / "startup.json"
+    p = subprocess.run([sys.executable, "bench/cli_startup.py", "--repeat", "1", "--output", str(out)], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())["now"]
+    assert len(r["help"]) == len(r["version"]) == 8
+    assert all(x["exit"] == [0] and x["seconds"] > 0 for x in [*r["help"].values(), *r["version"].values()])
+    assert r["config_error"]["exit"] == [2]

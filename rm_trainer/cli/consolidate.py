@@ -29,9 +29,8 @@ def parser() -> Parser:
                    help="LoRA runs: also write the unmerged adapters + head here as a peft adapter folder")
     p.legacy_positionals(["--checkpoint_dir"])
     p.require("--checkpoint_dir", "--output")
-    for old, new in (("--out", "--output"), ("--hf_out", "--hf_output_dir"), ("--lora_out", "--lora_output_dir"),
-                     ("--no_verify", "--no-verify")):
-        p.deprecate(old, new)
+    for old, new in (("--out", "--output"), ("--hf_out", "--hf_output_dir"), ("--lora_out", "--lora_output_dir")):
+        p.deprecate(old, new)  # (--no_verify is --no-verify: dashes and underscores are the same flag)
     return p
 
 

@@ -320,7 +320,7 @@ def load_run_config(argv: list[str], model_only: bool = False) -> tuple[RunConfi
     return cfg, flags
 
 
-def _type_name(annotation) -> str:
+def type_name(annotation) -> str:
     import typing
 
     text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
@@ -370,7 +370,7 @@ def train_help(prog: str = "rm-train", model_only: bool = False) -> str:
         for name, field in RunConfig.model_fields[sec].annotation.model_fields.items():
             default = "required" if field.is_required() else repr(field.default)
             lines.append(f"  {', '.join(field_flags(f'{sec}.{name}', index))}  "
-                         f"({_type_name(field.annotation)}, default {default})")
+                         f"({type_name(field.annotation)}, default {default})")
             if field.description:
                 lines.append(f"      {field.description}")
     return "\n".join(lines)

@@ -33,10 +33,13 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rm_trainer.errors import DataError, UserError
-from rm_trainer.use.batcher import Batcher, Metrics
 from rm_trainer.use.rows import RowKeys, detect_row_format, row_items
+
+if TYPE_CHECKING:  # the batcher loads torch and the model: only make_app needs it, so `--help` stays instant
+    from rm_trainer.use.batcher import Batcher, Metrics
 
 ENV_KEY = "RM_SERVE_API_KEY"
 ROUTES = ("/get_reward", "/score", "/health", "/metrics")
@@ -214,6 +217,8 @@ class _Handlers:
 def make_app(model, opts: ServeOptions, name: str = ""):
     """The aiohttp application around a loaded model (name: what /health reports as the model)."""
     from aiohttp import web
+
+    from rm_trainer.use.batcher import Batcher, Metrics
 
     metrics = Metrics()
     batcher = Batcher(model, opts.max_batch_tokens, opts.max_wait_ms, opts.max_batch_requests, metrics)

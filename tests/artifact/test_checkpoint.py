@@ -212,10 +212,11 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, demo_assets, tiny_pretrained
 
 
 @pytest.mark.slow
-def test_resume_refuses_inexact_changes(tmp_path, demo_assets, tiny_pretrained):
-    out = tmp_path / "r"
+def test_resume_refuses_inexact_changes(tmp_path, demo_assets, tiny_pretrained, finished):
+    """Against the checkpoints of a finished 2-rank run (the module's shared one: each command below is
+    refused before anything is written)."""
+    out = finished
     args = base_args(demo_assets, tiny_pretrained) + ["--max_steps", "3"]
-    train(out, args)
     cmd = [sys.executable, "launch/train_reward.py"] + args + ["--output_dir", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "world_size: checkpoint has 2, this run has 1" in p.stderr, p.stderr[-2000:]

@@ -148,3 +148,10 @@ def test_every_command_runs_as_a_module(module):
     p = subprocess.run([sys.executable, "-m", f"rm_trainer.cli.{module}", "--help"], cwd=ROOT, env=run_env(),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "usage: rm-" in p.stdout, p.stderr[-2000:]
+
+
+def test_the_checked_in_config_reference_is_what_the_generator_prints():
+    from rm_trainer.cli.config_doc import markdown
+
+    assert (ROOT / "docs" / "config.md").read_text() == markdown(), \
+        "docs/config.md is stale: python -m rm_trainer.cli.config_doc docs/config.md"

@@ -203,10 +203,8 @@ def test_reward_centering_pulls_held_out_rewards_to_zero_without_costing_accurac
                                                                                   tmp_path):
     """TRL's center_rewards_coefficient 0.01 against none, same run otherwise (2 ranks, ZeRO-2, 2 epochs):
     the BT loss leaves the reward offset free; the centering term pins it near 0."""
-    args = ["--model", tiny_pretrained, "--data", demo_assets["train"], "--test_data", demo_assets["test"],
-            "--ds_config", "ds_configs/zero2.json", "--dtype", "fp32", "--lr", "1e-3", "--max_steps", "32",
-            "--warmup_steps", "1", "--max_len", "64", "--seed", "7", "--micro_batch_size", "8", "--hf_export",
-            "false"]
+    args = train_args(tiny_pretrained, demo_assets["train"], demo_assets["test"], "zero2", dtype="fp32", lr=1e-3,
+                      max_steps=32, warmup_steps=1, max_len=64, seed=7, micro_batch_size=8, hf_export=False)
     train(tmp_path / "plain", args)
     train(tmp_path / "centered", args + ["--center_rewards_coefficient", "0.01"])
     plain, centered = metrics(tmp_path / "plain", "eval")[-1], metrics(tmp_path / "centered", "eval")[-1]
