@@ -38,13 +38,13 @@ def _estimate(argv: list[str], as_json: bool) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
+    cfg, flags = load_run_config(argv, model_only=True)  # a config error is reported before torch loads
+    for n in flags.pop("notes", []):
+        note(PROG, n)
     from rm_trainer.train.ds_config import resolve_ds_config
     from rm_trainer.train.engine import world_size_from_env
     from rm_trainer.train.estimate import estimate_run, report
 
-    cfg, flags = load_run_config(argv, model_only=True)
-    for n in flags.pop("notes", []):
-        note(PROG, n)
     world = flags.setdefault("world_size", world_size_from_env())
     hidden = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("hidden_size")
     ds_cfg, cfg = resolve_ds_config(cfg, world, hidden)

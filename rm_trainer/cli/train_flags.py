@@ -192,7 +192,7 @@ class _Argv:
                 return
             val, self.i = nxt, self.i + 1
         if is_bool_field(dotted):
-            flag = key.replace("_", "-").split(".")[-1]
+            flag = dotted.split(".")[-1]
             self.notes.append(f"--{key} {val} is deprecated; use --{flag} or --no-{flag}")
         _set_dotted(self.overrides, dotted, _parse_value(dotted, val))
 
