@@ -71,6 +71,39 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 2000, kin
     return fast
 
 
+# Chat templates in the two common families, for tokenizer_variant: Llama-3-like (the template writes BOS,
+# turns end with an end-of-turn token) and Llama-2/Mistral-like (assistant turns end with EOS itself).
+CHAT_TEMPLATES = {
+    "chat": ("{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>{% endfor %}"
+             "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"),
+    "chat_eos": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                 "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"),
+}
+TOKENIZER_STYLES = ("plain", "bos", "pad_eos", "chat", "chat_eos")
+
+
+def tokenizer_variant(texts: list[str], out_dir: Path, style: str, vocab_size: int = 1000):
+    """A byte-level BPE trained on `texts` in one of the special-token styles real backbones ship with,
+    saved to out_dir:
+      plain     no special tokens added (GPT-2, Qwen-like)
+      bos       BOS added to every text (Llama, Mistral, Gemma-like)
+      pad_eos   no pad token of its own: pad = EOS (Llama-3-like base models)
+      chat      BOS added, and a chat template that writes BOS and ends turns with <|eot|> (Llama-3-like)
+      chat_eos  BOS added, and a chat template whose assistant turns end with EOS itself (Llama-2-like)"""
+    assert style in TOKENIZER_STYLES, style
+    tok = train_tokenizer(texts, out_dir, vocab_size=vocab_size, kind="bpe")
+    if style != "plain":
+        tok.add_bos_token = style != "pad_eos"
+        tok.init_kwargs["add_bos_token"] = tok.add_bos_token
+    if style == "pad_eos":
+        tok.pad_token = tok.eos_token
+    if style.startswith("chat"):
+        tok.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|eot|>"]})
+        tok.chat_template = CHAT_TEMPLATES[style]
+    tok.save_pretrained(out_dir)
+    return tok
+
+
 def tiny_llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
                       max_pos: int = 512):
     from transformers import LlamaConfig

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -104,3 +106,46 @@ def start(out: Path, args: list[str], launcher: str = "deepspeed", nprocs: int =
     log = open(out.parent / f"{out.name}.killed.log", "w")
     return subprocess.Popen(cmd, cwd=ROOT, env=run_env() | (env or {}), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+class Server:
+    """rm-serve as a real process on loopback (`--api_key KEY`), up within 120 s or the test fails."""
+
+    def __init__(self, model, *flags: str):
+        import asyncio
+
+        import aiohttp
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "rm_trainer.cli.serve", "--model", str(model), "--port",
+                                      str(self.port), "--api_key", KEY, *flags], cwd=ROOT, env=run_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while True:  # bounded: the server answers /health within 120 s or the test fails
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            try:
+                asyncio.run(self.get("/health"))
+                return
+            except aiohttp.ClientConnectionError:
+                assert time.monotonic() < deadline, "rm-serve did not come up in 120 s"
+                time.sleep(0.3)
+
+    async def get(self, path: str, headers=None):
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s, s.get(self.url + path, headers=headers) as r:
+            return r.status, await r.text()
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        finally:
+            self.proc.kill()
+        return self.proc.stdout.read()

@@ -118,3 +118,16 @@ def test_cli_startup_bench_times_every_command(tmp_path):
     assert len(r["help"]) == len(r["version"]) == 8
     assert all(x["exit"] == [0] and x["seconds"] > 0 for x in [*r["help"].values(), *r["version"].values()])
     assert r["config_error"]["exit"] == [2]
+
+
+def test_hf_consumers_bench_smoke_runs_the_consumers_of_two_styles(tmp_path):
+    """What docs/serving.md's consumer table comes from, at 2 styles and 4 training steps."""
+    if not SHARED_HH.is_file():
+        pytest.skip(f"{SHARED_HH} not found")
+    out = tmp_path / "hfc.json"
+    p = subprocess.run([sys.executable, "bench/hf_consumers.py", "--smoke", "--output", str(out)], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert set(r["styles"]) == {"bos", "chat"} and "rewardbench" in r["styles"]["chat"]
+    assert r["worst_rel"] <= 1e-5  # every consumer scores as training did

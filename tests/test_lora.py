@@ -144,20 +144,23 @@ def test_merged_reward_pt_and_hf_export_hold_full_weights_and_a_trained_head(lor
     assert torch.equal(state["backbone.embed_tokens.weight"], base["embed_tokens.weight"])
     assert not torch.equal(state["backbone.layers.0.self_attn.q_proj.weight"],
                            base["layers.0.self_attn.q_proj.weight"])  # merged: base + BA
-    assert_scores_like_reward_pt(AutoModelForSequenceClassification.from_pretrained(out / "hf"), out, demo_assets)
+    assert_scores_like_reward_pt(AutoModelForSequenceClassification.from_pretrained(out / "hf"), out, demo_assets,
+                                 out / "hf")
 
 
-def assert_scores_like_reward_pt(model, out, demo_assets) -> None:
-    """A transformers sequence classifier (one text at a time, no padding) vs load_reward_model(reward.pt)
-    on held-out texts."""
+def assert_scores_like_reward_pt(model, out, demo_assets, tokenizer_dir) -> None:
+    """A transformers sequence classifier (one raw text at a time, tokenized by the tokenizer shipped in
+    tokenizer_dir, which appends EOS as training did) vs load_reward_model(reward.pt) on held-out texts."""
+    from transformers import AutoTokenizer
+
     rm = load_reward_model(out / "reward.pt")
     rows = [json.loads(line) for line in open(demo_assets["test"])][:4]
     texts = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
     want = rm.score_texts(texts)
-    tok = rm.tokenizer
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     for t, w in zip(texts, want, strict=True):
         with torch.no_grad():
-            got = model.eval()(**tok(t + tok.eos_token, return_tensors="pt")).logits[0, 0]
+            got = model.eval()(**tok(t, return_tensors="pt")).logits[0, 0]
         assert abs(got - w) <= 1e-5 * max(1.0, abs(w)), (got, w)
 
 
@@ -171,7 +174,7 @@ def test_peft_adapter_folder_reloads_with_the_head_and_gives_the_same_rewards(lo
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["task_type"] == "SEQ_CLS" and "score" in cfg["modules_to_save"]
     base = AutoModelForSequenceClassification.from_pretrained(wide_sft, num_labels=1)
-    assert_scores_like_reward_pt(PeftModel.from_pretrained(base, adapter), out, demo_assets)
+    assert_scores_like_reward_pt(PeftModel.from_pretrained(base, adapter), out, demo_assets, adapter)
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from rm_trainer.artifact.format import (
     check_state_dict,
     fp32_compute,
     model_from_state,
-    tokenizer_from_files,
+    shipped_tokenizer,
     tokenizer_tensors,
 )
 from rm_trainer.artifact.zero_merge import consolidated_state_dict
@@ -78,7 +78,7 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
         if lora_out is not None:
             report["lora_adapter"] = str(lora.export_adapter(
                 state, lora_cfg, meta.backbone_config, meta.run_config["model"]["path"],
-                tokenizer_from_files(tokenizer_tensors(ckpt / tag / TOKENIZER_DIR)), meta.pad_token_id, lora_out))
+                shipped_tokenizer(tokenizer_tensors(ckpt / tag / TOKENIZER_DIR))[0], meta.pad_token_id, lora_out))
         report["lora_layers_merged"] = lora.merge_lora(state, lora_cfg, meta.backbone_config)
     elif lora_out is not None:
         raise UserError(f"{ckpt / tag}: not a LoRA run (model.lora_r is 0); there is no adapter to export")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from rm_trainer.data.scoring_tokenizer import scoring_tokenizer
 from rm_trainer.errors import CheckpointError, UserError
 from rm_trainer.model import RewardModel, backbone_from_config_dict
 
@@ -38,12 +39,20 @@ def tokenizer_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def tokenizer_from_files(files: dict[str, torch.Tensor]):
+    """The training tokenizer, as it was saved into the checkpoint."""
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data.numpy().tobytes())
         return AutoTokenizer.from_pretrained(tmp)
+
+
+def shipped_tokenizer(files: dict[str, torch.Tensor]):
+    """(the tokenizer a trained model ships with: training's, changed by data.scoring_tokenizer so that its
+    usual call gives training's scoring sequence, what could not be arranged)."""
+    tok = tokenizer_from_files(files)
+    return tok, scoring_tokenizer(tok)
 
 
 def check_state_dict(state: dict[str, torch.Tensor], backbone_config: dict, where: str) -> None:

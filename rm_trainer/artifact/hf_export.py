@@ -3,9 +3,9 @@
     rm-export-hf --model OUT/reward.pt --output_dir OUT/hf [--hf_shard_size 5GB]
 
 The folder has the *ForSequenceClassification architecture, num_labels=1, the head named `score`,
-pad_token_id set, safetensors weights (sharded, with an index, above the shard size), the tokenizer,
-the held-out reward mean/std in the config, and a model card showing how to read the raw reward (the
-logit, not a sigmoid of it).
+pad_token_id set (never EOS), safetensors weights (sharded, with an index, above the shard size), the
+tokenizer that gives training's sequence by itself (EOS appended: data/scoring_tokenizer.py), the held-out
+reward mean/std in the config, and a model card with the standard ways to call it.
 """
 
 from __future__ import annotations
@@ -13,19 +13,35 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rm_trainer.artifact.format import read_artifact, tokenizer_from_files
+from rm_trainer.artifact.format import read_artifact, shipped_tokenizer
+from rm_trainer.data.tokenize import lead_text, special_prefix
 from rm_trainer.errors import UserError
 
 CARD = """---
 library_name: transformers
+pipeline_tag: text-classification
 tags: [reward-model, rlhf, rm_trainer]
 ---
 # Reward model (Bradley-Terry), trained with rm_trainer
 
-A scalar reward head (`score`, Linear(H, 1, bias=False)) on a {base} backbone. The reward of a text
-is the raw logit at its last real token; higher means more preferred. Use the logit itself: a sigmoid
-of a single reward is not a probability. `sigmoid(r_a - r_b)` is the modelled probability that a is
-preferred to b.
+A scalar reward head (`score`, Linear(H, 1, bias=False)) on a {base} backbone. The reward of a text is
+the raw logit at its final EOS; higher means more preferred. Use the logit itself: a sigmoid of a single
+reward is not a probability. `sigmoid(r_a - r_b)` is the modelled probability that a is preferred to b.
+
+**Pass raw text.** The tokenizer produces training's sequence by itself: `tok(text)` adds {prefix} and the
+final EOS where the reward is read. Do not append EOS yourself. For a conversation, render it with
+`tok.apply_chat_template(messages, tokenize=False)` and tokenize that text the same way.{problems}
+
+## transformers pipeline (what RewardBench's scripts do)
+
+```python
+from transformers import pipeline
+
+rm = pipeline("text-classification", model="{path}", function_to_apply="none")
+rm(["Human: hi Assistant: Hello! How can I help?"], batch_size=8)   # [{{'label': 'LABEL_0', 'score': reward}}]
+```
+
+## AutoModelForSequenceClassification, batched
 
 ```python
 import torch
@@ -33,18 +49,29 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 tok = AutoTokenizer.from_pretrained("{path}")
 rm = AutoModelForSequenceClassification.from_pretrained("{path}").eval()
-texts = ["Human: hi Assistant: Hello! How can I help?"]
-# exactly as in training: the text ends in EOS, where the reward is read
-batch = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True,
-            add_special_tokens=True)
+texts = ["Human: hi Assistant: Hello! How can I help?", "Human: hi Assistant: Go away."]
+batch = tok(texts, padding=True, return_tensors="pt")        # right or left padding: the same rewards
 with torch.no_grad():
-    reward = rm(**batch).logits[:, 0]          # raw reward, one per text
+    reward = rm(**batch).logits[:, 0]                         # raw reward, one per text
 normalized = (reward - rm.config.reward_mean) / rm.config.reward_std   # held-out statistics
 ```
 
-Held-out reward statistics: mean {mean}, std {std}. Max length in training: {max_len} tokens.
-Padding token for batching: `{pad}` (id {pad_id}), which differs from EOS so that the pooled
-position is the final EOS.
+## vLLM (OpenAI-style classify request; documented, not run by rm_trainer's tests)
+
+```bash
+vllm serve {path} --runner pooling
+curl localhost:8000/classify -H 'Content-Type: application/json' \\
+  -d '{{"model": "{path}", "input": ["Human: hi Assistant: Hello!"], "use_activation": false}}'
+```
+
+vLLM tokenizes `input` with this tokenizer, so the final EOS is added as in training; `use_activation: false`
+returns the raw reward instead of its sigmoid (older vLLM versions call it `activation`). For `messages`, also
+send `"add_special_tokens": true`.
+
+Held-out reward statistics: mean {mean}, std {std}. Max length in training: {max_len} tokens (longer
+texts were truncated from the left of the prompt, keeping the final EOS; truncate the same way, or keep
+inputs shorter). Padding token: `{pad}` (id {pad_id}), which differs from EOS so that the pooled position
+is the final EOS.
 """
 
 
@@ -57,33 +84,16 @@ def export_artifact(art: dict, out_dir: str | Path, shard_size: str = "5GB") -> 
     """Write the HF folder from an artifact dict whose tensors are already in memory (or memory-mapped):
     the model is built on the meta device around those tensors, so nothing is copied but one shard at a
     time while the safetensors files are written (`model.safetensors`, or `model-0000k-of-0000n
-    .safetensors` + `model.safetensors.index.json` above shard_size)."""
+    .safetensors` + `model.safetensors.index.json` above shard_size). The tokenizer is the one the model
+    ships with (artifact.format.shipped_tokenizer): tok(text) gives training's ids."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    tok = tokenizer_from_files(art["tokenizer_files"])
+    tok, problems = shipped_tokenizer(art["tokenizer_files"])
+    prefix_ids = special_prefix(tok)
+    config = _hf_config(art, tok)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = json.loads(art["backbone_config"])
-    config = AutoConfig.for_model(**cfg_dict)
-    config.num_labels = 1
-    config.problem_type = "regression"
-    # HF pools at the last token that is not pad_token_id. With pad == eos (common for Llama-3), that
-    # would skip our final EOS, where the reward lives; pick another special token as the pad.
-    pad_id = tok.pad_token_id
-    if pad_id is None or pad_id == tok.eos_token_id:
-        for candidate in (tok.bos_token, tok.unk_token):
-            if candidate is not None and tok.convert_tokens_to_ids(candidate) != tok.eos_token_id:
-                tok.pad_token = candidate
-                break
-        else:
-            raise UserError("the tokenizer has no special token other than EOS to pad with; add a pad token")
-        pad_id = tok.pad_token_id
-    config.pad_token_id = pad_id
-    stats = art.get("reward_stats") or {}
-    config.reward_mean = float(stats.get("mean", 0.0))
-    config.reward_std = float(stats.get("std", 1.0))
-    config.rm_max_len = int(art["max_len"])  # load_reward_model(hf folder) tokenizes exactly as training did
     dtype = art["state_dict"]["score.weight"].dtype
     with init_empty_weights(include_buffers=False):
         hf = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
@@ -103,11 +113,39 @@ def export_artifact(art: dict, out_dir: str | Path, shard_size: str = "5GB") -> 
                            f"never assigned {still_meta}")
     hf.save_pretrained(out, safe_serialization=True, max_shard_size=shard_size)
     tok.save_pretrained(out)
-    (out / "README.md").write_text(CARD.format(base=type(hf).__name__.removesuffix("ForSequenceClassification"),
-                                               path=str(out), mean=round(config.reward_mean, 4),
-                                               std=round(config.reward_std, 4), max_len=art["max_len"],
-                                               pad=tok.pad_token, pad_id=pad_id))
+    if problems:
+        print(f"rm_trainer: HF export {out}: " + "; ".join(problems), flush=True)
+    (out / "README.md").write_text(CARD.format(
+        base=type(hf).__name__.removesuffix("ForSequenceClassification"), path=str(out),
+        prefix=f"`{lead_text(tok, prefix_ids)}` first" if prefix_ids else "no special token first",
+        problems="".join(f"\n\n**Note:** {p}." for p in problems), mean=round(config.reward_mean, 4),
+        std=round(config.reward_std, 4), max_len=art["max_len"], pad=tok.pad_token, pad_id=config.pad_token_id))
     return out
+
+
+def _hf_config(art: dict, tok):
+    """The *ForSequenceClassification config: one label, a pad distinct from EOS, the held-out statistics
+    and training's max_len."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**json.loads(art["backbone_config"]))
+    config.num_labels = 1
+    config.problem_type = "regression"
+    # HF pools at the last token that is not pad_token_id. With pad == eos (common for Llama-3), that
+    # would skip our final EOS, where the reward lives; pick another special token as the pad.
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        for candidate in (tok.bos_token, tok.unk_token):
+            if candidate is not None and tok.convert_tokens_to_ids(candidate) != tok.eos_token_id:
+                tok.pad_token = candidate
+                break
+        else:
+            raise UserError("the tokenizer has no special token other than EOS to pad with; add a pad token")
+    config.pad_token_id = tok.pad_token_id
+    stats = art.get("reward_stats") or {}
+    config.reward_mean = float(stats.get("mean", 0.0))
+    config.reward_std = float(stats.get("std", 1.0))
+    config.rm_max_len = int(art["max_len"])  # load_reward_model(hf folder) tokenizes exactly as training did
+    return config
 
 
 def hf_folder_for(reward_pt: str | Path, out_dir: str | Path, timeout_s: float, poll_s: float = 1.0) -> Path:

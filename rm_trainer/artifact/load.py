@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from rm_trainer.artifact.format import model_from_state, read_artifact, tokenizer_from_files
+from rm_trainer.artifact.format import model_from_state, read_artifact, shipped_tokenizer
+from rm_trainer.data.scoring_tokenizer import scoring_tokenizer
 from rm_trainer.errors import UserError
 from rm_trainer.model import DTYPES, RewardModel, build_backbone
 
@@ -32,7 +33,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
     art = read_artifact(path)
     dtype = dtype or DTYPES[art["dtype"]]
     model = model_from_state(json.loads(art["backbone_config"]), art["state_dict"], dtype)
-    model.tokenizer = tokenizer_from_files(art["tokenizer_files"])
+    model.tokenizer = shipped_tokenizer(art["tokenizer_files"])[0]  # tokenizer(text) gives training's ids
     model.max_len = int(art["max_len"])
     model.pad_token_id = int(art["pad_token_id"])
     stats = art.get("reward_stats") or {}
@@ -53,6 +54,7 @@ def _load_hf_folder(path: Path, device, dtype: torch.dtype | None, normalize: bo
     backbone, head = build_backbone(str(path), dtype or config.dtype)
     model = RewardModel(backbone, head=head)
     model.tokenizer = AutoTokenizer.from_pretrained(path)
+    scoring_tokenizer(model.tokenizer)  # exported that way already; a folder written before is made so too
     model.max_len, model.pad_token_id = int(config.rm_max_len), int(config.pad_token_id)
     if normalize:
         model.set_normalization(config.reward_mean, config.reward_std)

@@ -1,8 +1,12 @@
 """Tokenization exactly as training does it, for training (tokenize_source: a whole source in one batched
 datasets.map, every row given a status) and for scoring (encode_item: one text, pair or conversation).
 
-A sequence is [BOS] + prompt + response, truncated by the policy in truncation.py, + EOS: the reward is
-read at that final EOS. Conversations are rendered with the chat template, which writes its own BOS.
+A sequence is the tokenizer's own special prefix (BOS for Llama-like tokenizers, nothing for GPT-2 or
+Qwen-like ones) once, then the prompt and the response, truncated by the policy in truncation.py, then EOS:
+the reward is read at that final EOS. A text that already starts with the prefix written out (a chat
+template's `{{ bos_token }}`, a policy's decoded BOS) gets it once, not twice; a response that already
+ends in EOS gets one EOS. scoring_tokenizer() makes a tokenizer produce this very sequence by itself, for
+the consumers of the exported model that tokenize raw text.
 """
 
 from __future__ import annotations
@@ -32,11 +36,25 @@ def special_prefix(tok) -> list[int]:
     return [i for i in ids if i != tok.eos_token_id]
 
 
-def encode(tok, prompt: str, response: str, max_len: int, chat: bool = False, prefix: list[int] | None = None):
-    """Token ids exactly as in training: [BOS] + prompt + response, truncated by the policy, + EOS.
-    chat=True: the prompt was rendered by the chat template, which writes its own BOS. Returns the
-    Truncated record (ids in .chosen)."""
-    prefix = [] if chat else special_prefix(tok) if prefix is None else prefix
+def lead_text(tok, prefix: list[int]) -> str:
+    """The special prefix written out as text (e.g. '<s>'), as a chat template or a decode writes it."""
+    return "".join(tok.convert_ids_to_tokens(prefix)) if prefix else ""
+
+
+def drop_lead(prompt: str, responses: tuple[str, ...], lead: str) -> tuple[str, tuple[str, ...]]:
+    """The prompt (or, without one, each response) without a leading `lead`: the prefix is added as ids."""
+    if not lead:
+        return prompt, responses
+    if prompt:
+        return prompt.removeprefix(lead), responses
+    return prompt, tuple(r.removeprefix(lead) for r in responses)
+
+
+def encode(tok, prompt: str, response: str, max_len: int, prefix: list[int] | None = None):
+    """Token ids exactly as in training: the special prefix once + prompt + response, truncated by the
+    policy, + EOS (see the module docstring). Returns the Truncated record (ids in .chosen)."""
+    prefix = special_prefix(tok) if prefix is None else prefix
+    prompt, (response,) = drop_lead(prompt, (response,), lead_text(tok, prefix))
     p = prefix + tok(prompt, add_special_tokens=False)["input_ids"]
     r = tok(response, add_special_tokens=False)["input_ids"]
     return truncate_pair(p, r, r, tok.eos_token_id, max_len, keep_prefix=len(prefix))
@@ -67,22 +85,21 @@ def encode_item(tok, item, max_len: int, prefix: list[int]) -> list[int]:
             raise DataError("a conversation (messages) needs a chat template, and this model's tokenizer has "
                             "none; send plain text or prompt + response instead")
         p, c, _ = render_conversation(tok, prompt, response, response, None)
-        return encode(tok, p, c, max_len, chat=True).chosen
+        return encode(tok, p, c, max_len, prefix).chosen
     return encode(tok, prompt, response, max_len, prefix=prefix).chosen
 
 
-def _texts(row: dict, fmt: str, keys: PairKeys, tok) -> tuple[str, str, str, bool, str]:
-    """(prompt, chosen response, rejected response, chat-rendered?, note) of a row of format `fmt`."""
+def _texts(row: dict, fmt: str, keys: PairKeys, tok) -> tuple[str, str, str, str]:
+    """(prompt, chosen response, rejected response, note) of a row of format `fmt`."""
     c, r = row[keys.chosen], row[keys.rejected]
     if fmt == "conversational":
-        p, c, r = render_conversation(tok, row.get(keys.prompt), c, r, None)
-        return p, c, r, True, ""
+        return (*render_conversation(tok, row.get(keys.prompt), c, r, None), "")
     if fmt == "prompt":
-        return row[keys.prompt], c, r, False, ""
+        return row[keys.prompt], c, r, ""
     split = split_hh(c, r)
     if split is None:
-        return "", c, r, False, "hh_no_common_prompt"
-    return (*split, False, "")
+        return "", c, r, "hh_no_common_prompt"
+    return (*split, "")
 
 
 COLUMNS = ("chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin", "source", "status",
@@ -116,7 +133,7 @@ def tokenize_source(ds, fmt: str, tok, d: DataConfig, source_id: int = 0, path: 
     beside the source's own, which for a save_to_disk folder is the user's folder)."""
     keys = PairKeys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key)
     prefix = special_prefix(tok)
-    eos = tok.eos_token_id
+    lead, eos = lead_text(tok, prefix), tok.eos_token_id
     if fmt == "conversational" and not tok.chat_template:
         raise DataError(f"{path}: holds conversations (messages), but the tokenizer has no chat template; "
                         "pass --chat_template FILE (a Jinja template)")
@@ -129,7 +146,12 @@ def tokenize_source(ds, fmt: str, tok, d: DataConfig, source_id: int = 0, path: 
             problem = row_problem(row, fmt, keys)
             if problem and d.on_error == "error":
                 raise DataError(f"{row_location(path, i)}: {problem}" + skip_hint())
-            texts.append(None if problem else _texts(row, fmt, keys, tok))
+            if problem:
+                texts.append(None)
+                continue
+            prompt, c, r, note = _texts(row, fmt, keys, tok)
+            prompt, (c, r) = drop_lead(prompt, (c, r), lead)  # the prefix is added as ids, once
+            texts.append((prompt, c, r, note))
         ok = [t for t in texts if t is not None]
         enc = [tok([t[j] for t in ok], add_special_tokens=False)["input_ids"] if ok else [] for j in range(3)]
         k = 0
@@ -137,11 +159,10 @@ def tokenize_source(ds, fmt: str, tok, d: DataConfig, source_id: int = 0, path: 
             if t is None:
                 p_ids, c_ids, r_ids, status, cut = [], [], [], "malformed", None
             else:
-                p, c, r, chat, note = t
-                pre = [] if chat else prefix
-                p_ids, c_ids, r_ids = pre + enc[0][k], enc[1][k], enc[2][k]
+                p, c, r, note = t
+                p_ids, c_ids, r_ids = prefix + enc[0][k], enc[1][k], enc[2][k]
                 k += 1
-                cut = truncate_pair(p_ids, c_ids, r_ids, eos, d.max_len, keep_prefix=len(pre))
+                cut = truncate_pair(p_ids, c_ids, r_ids, eos, d.max_len, keep_prefix=len(prefix))
                 status = _status(c, r, cut, note)
             out["chosen_ids"].append(cut.chosen if cut else [])
             out["rejected_ids"].append(cut.rejected if cut else [])

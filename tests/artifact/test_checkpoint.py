@@ -306,7 +306,7 @@ def test_hf_export_loads_in_plain_transformers_and_matches_reward_pt(finished, d
     model.eval()
     for side in ("right", "left"):
         tok.padding_side = side
-        batch = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True)
+        batch = tok(texts, return_tensors="pt", padding=True)  # the tokenizer appends EOS itself
         with torch.no_grad():
             got = model(**batch).logits[:, 0]
         assert (got - want).abs().max() <= 1e-5, (side, got, want)

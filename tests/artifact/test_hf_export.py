@@ -30,7 +30,7 @@ def test_sharded_export_loads_and_scores_like_reward_pt(run, demo_assets, tmp_pa
     rows = [json.loads(line) for line in open(demo_assets["test"])][:4]
     texts = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
     want = load_reward_model(reward_pt).score_texts(texts)
-    batch = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True)
+    batch = tok(texts, return_tensors="pt", padding=True)  # the tokenizer appends EOS itself
     with torch.no_grad():
         got = model.eval()(**batch).logits[:, 0]
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()

@@ -8,52 +8,15 @@ import asyncio
 import json
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from helpers import ROOT, free_port, run_env
+from helpers import AUTH, Server
 
 from rm_trainer import load_reward_model
 
 pytest.importorskip("aiohttp")
 import aiohttp  # noqa: E402
-
-KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-class Server:
-    def __init__(self, model, *flags: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "rm_trainer.cli.serve", "--model", str(model), "--port",
-                                      str(self.port), "--api_key", KEY, *flags], cwd=ROOT, env=run_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while True:  # bounded: the server answers /health within 120 s or the test fails
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            try:
-                asyncio.run(self.get("/health"))
-                return
-            except aiohttp.ClientConnectionError:
-                assert time.monotonic() < deadline, "rm-serve did not come up in 120 s"
-                time.sleep(0.3)
-
-    async def get(self, path: str, headers=None):
-        async with aiohttp.ClientSession() as s, s.get(self.url + path, headers=headers) as r:
-            return r.status, await r.text()
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        finally:
-            self.proc.kill()
-        return self.proc.stdout.read()
 
 
 def metric(text: str, name: str) -> float:
