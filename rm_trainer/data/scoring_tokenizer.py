@@ -62,7 +62,11 @@ def _adapt_template(tok, lead: str) -> str | None:
     template = tok.chat_template
     if not isinstance(template, str):
         return None if not template else "a tokenizer with several named chat templates is left as it is"
-    text = _render(tok, template, PROBE_CHAT)
+    try:
+        text = _render(tok, template, PROBE_CHAT)
+    except Exception as e:  # noqa: BLE001 - a template's own raise_exception, or any Jinja error
+        return (f"the chat template could not render a probe conversation ({type(e).__name__}: {e}), so it is left "
+                "as it is: tokenize its output with add_special_tokens=False and append EOS yourself")
     strip_lead, strip_eos = bool(lead) and text.startswith(lead), text.endswith(tok.eos_token)
     if not (strip_lead or strip_eos):
         return None
@@ -79,13 +83,14 @@ def scoring_tokenizer(tok) -> list[str]:
     """Make `tok` produce training's scoring sequence by itself (in place; see the module docstring).
     Returns the problems found: each one says what a consumer must do instead."""
     prefix = special_prefix(tok)
-    problems = [p for p in (_set_post_processor(tok, prefix), _adapt_template(tok, lead_text(tok, prefix))) if p]
-    if problems:
-        return problems
+    post = _set_post_processor(tok, prefix)
+    if post:
+        return [post]
+    problems = [p for p in [_adapt_template(tok, lead_text(tok, prefix))] if p]
     big = 1 << 30
     if tok(PROBE_TEXT)["input_ids"] != encode_item(tok, PROBE_TEXT, big, prefix):
         problems.append("tok(text) does not reproduce training's ids for a plain text")
-    if tok.chat_template and isinstance(tok.chat_template, str):
+    if tok.chat_template and isinstance(tok.chat_template, str) and not problems:
         rendered = tok.apply_chat_template(PROBE_CHAT, tokenize=False)
         if tok(rendered)["input_ids"] != encode_item(tok, PROBE_CHAT, big, prefix):
             problems.append("tok(apply_chat_template(conversation, tokenize=False)) does not reproduce training's "

@@ -103,3 +103,13 @@ def test_any_text_tokenized_by_the_shipped_tokenizer_is_trainings_sequence(token
     if (lead and text.startswith(lead)) or text.rstrip().endswith(tok.eos_token):
         return
     assert shipped_tokenizers[style](text)["input_ids"] == encode_item(tok, text, BIG, special_prefix(tok))
+
+
+def test_a_template_that_cannot_render_the_probe_is_left_alone_and_said_so(tokenizers):
+    tok = copy.deepcopy(tokenizers["chat"])
+    tok.chat_template = "{{ raise_exception('only one turn') if messages|length > 2 }}" + CHAT_TEMPLATES["chat"]
+    before = tok.chat_template
+    problems = scoring_tokenizer(tok)
+    assert tok.chat_template == before and len(problems) == 1 and "could not render" in problems[0]
+    text = "Human: hi Assistant: hello"
+    assert tok(text)["input_ids"] == encode_item(tok, text, BIG, special_prefix(tok))  # plain text still works
