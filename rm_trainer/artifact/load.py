@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from rm_trainer.artifact.format import model_from_state, read_artifact, shipped_tokenizer
+from rm_trainer.data.read import read_text
 from rm_trainer.data.scoring_tokenizer import scoring_tokenizer
 from rm_trainer.errors import UserError
 from rm_trainer.model import DTYPES, RewardModel, build_backbone
@@ -76,8 +77,5 @@ class ModelOptions:
         device = self.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
         model = load_reward_model(self.model, device=device, normalize=self.normalize)
         if self.chat_template:
-            try:
-                model.tokenizer.chat_template = Path(self.chat_template).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"--chat_template {self.chat_template}: cannot read it ({e})") from None
+            model.tokenizer.chat_template = read_text(self.chat_template, "--chat_template")
         return model

@@ -35,6 +35,10 @@ def parser() -> Parser:
                    help="how batches are padded (the results do not depend on it)")
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="render RewardBench's plain prompts with the chat template (auto: if the tokenizer has one)")
+    p.add_argument("--truncation", choices=("single", "pair"), default="single",
+                   help="single: each response scored on its own, the reward rm-score, rm-serve and score_texts "
+                        "give; pair: as the training loss saw each pair (one prompt cut for both sides), with "
+                        "training's drops; the run's own eval/* metrics use it")
     add_on_error(p)
     return p
 
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         name = Path(args.data[0]).name.split(".")[0] or "data"
         out = Path(args.output_dir or Path(args.model).resolve().parent / "eval" / name)
         opts = EvalOptions(PairKeys(args.prompt_key, args.chosen_key, args.rejected_key), args.format, args.chat,
-                           args.on_error, args.max_batch_tokens, args.padding_side)
+                           args.on_error, args.max_batch_tokens, args.padding_side, args.truncation)
         result, rows, r_c, r_r = evaluate(model_options(args).load(), args.data, opts)
         result["model"] = str(args.model)
         print(json.dumps(write(out, result, rows, r_c, r_r)), flush=True)

@@ -39,7 +39,8 @@ def run(prog: str, fn: Callable[[], int]) -> int:
     try:
         return fn()
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        if not getattr(e, "quiet", False):  # quiet: another rank of the same run prints this message
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from rm_trainer.config import SECTIONS, RunConfig
 from rm_trainer.data.formats import looks_like_hub_name
-from rm_trainer.errors import ConfigError
+from rm_trainer.data.read import check_file, read_text
+from rm_trainer.errors import ConfigError, DataError
 
 # Short flags users know from the seed script and from other trainers, beyond the automatic
 # "unique field name" short forms (--lr, --max_len, --micro_batch_size, ...).
@@ -97,13 +98,15 @@ def _looks_numeric(s: str) -> bool:
 
 def load_config_file(path: str) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"--config {path}: file not found"])
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_text(path, "--config")
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+    except DataError as e:
+        raise ConfigError([str(e)]) from None
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError([f"--config {path}: cannot parse: {e}"]) from None
+    except RecursionError:
+        raise ConfigError([f"--config {path}: cannot parse: nested too deeply"]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -288,8 +291,11 @@ def _path_problems(tree: dict, model_only: bool = False) -> list[str]:
         if isinstance(src, dict):
             paths += [(f"data.sources[{i}].{f}", src.get(f)) for f in ("path", "test_path")]
     for field, p in paths:
-        if p and not Path(str(p)).exists() and not looks_like_hub_name(str(p)):
-            problems.append(f"{field} {p!r}: file not found")
+        if p and (Path(str(p)).exists() or Path(str(p)).is_symlink() or not looks_like_hub_name(str(p))):
+            try:  # missing, a symlink loop, a FIFO, unreadable, empty: before anything reads (or hashes) it
+                check_file(str(p), field, folder_ok=not field.endswith("chat_template"))
+            except DataError as e:
+                problems.append(str(e))
     ds = tree.get("ds_config")
     if ds and not Path(str(ds)).is_file():
         problems.append(f"ds_config {ds!r}: file not found")

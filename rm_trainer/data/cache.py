@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rm_trainer import disk
 from rm_trainer.data.sources import prepare_sources
-from rm_trainer.errors import DataError
+from rm_trainer.errors import DataError, UserError
 
 CODE = ("formats.py", "truncation.py", "tokenize.py", "sources.py", "cache.py")  # what turns a row into token ids
 READY_KEY = "rm_trainer/data_cache"
@@ -95,6 +96,7 @@ def build(cfg, tok, dest: Path) -> dict:
     """Read, check and tokenize every source into dest (atomically). Returns the report."""
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    made = [d for d in tmp.parents if not d.exists()]  # folders this build creates, nearest first
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
     try:
@@ -114,8 +116,18 @@ def build(cfg, tok, dest: Path) -> dict:
             shutil.rmtree(tmp)
         else:
             tmp.rename(dest)
-    except BaseException:
+    except BaseException as e:  # nothing of a failed build is left, not even the folders it created
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:  # not empty: something else lives there
+                break
+        cause = disk.disk_cause(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            raise disk.DiskFullError(disk.message("preparing the tokenized data in", dest.parent, cause)
+                                     + "; the partial cache was removed: free space, or point --cache_dir at a "
+                                     "disk with room, and rerun") from None
         raise
     return report
 
@@ -146,7 +158,7 @@ def load_data(cfg, tok, rt, out: Path):
             t0 = time.perf_counter()
             dest, hit = prepare_or_load(cfg, tok)
         except BaseException as e:  # tell the waiting ranks, so they stop instead of waiting out the timeout
-            rt.publish(READY_KEY, json.dumps({"error": f"{type(e).__name__}: {e}"}))
+            rt.publish(READY_KEY, json.dumps({"error": f"{type(e).__name__}: {e}", "user": isinstance(e, UserError)}))
             raise
         rt.publish(READY_KEY, json.dumps({"dir": str(dest)}))
         report = json.loads((dest / "report.json").read_text())
@@ -157,7 +169,9 @@ def load_data(cfg, tok, rt, out: Path):
     else:
         msg = json.loads(rt.wait_for(READY_KEY, cfg.data.prepare_timeout_s))
         if "error" in msg:
-            raise DataError(f"rank 0 could not prepare the data ({msg['error']}); see rank 0's message")
+            err = DataError(f"rank 0 could not prepare the data ({msg['error']}); see rank 0's message")
+            err.quiet = bool(msg.get("user"))  # rank 0 prints that one message; a bug is said by every rank
+            raise err
         dest = Path(msg["dir"])
     train, test, names, _ = load(dest)
     return train, test, names

@@ -7,18 +7,18 @@ in that source is malformed):
   prompt         {"prompt": "...", "chosen": "...", "rejected": "..."}
   conversational {"chosen": [{"role", "content"}, ...], "rejected": [...], "prompt"?: str | messages}
                  (UltraFeedback-binarized style), rendered with the tokenizer's chat template
-Everything is read through `datasets`: .jsonl/.json (optionally .gz), .parquet, .arrow, a
+Files are read through data/read.py (`datasets` first): .jsonl/.json (optionally .gz), .parquet, .arrow, a
 `save_to_disk` folder, or a hub dataset name.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rm_trainer.data import read
 from rm_trainer.errors import DataError
 
 ASSISTANT = "Assistant:"
@@ -38,25 +38,24 @@ def looks_like_hub_name(p: str) -> bool:
             and not any(p.lower().endswith(e) for e in (".json", ".jsonl", ".gz", ".parquet", ".arrow", ".jinja")))
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
 def is_jsonl(path: str) -> bool:
-    return path.lower().removesuffix(".gz").endswith(".jsonl")
+    return read.is_json_lines(path)
+
+
+def jsonl_lines(path: str) -> list[int]:
+    """The line number of every non-blank line of a JSON-lines file: row i is on line jsonl_lines[i]."""
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            return [n for n, line in enumerate(f, 1) if line.strip()]
+    except read.GZIP_ERRORS:
+        return []
 
 
 def row_location(path: str, row: int) -> str:
     """'file:line' for JSON-lines files (row i is the i-th non-blank line), 'file row N' otherwise."""
-    if is_jsonl(path) and Path(path).is_file():
-        with _open_text(path) as f:
-            seen = -1
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    seen += 1
-                    if seen == row:
-                        return f"{path}:{lineno}"
-    return f"{path} row {row}"
+    lines = jsonl_lines(path) if is_jsonl(path) and Path(path).is_file() else []
+    return f"{path}:{lines[row]}" if row < len(lines) else f"{path} row {row}"
 
 
 def _messages_problem(v: Any, field: str) -> str | None:
@@ -119,83 +118,80 @@ def row_problem(row: Any, fmt: str, keys: PairKeys) -> str | None:
         problem = _messages_problem(p, keys.prompt)
         if problem:
             return problem
-    if keys.margin and row.get(keys.margin) is not None and not isinstance(row[keys.margin], (int, float)):
-        return f"field {keys.margin!r} is a {type(row[keys.margin]).__name__}; expected a number"
+    m = row.get(keys.margin) if keys.margin else None
+    if m is not None and not read.finite_number(m):
+        what = repr(m) if isinstance(m, float) else f"a {type(m).__name__}"
+        return f"field {keys.margin!r} is {what}; expected a finite number"
     return None
 
 
-def scan_json_lines(path: str, fmt: str, keys: PairKeys) -> tuple[list[dict], list[str], str]:
-    """Python parse of a JSON-lines file that `datasets` cannot read: (valid rows, problems as
-    'file:line: ...', the source's format)."""
-    parsed, problems = [], []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                parsed.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
-    fmt = decide_format([obj for _, obj in parsed[:100]], keys, fmt)
-    rows = []
-    for lineno, obj in parsed:
-        p = row_problem(obj, fmt, keys)
-        if p:
-            problems.append(f"{path}:{lineno}: {p}")
-        else:
-            rows.append(obj)
-    problems.sort(key=lambda s: int(s[len(path) + 1:].split(":", 1)[0]))  # file order
-    return rows, problems, fmt
-
-
-BUILDERS = ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet"), (".arrow", "arrow"))
-
-
-def load_source(path: str, fmt: str, keys: PairKeys, on_error: str, cache_dir: str | None = None):
+def load_source(path: str, fmt: str, keys: PairKeys, on_error: str, cache_dir: str | None = None,
+                what: str = "--data"):
     """One source as a datasets.Dataset, its format (decided once, from its first rows), and how many
-    rows were already found malformed (only by the Python fallback for JSON-lines that `datasets`
-    cannot parse; every other row is checked during tokenization, against that format)."""
+    rows were already found malformed (only when `datasets` cannot read a JSON file and read.py reads it
+    instead; every other row is checked during tokenization, against that format). Every file goes
+    through data/read.py, so a file of any bytes is read or refused with a DataError naming it."""
     import datasets
 
-    p = Path(path)
-    if not p.exists() and not looks_like_hub_name(path):
-        raise DataError(f"{path}: file not found")
-    if p.is_file() and p.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
-    builder = None
-    if p.is_file():
-        name = path.lower().removesuffix(".gz")
-        builder = next((b for suffix, b in BUILDERS if name.endswith(suffix)), None)
-        if builder is None:
-            raise DataError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet, .arrow "
-                            "(optionally .gz), a save_to_disk folder or a hub dataset name")
+    if not Path(path).exists() and not Path(path).is_symlink() and looks_like_hub_name(path):
+        try:  # a hub dataset, where the network allows
+            ds = datasets.load_dataset(path, split="train", cache_dir=cache_dir)
+        except (OSError, ValueError, FileNotFoundError) as e:
+            raise DataError(f"{what} {path}: no such file, and not a hub dataset that can be loaded ({e})") from None
+        return _checked(ds, path, keys, fmt), fmt if fmt != "auto" else _first_format(ds, keys), 0
+    p = read.check_file(path, what, folder_ok=True)
+    if p.is_dir():
+        ds = _load_folder(path, what)
+    elif path.lower().removesuffix(".gz").endswith(".arrow"):
+        ds = _load_arrow(path, what, cache_dir)
+    elif read.table_kind(path) is None:
+        raise DataError(f"{what} {path}: unsupported data file type; use .jsonl, .json, .parquet, .arrow "
+                        "(optionally .gz), a save_to_disk folder or a hub dataset name")
+    else:
+        ds = read.try_datasets(path, read.table_kind(path), cache_dir)
+        if ds is None and read.table_kind(path) == "parquet":
+            raise DataError(f"{path}: not a readable parquet file ({read.parquet_problem(path)})")
+        if ds is None:
+            parsed = read.json_records(path)
+            fmt = decide_format([obj for _, obj in parsed[0][:100]], keys, fmt)
+            ds, bad = read.from_records(path, lambda row: row_problem(row, fmt, keys), on_error, parsed, skip_hint())
+            return ds, fmt, bad
+    return _checked(ds, path, keys, fmt), _first_format(ds, keys) if fmt == "auto" else fmt, 0
+
+
+def _first_format(ds, keys: PairKeys) -> str:
+    return decide_format(list(ds.select(range(min(100, len(ds))))), keys, "auto")
+
+
+def _load_folder(path: str, what: str):
+    import datasets
+
     try:
-        if p.is_dir():
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"]
-        elif builder is not None:
-            ds = datasets.load_dataset(builder, data_files=str(p), split="train", cache_dir=cache_dir)
-        else:
-            ds = datasets.load_dataset(path, split="train", cache_dir=cache_dir)  # hub, where the network allows
-    except Exception:  # datasets wraps JSON and schema errors in several exception types
-        ds = None
-    if ds is None:
-        if not is_jsonl(path):
-            raise DataError(f"{path}: cannot be read as a dataset file")
-        rows, problems, fmt = scan_json_lines(path, fmt, keys)
-        if problems and on_error == "error":
-            raise DataError(problems[0] + skip_hint())
-        if not rows:
-            raise DataError(f"{path}: no usable rows ({len(problems)} malformed; first: {problems[0]})")
-        return datasets.Dataset.from_list(rows), fmt, len(problems)
+        ds = datasets.load_from_disk(path)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise DataError(f"{what} {path}: is a folder, but not one written by datasets' save_to_disk ({e})") from None
+    return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+
+
+def _load_arrow(path: str, what: str, cache_dir: str | None):
+    import datasets
+    import pyarrow as pa
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return datasets.load_dataset("arrow", data_files=path, split="train", cache_dir=cache_dir)
+    except (DatasetGenerationError, pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{what} {path}: cannot be read as an arrow file ({str(e).splitlines()[0][:200]})") from None
+
+
+def _checked(ds, path: str, keys: PairKeys, fmt: str):
     if len(ds) == 0:
         raise DataError(f"{path}: contains no rows")
     for k in (keys.chosen, keys.rejected):
         if k not in ds.column_names:
             raise DataError(f"{path}: no {k!r} field in any row (found fields: {', '.join(ds.column_names)}); "
                             "set data.chosen_key / data.rejected_key / data.prompt_key to your column names")
-    return ds, decide_format(list(ds.select(range(min(100, len(ds))))), keys, fmt), 0
+    return ds
 
 
 def skip_hint() -> str:

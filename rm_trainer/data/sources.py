@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from rm_trainer.data.formats import PairKeys, load_source
-from rm_trainer.data.tokenize import DROP_REASONS, KEPT_NOTES, tokenize_source
+from rm_trainer.data.tokenize import DROP_REASONS, KEPT_NOTES, SINGLE, tokenize_source
 from rm_trainer.errors import DataError
 
 
@@ -26,16 +26,18 @@ def split_indices(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 def split_report(tokd, columns: dict[str, np.ndarray], idx: np.ndarray, margin: bool, max_len: int,
-                 malformed_before: int = 0):
+                 malformed_before: int = 0, held_out: bool = False):
     """(rows kept for training, their report) of one split (`idx`: its rows of the tokenized source).
-    Counts and lengths come from whole columns read once (`columns`), never row by row."""
+    Counts and lengths come from whole columns read once (`columns`), never row by row. Only the
+    held-out split keeps each response's own encoding (tokenize.SINGLE), for the end-of-run report."""
     status = columns["status"][idx]
     counts = Counter(status.tolist())
     counts["malformed"] += malformed_before
     real = status != "malformed"
     lengths = {k: columns[k][idx][real] for k in ("prompt_tokens", "chosen_tokens", "rejected_tokens")}
     keep = idx[~np.isin(status, DROP_REASONS)]
-    drop = ["status", "prompt_tokens", "chosen_tokens", "rejected_tokens"] + ([] if margin else ["margin"])
+    drop = (["status", "prompt_tokens", "chosen_tokens", "rejected_tokens"] + ([] if margin else ["margin"])
+            + ([] if held_out else list(SINGLE)))
     return tokd.remove_columns(drop).select(keep), _report(len(idx) + malformed_before, counts, lengths, max_len)
 
 
@@ -80,7 +82,9 @@ def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, di
     for i, src in enumerate(d.source_list()):
         name = src.name or Path(src.path).stem
         names.append(name)
-        ds, fmt, bad = load_source(src.path, d.format, keys, d.on_error, work_dir)
+        what = f"data.sources[{i}]." if d.sources else "data."
+        ds, fmt, bad = load_source(src.path, d.format, keys, d.on_error, work_dir, what + ("path" if d.sources else
+                                                                                            "train_path"))
         tokd = tokenize_source(ds, fmt, tok, d, i, src.path, work_dir)
         cols = _columns(tokd)
         frac = d.test_fraction if src.test_fraction is None else src.test_fraction
@@ -89,14 +93,15 @@ def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, di
         report[name] = {"path": src.path, "weight": src.weight, "format": fmt, "train": rep}
         trains.append(_mix(tr, src.weight, cfg.train.seed + i) if src.weight != 1 else tr)
         if src.test_path:
-            test_ds, test_fmt, test_bad = load_source(src.test_path, d.format, keys, d.on_error, work_dir)
+            test_ds, test_fmt, test_bad = load_source(src.test_path, d.format, keys, d.on_error, work_dir,
+                                                      what + "test_path")
             test_tokd = tokenize_source(test_ds, test_fmt, tok, d, i, src.test_path, work_dir)
             test_cols, test_idx = _columns(test_tokd), np.arange(len(test_tokd))
         elif len(test_idx):
             test_tokd, test_cols, test_bad = tokd, cols, 0
         if src.test_path or len(test_idx):
             te, report[name]["test"] = split_report(test_tokd, test_cols, test_idx, bool(keys.margin), d.max_len,
-                                                    test_bad)
+                                                    test_bad, held_out=True)
             tests.append(te)
     _check_drops(report, d.max_drop_fraction)
     train = datasets.concatenate_datasets(trains) if len(trains) > 1 else trains[0]

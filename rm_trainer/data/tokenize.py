@@ -23,6 +23,7 @@ from rm_trainer.data.formats import (
     skip_hint,
     split_hh,
 )
+from rm_trainer.data.read import read_text
 from rm_trainer.data.truncation import truncate_pair
 from rm_trainer.errors import DataError
 
@@ -103,7 +104,17 @@ def _texts(row: dict, fmt: str, keys: PairKeys, tok) -> tuple[str, str, str, str
 
 
 COLUMNS = ("chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin", "source", "status",
-           "prompt_tokens", "chosen_tokens", "rejected_tokens")
+           "prompt_tokens", "chosen_tokens", "rejected_tokens", "chosen_single_ids", "rejected_single_ids")
+# chosen_single_ids / rejected_single_ids: each side as score_texts(prompt, response) encodes it on its
+# own (the single-sequence policy), [] where that equals the pair's ids (no truncation, or the same cut).
+# The reward of a response is a function of (prompt, response) alone; the pair policy is the loss's.
+SINGLE = ("chosen_single_ids", "rejected_single_ids")
+
+
+def single_ids(p_ids: list[int], r_ids: list[int], eos: int, max_len: int, keep: int, pair_ids: list[int]) -> list[int]:
+    """One side encoded alone (score_texts' policy); [] when that is the pair's own sequence."""
+    ids = truncate_pair(p_ids, r_ids, r_ids, eos, max_len, keep_prefix=keep).chosen
+    return [] if ids == pair_ids else ids
 
 
 def default_num_proc(n_rows: int) -> int:
@@ -174,6 +185,8 @@ def tokenize_source(ds, fmt: str, tok, d: DataConfig, source_id: int = 0, path: 
             out["prompt_tokens"].append(len(p_ids))
             out["chosen_tokens"].append(len(c_ids) + 1)
             out["rejected_tokens"].append(len(r_ids) + 1)
+            for name, side, key in ((SINGLE[0], c_ids, "chosen_ids"), (SINGLE[1], r_ids, "rejected_ids")):
+                out[name].append(single_ids(p_ids, side, eos, d.max_len, len(prefix), out[key][-1]) if cut else [])
         return out
 
     num_proc = d.num_proc or default_num_proc(len(ds))
@@ -196,5 +209,5 @@ def load_tokenizer(cfg):
     if tok.pad_token_id is None:  # pad positions are never read (right padding + causal attention)
         tok.pad_token = tok.eos_token
     if cfg.data.chat_template:
-        tok.chat_template = Path(cfg.data.chat_template).read_text()
+        tok.chat_template = read_text(cfg.data.chat_template, "data.chat_template")
     return tok

@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 
 from rm_trainer.config import DataConfig
-from rm_trainer.data.formats import PairKeys, load_source
-from rm_trainer.data.tokenize import DROP_REASONS, encode_item, special_prefix, tokenize_source
+from rm_trainer.data import read
+from rm_trainer.data.formats import PairKeys, is_jsonl, jsonl_lines, load_source
+from rm_trainer.data.tokenize import DROP_REASONS, SINGLE, encode_item, special_prefix, tokenize_source
 from rm_trainer.errors import DataError, UserError
 from rm_trainer.eval import diagnostics, report, rewardbench
 from rm_trainer.model import score_sequences
-from rm_trainer.use.score import read_rows
+from rm_trainer.use.score import row_where
 
 
 @dataclass
@@ -45,15 +46,33 @@ class EvalOptions:
     on_error: str = "error"  # or "skip": a malformed row is counted and left out
     max_batch_tokens: int = 16384
     padding_side: str = "right"
+    # single: each response scored on its own (the reward function: score_texts, rm-score, rm-serve);
+    # pair: as the training loss saw the pair (a prompt too long for the longer side cut for both), with
+    # training's drops (empty responses, identical pairs)
+    truncation: str = "single"
 
 
-def _is_v2(path: str) -> bool:
-    if Path(path).suffix not in (".jsonl", ".json", ".parquet"):
-        return False
-    ds = read_rows(path)
-    if not {"prompt", "chosen", "rejected"} <= set(ds.column_names) or len(ds) == 0:
-        return False
-    c = ds[0]["chosen"]
+def _v2_rows(path: str, on_error: str):
+    """The file's rows if it is a RewardBench 2 file (list-valued chosen), else None."""
+    kind = read.table_kind(path)
+    if kind is None:
+        return None
+    read.check_file(path, "--data")
+    ds = read.try_datasets(path, kind, None)
+    if ds is None and kind == "json":  # read here; a pair file is left to load_source (its own row rule)
+        parsed = read.json_records(path)
+        if not _v2_like([obj for _, obj in parsed[0][:1] if isinstance(obj, dict)]):
+            return None
+        return read.from_records(path, _v2_problem, on_error, parsed)
+    if ds is None or not {"prompt", "chosen", "rejected"} <= set(ds.column_names) or not len(ds):
+        return None
+    if not _v2_like([ds[0]]):
+        return None
+    return ds, 0
+
+
+def _v2_like(first: list[dict]) -> bool:
+    c = first[0].get("chosen") if first else None
     return isinstance(c, list) and all(isinstance(x, str) for x in c)
 
 
@@ -70,29 +89,43 @@ def _pairs_file(path: str, tok, max_len: int, chat: bool, opts: EvalOptions, sid
                    on_error=opts.on_error, num_proc=1)
     tokd = tokenize_source(ds, fmt, tok, d, sid, path)
     status = tokd["status"]
-    keep = [i for i, s in enumerate(status) if s not in DROP_REASONS]
-    dropped = Counter(s for s in status if s in DROP_REASONS) + Counter({"malformed": pre_bad} if pre_bad else {})
+    drops = DROP_REASONS if opts.truncation == "pair" else ("malformed",)
+    keep = [i for i, s in enumerate(status) if s not in drops]
+    dropped = Counter(s for s in status if s in drops) + Counter({"malformed": pre_bad} if pre_bad else {})
     c_ids, r_ids = tokd["chosen_ids"], tokd["rejected_ids"]
-    return [c_ids[i] for i in keep], [r_ids[i] for i in keep], [str(subsets[i]) for i in keep], dropped
+    if opts.truncation == "single":
+        c_ids = [s or p for s, p in zip(tokd[SINGLE[0]], c_ids, strict=True)]
+        r_ids = [s or p for s, p in zip(tokd[SINGLE[1]], r_ids, strict=True)]
+    ids = row_ids(ds, path, keep, exact_lines=not pre_bad)
+    return [c_ids[i] for i in keep], [r_ids[i] for i in keep], [str(subsets[i]) for i in keep], ids, dropped
+
+
+def row_ids(ds, path: str, keep: list[int], exact_lines: bool) -> list:
+    """Each kept row's `id` column, else its place: 'file:line' (JSON lines) or 'file row i'."""
+    if "id" in ds.column_names:
+        col = ds["id"]
+        return [col[i] for i in keep]
+    lines = jsonl_lines(path) if exact_lines and is_jsonl(path) else None
+    return [f"{path}:{lines[i]}" if lines and i < len(lines) else f"{path} row {i}" for i in keep]
 
 
 def _v2_problem(row: dict) -> str | None:
     for name in ("chosen", "rejected"):
         v = row.get(name)
-        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v):
-            return f"field {name!r}: expected a non-empty list of non-empty texts"
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+            return f"field {name!r}: expected a non-empty list of texts"
     if not isinstance(row.get("prompt"), str) or not isinstance(row.get("subset"), str):
         return "fields 'prompt' and 'subset' must be text"
     return None
 
 
-def _v2_file(path: str, tok, max_len: int, chat: bool, on_error: str, dropped: Counter):
+def _v2_file(path: str, ds, tok, max_len: int, chat: bool, on_error: str, dropped: Counter):
     """Per prompt: its completions' ids (chosen first) and metadata."""
     prefix, prompts = special_prefix(tok), []
-    for i, row in enumerate(read_rows(path)):
+    for i, row in enumerate(ds):
         problem = _v2_problem(row)
         if problem and on_error == "error":
-            raise DataError(f"{path}:{i + 1}: {problem} (or pass --on_error skip to count and leave it out)")
+            raise DataError(f"{row_where(path, i)}: {problem} (or pass --on_error skip to count and leave it out)")
         if problem:
             dropped["malformed"] += 1
             continue
@@ -106,14 +139,17 @@ def _v2_file(path: str, tok, max_len: int, chat: bool, on_error: str, dropped: C
 
 def _read(files: list[str], tok, max_len: int, use_chat: bool, opts: EvalOptions) -> dict:
     """Every file's sequences: pairs (chosen ids, rejected ids, subset) and RewardBench 2 prompts."""
-    got = {"c": [], "r": [], "groups": [], "v2": [], "v1_subsets": set(), "dropped": Counter()}
+    got = {"c": [], "r": [], "groups": [], "ids": [], "v2": [], "v1_subsets": set(), "dropped": Counter()}
     for sid, path in enumerate(files):
-        if _is_v2(path):
-            got["v2"] += _v2_file(path, tok, max_len, use_chat, opts.on_error, got["dropped"])
+        v2 = _v2_rows(path, opts.on_error)
+        if v2 is not None:
+            got["dropped"]["malformed"] += v2[1]
+            got["v2"] += _v2_file(path, v2[0], tok, max_len, use_chat, opts.on_error, got["dropped"])
             continue
-        c, r, g, d = _pairs_file(path, tok, max_len, use_chat, opts, sid)
+        c, r, g, ids, d = _pairs_file(path, tok, max_len, use_chat, opts, sid)
         if rewardbench.is_v1(set(g)):
             got["v1_subsets"] |= set(g)
+        got["ids"] += ids
         got["c"] += c
         got["r"] += r
         got["groups"] += g
@@ -149,15 +185,15 @@ def evaluate(model, files: list[str], opts: EvalOptions | None = None
             lens.append(diagnostics.response_lengths(p["seqs"][0], p["seqs"][j]))
     tc, tr = torch.tensor(all_c), torch.tensor(all_r)
     lc, lr = torch.tensor([a for a, _ in lens]), torch.tensor([b for _, b in lens])
-    result = {"files": files, "dropped": dict(got["dropped"]), "chat_template": use_chat,
+    result = {"files": files, "dropped": dict(got["dropped"]), "chat_template": use_chat, "truncation": opts.truncation,
               "diagnostics": diagnostics.diagnose(tc, tr, lc, lr, all_g)}
     subset_acc = {g: v["acc"] for g, v in result["diagnostics"]["groups"].items()}
     if got["v1_subsets"]:
         result["rewardbench"] = rewardbench.v1_sections({g: subset_acc[g] for g in got["v1_subsets"]})
     if v2:
         result["rewardbench2"] = rewardbench.v2_scores(v2)
-    rows = ([{"kind": "pair", "subset": g, "chosen": a, "rejected": b}
-             for g, a, b in zip(groups, r_c.tolist(), r_r.tolist(), strict=True)]
+    rows = ([{"kind": "pair", "id": i, "subset": g, "chosen": a, "rejected": b}
+             for i, g, a, b in zip(got["ids"], groups, r_c.tolist(), r_r.tolist(), strict=True)]
             + [{"kind": "v2", "subset": p["subset"], "id": p["id"], "num_correct": p["num_correct"],
                 "scores": p["scores"]} for p in v2])
     return result, rows, tc, tr

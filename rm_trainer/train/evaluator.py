@@ -1,17 +1,28 @@
 """Held-out evaluation: exact metrics over the whole test set, overall and per source, at eval_every and
 at the end. The last result's reward mean/std are the normalisation statistics (never training data).
 Every evaluation also gathers each pair's rewards to rank 0 for the diagnostics (diagnostics.py: length
-bias, calibration, margins) and the reward histograms; the last one becomes OUT/eval/ (eval/report.py)."""
+bias, calibration, margins) and the reward histograms; the last one becomes OUT/eval/ (eval/report.py).
+
+Two truncations: the logged eval/* metrics see each pair as the loss does (a prompt too long for the
+longer side is cut for both). OUT/eval/ is the reward function itself: each response scored on its own,
+as score_texts, rm-score, rm-serve and rm-eval score it, so it equals `rm-eval` on the same rows; where
+no held-out pair was cut, the two are the same pass."""
 
 from __future__ import annotations
 
 import torch
 
 from rm_trainer.data.batching import collate, eval_batches
+from rm_trainer.data.tokenize import SINGLE
 from rm_trainer.eval import diagnostics
 from rm_trainer.loss import N_SUMS, metrics_from_sums, pair_sums
 from rm_trainer.train import engine
 from rm_trainer.train.step import score_batch
+
+
+def _lengths(c_ids: list, r_ids: list) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = [diagnostics.response_lengths(c, r) for c, r in zip(c_ids, r_ids, strict=True)]
+    return torch.tensor([c for c, _ in lengths]), torch.tensor([r for _, r in lengths])
 
 
 class Evaluator:
@@ -22,14 +33,18 @@ class Evaluator:
         self.last_step = 0
         self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0: the last eval's (r_chosen, r_rejected)
         self.diagnostics: dict = {}
+        self.report: tuple | None = None  # rank 0: ((r_chosen, r_rejected), diagnostics) for OUT/eval/
         self._lengths: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._single: bool | None = None
 
-    def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def lengths(self, single: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Response tokens of every test pair (after the shared prefix), computed once, on rank 0."""
+        if single:
+            c_ids = [s or p for s, p in zip(self.test[SINGLE[0]], self.test["chosen_ids"], strict=True)]
+            r_ids = [s or p for s, p in zip(self.test[SINGLE[1]], self.test["rejected_ids"], strict=True)]
+            return _lengths(c_ids, r_ids)
         if self._lengths is None:
-            pairs = zip(self.test["chosen_ids"], self.test["rejected_ids"], strict=True)
-            lengths = [diagnostics.response_lengths(c, r) for c, r in pairs]
-            self._lengths = torch.tensor([c for c, _ in lengths]), torch.tensor([r for _, r in lengths])
+            self._lengths = _lengths(self.test["chosen_ids"], self.test["rejected_ids"])
         return self._lengths
 
     def due(self, step: int, total: int) -> bool:
@@ -41,16 +56,26 @@ class Evaluator:
         return {"mean": self.last["reward_mean"], "std": self.last["reward_std"], "pairs": self.last["pairs"],
                 "step": self.last_step}
 
-    def run(self, eng, step: int) -> dict[str, float]:
-        """Every test pair once, sums all-reduced across ranks. Ranks with fewer pairs run zero-weight filler,
-        so every rank does the same number of forwards (ZeRO-3 gathers are collective)."""
+    def single_view(self) -> bool:
+        """Whether some held-out response reads differently on its own than in its pair (truncation):
+        then the end-of-run report takes a second pass. The same answer on every rank (the same rows)."""
+        if self._single is None:
+            self._single = SINGLE[0] in self.test.column_names and any(
+                len(x) for k in SINGLE for x in self.test[k])
+        return self._single
+
+    def _scores(self, eng, single: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-source loss sums, per-pair rewards) of every test pair, all-reduced. Ranks with fewer pairs
+        run zero-weight filler, so every rank does the same number of forwards (ZeRO-3 gathers are
+        collective). single: each response encoded on its own (tokenize.SINGLE), not as its pair."""
         rt = self.rt
         eng.eval()
         sums = torch.zeros(len(self.sources), N_SUMS, dtype=torch.float64)
         per_pair = torch.zeros(len(self.test), 2, dtype=torch.float64)  # each rank fills its pairs; summed below
         with torch.no_grad():
             for idx, w in eval_batches(len(self.test), rt.world_size, rt.rank, self.batch_size):
-                b = collate([self.test[i] for i in idx], self.pad_id)
+                rows = [self.test[i] for i in idx]
+                b = collate([as_single(r) for r in rows] if single else rows, self.pad_id)
                 rewards = score_batch(eng, b, rt.device).cpu()  # a CPU-GPU sync point, once per eval batch
                 B = len(idx)
                 real = [j for j, wj in enumerate(w) if wj > 0]
@@ -59,19 +84,37 @@ class Evaluator:
                     mask = (b["source"] == s).double() * torch.tensor(w, dtype=torch.float64)
                     sums[s] += pair_sums(rewards[:B], rewards[B:], mask)
         eng.train()
-        sums = engine.all_reduce_sum(sums.to(rt.device)).cpu()
-        per_pair = engine.all_reduce_sum(per_pair.to(rt.device)).cpu()
+        return engine.all_reduce_sum(sums.to(rt.device)).cpu(), engine.all_reduce_sum(per_pair.to(rt.device)).cpu()
+
+    def run(self, eng, step: int, final: bool = False) -> dict[str, float]:
+        """Every test pair once, as the loss sees it (pair truncation): the logged metrics. final: the
+        end-of-run report (OUT/eval/) reads each response on its own, as rm-eval and score_texts do."""
+        sums, per_pair = self._scores(eng, single=False)
+        single = self._scores(eng, single=True)[1] if final and self.single_view() else None
         result = metrics_from_sums(sums.sum(0))
         if len(self.sources) > 1:
             for s, name in enumerate(self.sources):
                 if sums[s, 0] > 0:
                     m = metrics_from_sums(sums[s])
                     result |= {f"{name}/{k}": m[k] for k in ("loss", "acc", "margin")}
-        if rt.is_main:  # seconds of solo work after the collectives, none pending
-            r_c, r_r = per_pair[:, 0].float(), per_pair[:, 1].float()
+        if self.rt.is_main:  # seconds of solo work after the collectives, none pending
             names = [self.sources[int(i)] for i in self.test["source"]] if len(self.sources) > 1 else None
+            r_c, r_r = per_pair[:, 0].float(), per_pair[:, 1].float()
             self.diagnostics = diagnostics.diagnose(r_c, r_r, *self.lengths(), names)
             self.pairs = (r_c, r_r)
             result |= diagnostics.scalars(self.diagnostics)
+            self.report = (self.pairs, self.diagnostics)
+            if single is not None:
+                pairs = single[:, 0].float(), single[:, 1].float()
+                self.report = (pairs, diagnostics.diagnose(*pairs, *self.lengths(single=True), names))
         self.last, self.last_step = result, step
         return result
+
+
+def as_single(row: dict) -> dict:
+    """A test row with each side as it is encoded on its own (tokenize.SINGLE; [] means unchanged)."""
+    out = dict(row)
+    for side, name in zip(("chosen", "rejected"), SINGLE, strict=True):
+        if row[name]:
+            out[f"{side}_ids"], out[f"{side}_len"] = row[name], len(row[name])
+    return out

@@ -103,10 +103,10 @@ def train(plan: Plan) -> dict:
             guard.check(rec)
             log.train_step(rec, eng.grad_norm, guard.total)
             if evaluator.due(step, total):
-                log.eval(step, evaluator.run(eng, step), evaluator.pairs)
+                log.eval(step, evaluator.run(eng, step, final=step == total), evaluator.pairs)
             ckpt.after_step(eng, rec, total)  # saves when due; on an agreed stop saves and raises Preempted
         if test_ds is not None and not evaluator.last:  # resumed at the very end: still report and normalise
-            evaluator.run(eng, total)
+            evaluator.run(eng, total, final=True)
         ckpt.save(eng, total)
     finally:
         log.close()
@@ -169,12 +169,13 @@ def finish(cfg: RunConfig, rt: engine.Runtime, out: Path, total: int, evaluator:
     collective pending, so no rank can time out waiting."""
     engine.leave_process_group()
     result = {"steps": total, "eval": evaluator.last, "skipped_steps": skipped}
-    if rt.is_main and evaluator.pairs is not None:
+    if rt.is_main and evaluator.report is not None:  # each response scored on its own, as rm-eval does
         from rm_trainer.eval import report
 
+        (r_c, r_r), diag = evaluator.report
         report.write(out / "eval", {"model": f"{out.name} at step {evaluator.last_step} (held-out set)",
-                                         "files": [cfg.data.test_path or "held-out split"],
-                                         "diagnostics": evaluator.diagnostics}, *evaluator.pairs)
+                                    "files": [cfg.data.test_path or "held-out split"], "truncation": "single",
+                                    "diagnostics": diag}, r_c, r_r)
     if rt.is_main:
         hf_out = (cfg.output.hf_output_dir or out / "hf") if cfg.output.hf_export else None
         result["reward_pt"] = consolidate(out / "checkpoints", out / "reward.pt", f"step_{total}",

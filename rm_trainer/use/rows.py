@@ -37,33 +37,45 @@ def detect_row_format(columns: list[str], keys: RowKeys, where: str) -> str:
                     "--prompt_key, --response_key, --responses_key or --messages_key")
 
 
-def row_items(row: dict, fmt: str, keys: RowKeys, where: str) -> list:
-    """The items to score of one row (data.encode_item's forms), or DataError naming the row and field."""
-    def text(field: str) -> str:
+def row_problem(row: dict, fmt: str, keys: RowKeys) -> str | None:
+    """What is wrong with one row, naming the field; None if it can be scored. Any text is a response,
+    the empty one included: a policy can emit it, and it is scored as the prompt followed by EOS."""
+    def text(field: str) -> str | None:
         v = row.get(field)
-        if not isinstance(v, str) or not v.strip():
-            raise DataError(f"{where}: field {field!r}: expected non-empty text, got {_show(v)}")
-        return v
+        return None if isinstance(v, str) else f"field {field!r}: expected text, got {_show(v)}"
 
     if fmt == "text":
-        return [text(keys.text)]
+        return text(keys.text)
     if fmt == "response":
-        return [(text(keys.prompt), text(keys.response))]
+        return text(keys.prompt) or text(keys.response)
     if fmt == "responses":
-        prompt, rs = text(keys.prompt), row.get(keys.responses)
-        if not isinstance(rs, list) or not rs or not all(isinstance(r, str) and r.strip() for r in rs):
-            raise DataError(f"{where}: field {keys.responses!r}: expected a non-empty list of non-empty texts, "
-                            f"got {_show(rs)}")
-        return [(prompt, r) for r in rs]
+        rs = row.get(keys.responses)
+        if not isinstance(rs, list) or not rs or not all(isinstance(r, str) for r in rs):
+            return text(keys.prompt) or f"field {keys.responses!r}: expected a non-empty list of texts, got {_show(rs)}"
+        return text(keys.prompt)
     msgs = row.get(keys.messages)
     if (not isinstance(msgs, list) or not msgs
-            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in msgs)):
-        raise DataError(f"{where}: field {keys.messages!r}: expected a list of {{role, content}} messages, got "
-                        f"{_show(msgs)}")
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
+                       for m in msgs)):
+        return f"field {keys.messages!r}: expected a list of {{role, content}} messages, got {_show(msgs)}"
     if msgs[-1]["role"] != "assistant":
-        raise DataError(f"{where}: field {keys.messages!r}: the last message must be the assistant's response "
-                        f"(it is {msgs[-1]['role']!r})")
-    return [msgs]
+        return (f"field {keys.messages!r}: the last message must be the assistant's response "
+                f"(it is {msgs[-1]['role']!r})")
+    return None
+
+
+def row_items(row: dict, fmt: str, keys: RowKeys, where: str) -> list:
+    """The items to score of one row (data.encode_item's forms), or DataError naming the row and field."""
+    problem = row_problem(row, fmt, keys)
+    if problem:
+        raise DataError(f"{where}: {problem}")
+    if fmt == "text":
+        return [row[keys.text]]
+    if fmt == "response":
+        return [(row[keys.prompt], row[keys.response])]
+    if fmt == "responses":
+        return [(row[keys.prompt], r) for r in row[keys.responses]]
+    return [row[keys.messages]]
 
 
 def _show(v) -> str:

@@ -22,11 +22,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rm_trainer import disk
 from rm_trainer.artifact.load import ModelOptions
+from rm_trainer.data.formats import is_jsonl, row_location
+from rm_trainer.data.read import read_table
 from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.errors import DataError, UserError
 from rm_trainer.model import score_sequences
-from rm_trainer.use.rows import RowKeys, detect_row_format, row_items
+from rm_trainer.use.rows import RowKeys, detect_row_format, row_items, row_problem
 
 
 @dataclass
@@ -42,17 +45,35 @@ class ScoreOptions:
     wait_timeout_s: float = 86400  # rank 0's wait for the other ranks' chunks
 
 
-def read_rows(path: str, flag: str = "--data"):
-    """jsonl / json / parquet through `datasets` (any size: memory-mapped arrow)."""
-    from datasets import load_dataset
+def read_rows(path: str, keys: RowKeys, on_error: str = "error", what: str = "--data"):
+    """(dataset, row format, malformed rows left out of the dataset) of a .jsonl / .json / .parquet file
+    (data/read.py: any size, memory-mapped; any bytes, read or refused naming the file). Every row is
+    checked before anything is scored or written: with on_error="error" the first bad row stops the run
+    with nothing written."""
+    ds, skipped = read_table(path, what, lambda first: _check(first, keys, path), on_error)
+    fmt = detect_row_format(ds.column_names, keys, path)
+    if on_error == "error":
+        for start in range(0, len(ds), 1000):
+            for i, row in enumerate(_rows(ds[start:start + 1000]), start):
+                problem = row_problem(row, fmt, keys)
+                if problem:
+                    raise DataError(f"{row_where(path, i)}: {problem} (or pass --on_error skip to count and "
+                                    "leave it out)")
+    return ds, fmt, skipped
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{flag} {path}: file not found")
-    kind = "parquet" if p.suffix == ".parquet" else "json" if p.suffix in (".json", ".jsonl", ".gz") else None
-    if kind is None:
-        raise UserError(f"{flag} {path}: expected .jsonl, .json or .parquet")
-    return load_dataset(kind, data_files=str(p), split="train")
+
+def _check(first: list[dict], keys: RowKeys, path: str):
+    fmt = detect_row_format(list(dict.fromkeys(k for row in first for k in row)), keys, path)
+    return lambda row: row_problem(row, fmt, keys)
+
+
+def _rows(batch: dict[str, list]) -> list[dict]:
+    return [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+
+
+def row_where(path: str, i: int) -> str:
+    """Row i's place: 'file:line' for JSON lines (read.py keeps their order), else 'file row i'."""
+    return row_location(path, i) if is_jsonl(path) else f"{path} row {i}"
 
 
 def chunk_ranges(n: int, chunk_rows: int, rank: int, world: int) -> list[tuple[int, int]]:
@@ -72,14 +93,10 @@ def score_chunk(model, ds, lo: int, hi: int, fmt: str, opts: ScoreOptions) -> tu
     rows, owners, seqs, dropped = [], [], [], Counter()
     for i in range(lo, hi):
         row = ds[i]
-        where = f"{opts.data}:{i + 1}" if not opts.data.endswith(".parquet") else f"{opts.data} row {i}"
-        try:
-            items = row_items(row, fmt, opts.keys, where)
-        except DataError:
-            if opts.on_error == "error":
-                raise
+        if row_problem(row, fmt, opts.keys):  # read_rows has raised already unless on_error is skip
             dropped["malformed"] += 1
             continue
+        items = row_items(row, fmt, opts.keys, opts.data)
         for item in items:
             owners.append(len(rows))
             seqs.append(encode_item(model.tokenizer, item, model.max_len, prefix))
@@ -97,12 +114,18 @@ def score_chunk(model, ds, lo: int, hi: int, fmt: str, opts: ScoreOptions) -> tu
 
 
 def write_part(path: Path, rows: list[dict], dropped: Counter) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"__dropped__": dict(dropped)}) + "\n")
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    tmp.replace(path)  # a chunk is either complete or absent: a killed run redoes only unfinished ones
+    """A chunk is either complete or absent: a killed run, or one stopped by a full disk, redoes only the
+    unfinished ones when rerun."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"__dropped__": dict(dropped)}) + "\n")
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+    try:
+        disk.write_atomically("writing the scored chunk", path, write)
+    except disk.DiskFullError as e:
+        raise disk.DiskFullError(f"{e}; the finished chunks in {path.parent} are kept") from None
 
 
 def merge(parts: list[Path], parts_dir: Path, output: Path) -> Counter:
@@ -118,7 +141,9 @@ def merge(parts: list[Path], parts_dir: Path, output: Path) -> Counter:
         from datasets import Dataset
 
         # the arrow cache goes beside the parts (deleted with them), not into the home directory
-        Dataset.from_json(str(tmp), cache_dir=str(parts_dir / "arrow")).to_parquet(str(output))
+        tmp_parquet = output.with_name(output.name + ".tmp.parquet")
+        Dataset.from_json(str(tmp), cache_dir=str(parts_dir / "arrow")).to_parquet(str(tmp_parquet))
+        tmp_parquet.replace(output)
         tmp.unlink()
     else:
         tmp.replace(output)
@@ -129,16 +154,15 @@ def run(model_opts: ModelOptions, opts: ScoreOptions) -> dict:
     """Score opts.data into opts.output. The model is loaded only if this rank has chunks left to score
     (a resumed run whose chunks all exist loads nothing)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    ds = read_rows(opts.data)
-    fmt = detect_row_format(ds.column_names, opts.keys, opts.data)
+    ds, fmt, left_out = read_rows(opts.data, opts.keys, opts.on_error)
     output = Path(opts.output)
     parts = Path(str(output) + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
     mine = chunk_ranges(len(ds), opts.chunk_rows, rank, world)
     todo = [(lo, hi) for lo, hi in mine if not part_path(parts, lo, hi).is_file()]
     started = time.perf_counter()
     if todo:
-        model = model_opts.load()
+        model = model_opts.load()  # before anything is written: a model that cannot load leaves nothing
+        parts.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=sum(hi - lo for lo, hi in todo), unit="row", desc=f"score rank {rank}",
                    disable=rank != 0 and world > 1, dynamic_ncols=True)
         for lo, hi in todo:
@@ -146,17 +170,18 @@ def run(model_opts: ModelOptions, opts: ScoreOptions) -> dict:
             write_part(part_path(parts, lo, hi), rows, dropped)
             bar.update(hi - lo)
         bar.close()
-    report = {"rows": len(ds), "format": fmt, "scored_here": sum(hi - lo for lo, hi in todo),
+    report = {"rows": len(ds) + left_out, "format": fmt, "scored_here": sum(hi - lo for lo, hi in todo),
               "resumed_chunks": len(mine) - len(todo), "seconds": round(time.perf_counter() - started, 3)}
     if rank != 0:
         return report
-    report |= _merge_all(len(ds), world, parts, output, opts)
+    report |= _merge_all(len(ds), world, parts, output, opts, left_out)
     Path(str(output) + ".report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _merge_all(n: int, world: int, parts: Path, output: Path, opts: ScoreOptions) -> dict:
-    """Rank 0: merge once every rank's chunks exist (ranks share files, not a process group)."""
+def _merge_all(n: int, world: int, parts: Path, output: Path, opts: ScoreOptions, left_out: int) -> dict:
+    """Rank 0: merge once every rank's chunks exist (ranks share files, not a process group). left_out:
+    malformed rows that never became rows of the dataset (read.py's own reading, on_error=skip)."""
     every = [part_path(parts, lo, hi) for r in range(world) for lo, hi in chunk_ranges(n, opts.chunk_rows, r, world)]
     deadline = time.monotonic() + opts.wait_timeout_s
     while not all(p.is_file() for p in every):
@@ -165,6 +190,14 @@ def _merge_all(n: int, world: int, parts: Path, output: Path, opts: ScoreOptions
             raise UserError(f"waited {opts.wait_timeout_s:.0f}s for the other ranks' chunks {missing[:3]}...; "
                             "rerun to continue (finished chunks are kept)")
         time.sleep(0.5)
-    dropped = merge(every, parts, output)
-    shutil.rmtree(parts)
+    try:
+        dropped = merge(every, parts, output) + Counter({"malformed": left_out})
+    except (OSError, RuntimeError) as e:
+        for suffix in (".tmp.jsonl", ".tmp.parquet"):  # no partial output file
+            disk.remove(output.with_name(output.name + suffix))
+        if not disk.is_disk_failure(e):
+            raise
+        raise disk.DiskFullError(disk.message("writing", output, e, sum(p.stat().st_size for p in every))
+                                 + f"; the scored chunks in {parts} are kept: free space and rerun to merge") from None
+    shutil.rmtree(parts, ignore_errors=True)
     return {"output": str(output), "written": n - sum(dropped.values()), "dropped": dict(dropped)}

@@ -77,8 +77,8 @@ def _bad(status: int, message: str):
 
 
 def check_text(t, where: str, max_chars: int) -> str:
-    if not isinstance(t, str) or not t.strip():
-        raise _bad(422, f"{where}: expected non-empty text, got {type(t).__name__}")
+    if not isinstance(t, str):  # any text, the empty one included: a policy can emit it
+        raise _bad(422, f"{where}: expected text, got {type(t).__name__}")
     if len(t) > max_chars:
         raise _bad(413, f"{where}: {len(t)} characters, over the limit of {max_chars} (--max_chars)")
     return t

@@ -51,7 +51,7 @@ def test_missing_paths_named(demo_assets):
     with pytest.raises(ConfigError) as e:
         load_run_config(["--model", "/nope", "--data", "/no/such.jsonl", "--output_dir", "/tmp/o"])
     msg = str(e.value)
-    assert "model.path '/nope'" in msg and "data.train_path '/no/such.jsonl'" in msg
+    assert "model.path '/nope'" in msg and "data.train_path /no/such.jsonl: file not found" in msg
 
 
 def test_required_fields_listed_together():

@@ -78,7 +78,7 @@ MALFORMED = [
      r":2: field 'chosen': expected a non-empty list"),
     ([{"chosen": MSG, "rejected": MSG, "prompt": [{"role": "user"}]}], "conversational",
      r":1: field prompt\[0\].content is missing"),
-    ([{"chosen": "a", "rejected": "b", "m": "big"}], "auto", r":1: field 'm' is a str; expected a number"),
+    ([{"chosen": "a", "rejected": "b", "m": "big"}], "auto", r":1: field 'm' is a str; expected a finite number"),
 ]
 
 

@@ -139,3 +139,115 @@ def test_bad_rows_are_named_by_file_line_and_field(run, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1])["dropped"] == {"malformed": 1}
     assert (model.parent / "eval" / "v2" / "report.md").is_file()  # default: eval/<data name>/ beside the model
+
+
+@pytest.fixture(scope="module")
+def long_run(demo_assets, tiny_pretrained, tmp_path_factory):
+    """A short run whose held-out pairs are all longer than max_len on both sides, at different lengths:
+    the pair policy (one prompt cut for both) and each response's own encoding differ."""
+    from helpers import train, train_args
+
+    rows = [json.loads(line) for line in open(demo_assets["test"])]
+    d = tmp_path_factory.mktemp("long")
+    long = [{"prompt": r["prompt"] * 4, "chosen": r["chosen"] * (1 + i % 3), "rejected": r["rejected"] * (2 - i % 2)}
+            for i, r in enumerate(rows)]
+    (d / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long))
+    out = d / "run"
+    train(out, train_args(tiny_pretrained, demo_assets["train"], d / "long.jsonl", "zero2", dtype="fp32", lr=1e-3,
+                          max_steps=4, warmup_steps=1, max_len=48, seed=3, micro_batch_size=4), launcher="python",
+          nprocs=1)
+    return out, d / "long.jsonl", long
+
+
+@pytest.mark.slow
+def test_a_reward_is_a_function_of_prompt_and_response_alone_in_every_path(long_run, tmp_path):
+    from helpers import Server
+
+    out, path, long = long_run
+    n = len(long)
+    single = rm_eval("--model", str(out / "reward.pt"), "--data", str(path), "--output_dir", str(tmp_path / "s"))
+    pair = rm_eval("--model", str(out / "reward.pt"), "--data", str(path), "--output_dir", str(tmp_path / "p"),
+                   "--truncation", "pair")
+    assert single.returncode == 0 and pair.returncode == 0, single.stderr[-2000:] + pair.stderr[-2000:]
+    s_rows = [json.loads(x) for x in open(tmp_path / "s" / "scores.jsonl")]
+    p_rows = [json.loads(x) for x in open(tmp_path / "p" / "scores.jsonl")]
+    assert [r["id"] for r in s_rows] == [f"{path}:{i + 1}" for i in range(n)]  # joins back to the data
+    got = torch.tensor([r["chosen"] for r in s_rows] + [r["rejected"] for r in s_rows])
+    as_pair = torch.tensor([r["chosen"] for r in p_rows] + [r["rejected"] for r in p_rows])
+    scale = float(got.abs().max())
+    print(f"\nrm-eval per-response reward, pair vs single truncation: max |diff| "
+          f"{float((as_pair - got).abs().max()):.4g} (reward scale {scale:.3g})")
+    assert float((as_pair - got).abs().max()) > 1e-3 * scale  # the two policies do differ on these pairs
+
+    # rm-score, rm-serve and score_texts give rm-eval's rewards for the same (prompt, response) rows
+    items = [(r["prompt"], r["chosen"]) for r in long] + [(r["prompt"], r["rejected"]) for r in long]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"prompt": p, "response": x}) + "\n" for p, x in items))
+    p = subprocess.run([str(BIN / "rm-score"), "--model", str(out / "reward.pt"), "--data",
+                        str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "scored.jsonl")], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    scored = torch.tensor([json.loads(x)["reward"] for x in open(tmp_path / "scored.jsonl")])
+    rm = load_reward_model(out / "reward.pt")
+    tol = {"rtol": 1e-5, "atol": 1e-5 * scale}
+    assert torch.allclose(scored, got, **tol) and torch.allclose(rm.score_texts(items), got, **tol)
+    server = Server(out / "reward.pt")
+    try:
+        import asyncio
+
+        import aiohttp
+
+        async def ask():
+            async with aiohttp.ClientSession() as s, s.post(
+                    server.url + "/score", json={"rows": [{"prompt": p, "response": x} for p, x in items]},
+                    headers={"Authorization": "Bearer test-key-123"}) as r:
+                return r.status, await r.json()
+
+        code, body = asyncio.run(ask())
+    finally:
+        server.stop()
+    assert code == 200 and torch.allclose(torch.tensor([x["reward"] for x in body["results"]]), got, **tol)
+
+    # the HF export, where the whole text fits max_len
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "hf").eval()
+    fits = [i for i, (p_, x) in enumerate(items) if len(tok(p_ + x)["input_ids"]) <= rm.max_len]
+    assert fits, "no text fits: the HF check would be empty"
+    with torch.no_grad():
+        hf_r = torch.stack([hf(**tok(items[i][0] + items[i][1], return_tensors="pt")).logits[0, 0] for i in fits])
+    assert torch.allclose(hf_r, got[fits], **tol)
+
+    # the run's own numbers: eval/* (the loss's view) is rm-eval --truncation pair; OUT/eval/ is rm-eval
+    live = json.loads((out / "final_metrics.json").read_text())["eval"]
+    pair_m = json.loads((tmp_path / "p" / "metrics.json").read_text())["diagnostics"]
+    assert live["pairs"] == pair_m["pairs"] and live["acc"] == pytest.approx(pair_m["acc"], abs=1e-9)
+    report = json.loads((out / "eval" / "metrics.json").read_text())["diagnostics"]
+    single_m = json.loads((tmp_path / "s" / "metrics.json").read_text())["diagnostics"]
+    assert report["pairs"] == single_m["pairs"] and report["acc"] == single_m["acc"]
+    assert report["margin"]["mean"] == pytest.approx(single_m["margin"]["mean"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_empty_and_whitespace_responses_are_scored_as_prompt_then_eos(run, tmp_path):
+    """What a policy can emit gets a reward in rm-score, rm-serve's rows and rm-eval: the prompt and EOS."""
+    model = run("torchrun_z3_w2") / "reward.pt"
+    rm = load_reward_model(model)
+    rows = [{"prompt": "Human: hi Assistant:", "response": r} for r in ("", " ", "\n", " fine")]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = subprocess.run([str(BIN / "rm-score"), "--model", str(model), "--data", str(tmp_path / "r.jsonl"),
+                        "--output", str(tmp_path / "o.jsonl")], cwd=ROOT, env=run_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = torch.tensor([json.loads(x)["reward"] for x in open(tmp_path / "o.jsonl")])
+    want = rm.score_texts([(r["prompt"], r["response"]) for r in rows])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    eos = rm.tokenizer.eos_token_id
+    ids = rm.tokenizer("Human: hi Assistant:", add_special_tokens=True)["input_ids"]
+    ids = [i for i in ids if i != eos] + [eos]  # the prompt, then EOS: what training builds for ""
+    assert float(rm(torch.tensor([ids]), torch.tensor([len(ids)]))[0]) == pytest.approx(float(got[0]), rel=1e-5)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Human: hi Assistant:", "chosen": " fine", "rejected": " "}) + "\n")
+    p = rm_eval("--model", str(model), "--data", str(pairs), "--output_dir", str(tmp_path / "e"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["diagnostics"]["pairs"] == 1

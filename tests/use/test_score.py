@@ -43,9 +43,9 @@ def test_format_is_decided_from_the_columns_and_bad_rows_name_file_line_field():
     assert detect_format(["messages", "text"], keys, "f") == "messages"
     with pytest.raises(DataError, match="f.jsonl: columns \\['q', 'a'\\] hold none of.*--text_key"):
         detect_format(["q", "a"], keys, "f.jsonl")
-    with pytest.raises(DataError, match="f.jsonl:3: field 'prompt': expected non-empty text, got None"):
+    with pytest.raises(DataError, match="f.jsonl:3: field 'prompt': expected text, got None"):
         row_items({"prompt": None, "response": "x"}, "response", keys, "f.jsonl:3")
-    with pytest.raises(DataError, match="field 'responses': expected a non-empty list"):
+    with pytest.raises(DataError, match="field 'responses': expected a non-empty list of texts"):
         row_items({"prompt": "p", "responses": []}, "responses", keys, "f:1")
     with pytest.raises(DataError, match="the last message must be the assistant's"):
         row_items({"messages": [{"role": "user", "content": "hi"}]}, "messages", keys, "f:1")
@@ -151,7 +151,7 @@ def test_a_bad_row_is_named_or_counted_and_left_out(run, inputs, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(rows) + "\n")
     p = score(["--model", model, "--data", str(bad), "--output", str(tmp_path / "o.jsonl")], check=False)
-    assert p.returncode == 2 and f"{bad}:3: field 'prompt': expected non-empty text, got None" in p.stderr
+    assert p.returncode == 2 and f"{bad}:3: field 'prompt': expected text, got None" in p.stderr
     assert "Traceback" not in p.stderr
     p = score(["--model", model, "--data", str(bad), "--output", str(tmp_path / "o.jsonl"), "--on_error", "skip"])
     report = json.loads((tmp_path / "o.jsonl.report.json").read_text())

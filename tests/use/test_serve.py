@@ -12,6 +12,8 @@ import signal
 import pytest
 import torch
 from helpers import AUTH, Server
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rm_trainer import load_reward_model
 
@@ -118,6 +120,64 @@ def test_keys_limits_and_bad_bodies_get_4xx_while_others_are_served(served, text
     assert health[0] == 200 and json.loads(health[1])["status"] == "ok"
     assert metrics[0] == 200 and 'rm_requests_total{endpoint="/get_reward",code="401"} 2' in metrics[1]
     assert re.search(r'rm_request_latency_seconds\{endpoint="/get_reward",quantile="0.99"\} \d', metrics[1])
+
+
+VALID_BODIES = [("/get_reward", {"query": ["Human: hi Assistant: hello", "x"], "labels": ["a", "b"]}),
+                ("/score", {"rows": [{"prompt": "Human: hi Assistant:", "response": " hello"},
+                                     {"prompt": "q", "responses": ["a", ""]}, {"text": "t"}]})]
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+                       lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                       max_leaves=8)
+
+
+@st.composite
+def mutated_bodies(draw) -> tuple[str, bytes]:
+    """A valid body with bytes changed, or with one value anywhere in it replaced by any JSON value."""
+    path, body = draw(st.sampled_from(VALID_BODIES))
+    if draw(st.booleans()):
+        data = bytearray(json.dumps(body).encode())
+        for _ in range(draw(st.integers(1, 3))):
+            pos = draw(st.integers(0, len(data) - 1))
+            data[pos:pos + 1] = bytes([draw(st.integers(0, 255))]) if draw(st.booleans()) else b""
+        return path, bytes(data)
+    body = json.loads(json.dumps(body))
+    node, key = body, None
+    while True:  # walk down to a random value and replace it
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        key = draw(st.sampled_from(keys))
+        if not isinstance(node[key], (dict, list)) or not node[key] or draw(st.booleans()):
+            break
+        node = node[key]
+    node[key] = draw(JSONISH)
+    return path, json.dumps(body).encode()
+
+
+@pytest.mark.slow
+def test_mutated_request_bodies_get_4xx_naming_the_field_and_the_server_keeps_serving(served, texts):
+    """Property (hypothesis): any mutation of a valid body is answered 200, or 400/413/422 with a JSON error
+    that names the body or the field (query[i], rows[i]); and every answer after it is still right."""
+    out, server = served
+    good = texts[0]["prompt"] + texts[0]["chosen"]
+    want = load_reward_model(out / "reward.pt").score_texts([good]).tolist()
+    seen: dict[int, int] = {}
+
+    async def exchange(path: str, data: bytes):
+        async with aiohttp.ClientSession() as s:
+            return await post(s, server.url + path, data), await post(s, server.url + "/get_reward", {"query": [good]})
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(mutated_bodies())
+    def check(case):
+        (code, body), (ok_code, ok) = asyncio.run(exchange(*case))
+        seen[code] = seen.get(code, 0) + 1
+        assert code in (200, 400, 413, 422), (code, body)
+        if code != 200:
+            assert re.search(r"^(body|query|rows|labels)\b|--max_", body["error"]), body
+        assert ok_code == 200 and torch.allclose(torch.tensor(ok["rewards"]), torch.tensor(want), rtol=1e-5)
+
+    check()
+    print(f"rm-serve mutated bodies by status: {seen}")
+    assert seen.get(200) and (seen.get(400) or 0) + (seen.get(422) or 0) > 10, seen
 
 
 @pytest.mark.slow
