@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rm_trainer import lora
+from rm_trainer import disk, lora
 from rm_trainer.artifact.checkpoint_files import LATEST, META_FILE, TOKENIZER_DIR, CheckpointRecord, verify_manifest
 from rm_trainer.artifact.format import (
     FORMAT,
@@ -98,9 +98,9 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
         "reward_stats": meta.reward_stats or {},
     }
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save(artifact, tmp)
-    tmp.replace(out_path)  # never leave a half-written reward.pt behind
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    # never leave a half-written reward.pt behind, on a full disk either
+    disk.write_atomically("writing", out_path, lambda tmp: torch.save(artifact, tmp), size)
     report |= {"path": str(out_path), "tag": tag, "tensors": len(state),
                "params": sum(v.numel() for v in state.values())}
     if verify:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rm_trainer import disk
 from rm_trainer.artifact.format import read_artifact, shipped_tokenizer
 from rm_trainer.data.tokenize import lead_text, special_prefix
 from rm_trainer.errors import UserError
@@ -86,13 +87,20 @@ def export_artifact(art: dict, out_dir: str | Path, shard_size: str = "5GB") -> 
     time while the safetensors files are written (`model.safetensors`, or `model-0000k-of-0000n
     .safetensors` + `model.safetensors.index.json` above shard_size). The tokenizer is the one the model
     ships with (artifact.format.shipped_tokenizer): tok(text) gives training's ids."""
+    out = Path(out_dir)
+    size = sum(v.numel() * v.element_size() for v in art["state_dict"].values())
+    disk.write_atomically("writing the HF export", out, lambda tmp: _write_hf(art, tmp, shard_size, out), size)
+    return out
+
+
+def _write_hf(art: dict, out: Path, shard_size: str, final: Path) -> None:
+    """The HF folder into `out` (a .tmp beside `final`, where it is renamed to once complete)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForSequenceClassification
 
     tok, problems = shipped_tokenizer(art["tokenizer_files"])
     prefix_ids = special_prefix(tok)
     config = _hf_config(art, tok)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = art["state_dict"]["score.weight"].dtype
     with init_empty_weights(include_buffers=False):
@@ -114,13 +122,12 @@ def export_artifact(art: dict, out_dir: str | Path, shard_size: str = "5GB") -> 
     hf.save_pretrained(out, safe_serialization=True, max_shard_size=shard_size)
     tok.save_pretrained(out)
     if problems:
-        print(f"rm_trainer: HF export {out}: " + "; ".join(problems), flush=True)
+        print(f"rm_trainer: HF export {final}: " + "; ".join(problems), flush=True)
     (out / "README.md").write_text(CARD.format(
-        base=type(hf).__name__.removesuffix("ForSequenceClassification"), path=str(out),
+        base=type(hf).__name__.removesuffix("ForSequenceClassification"), path=str(final),
         prefix=f"`{lead_text(tok, prefix_ids)}` first" if prefix_ids else "no special token first",
         problems="".join(f"\n\n**Note:** {p}." for p in problems), mean=round(config.reward_mean, 4),
         std=round(config.reward_std, 4), max_len=art["max_len"], pad=tok.pad_token, pad_id=config.pad_token_id))
-    return out
 
 
 def _hf_config(art: dict, tok):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from rm_trainer import disk
 from rm_trainer.artifact import checkpoint_files as ckpt
 from rm_trainer.config import RunConfig
 from rm_trainer.data.batching import collate
@@ -86,6 +87,7 @@ class Checkpointer:
         self.marker = Path(cfg.output.preempt_marker or out / "preempted.json")
         self.rt, self.tok, self.record, self.probe, self.reward_stats = rt, tok, record, probe, reward_stats
         self.saved: tuple[int, str] | None = None
+        self.expected_bytes: int | None = None  # one checkpoint's size (check_space), for the disk-full message
         self._rotation: threading.Thread | None = None
         if rt.is_main:  # half-written folders of a killed run: moved aside now, deleted in the background
             ckpt.clean_partial(self.root)
@@ -118,31 +120,83 @@ class Checkpointer:
             raise Preempted(rec.step, tag)
 
     def save(self, eng, step: int) -> str:
-        """Every rank writes and checksums its files into step_N.tmp/; rank 0 commits after a barrier."""
+        """Every rank writes and checksums its files into step_N.tmp/; rank 0 commits once all succeeded.
+        A write the disk refuses (full, quota, read-only) on any rank: the ranks agree on it, the .tmp
+        folder is removed, the committed checkpoints stay as they were, and every rank raises
+        DiskFullError (one message, from rank 0; exit 2). `--resume auto` after freeing space is exact."""
         rt, tag, t0 = self.rt, ckpt.tag_for(step), time.perf_counter()
         eng.eval()
         with torch.no_grad():  # the probe the consolidated weights must reproduce (collective under ZeRO-3)
             rewards = eng(self.probe["input_ids"].to(rt.device), self.probe["seq_lengths"].to(rt.device)).cpu()
         eng.train()
         tmp = self.root / (tag + ".tmp")
-        eng.save(str(self.root), tmp.name)
-        torch.save(ckpt.rank_state(step), tmp / f"rm_state_rank{rt.rank}.pt")
-        if rt.is_main:
-            self.tok.save_pretrained(tmp / ckpt.TOKENIZER_DIR)
-            self.record.step, self.record.reward_stats = step, self.reward_stats()
-            self.record.probe = {k: v.tolist() for k, v in self.probe.items()} | {"rewards": rewards.tolist()}
-            self.record.write(tmp / ckpt.META_FILE)
-        ckpt.write_rank_checksums(tmp, rt.rank, rt.world_size)  # in parallel, while the pages are hot
-        engine.barrier()  # every rank's files are on disk before the commit
+        failed = eng.save(str(self.root), tmp.name)  # a refused write is returned, after DeepSpeed's collectives
+        if failed is None:
+            failed = self._write_own_files(tmp, step, rewards)
+        # the ranks agree: one all-reduce of a flag (every rank reaches it, whatever failed where)
+        flags = torch.tensor([float(failed is not None), float(failed is not None and rt.is_main)], device=rt.device)
+        any_failed, main_failed = engine.all_reduce_sum(flags).tolist()
+        if any_failed:
+            self._abandon(tmp, step, failed, speak=failed is not None and (rt.is_main or not main_failed))
         if rt.is_main:
             self.close()  # the previous rotation must be done before `latest` moves again
             ckpt.commit(self.root, step, rt.world_size)
+            self.expected_bytes = disk.tree_bytes(self.root / tag)  # measured: the next one's size
             print(f"[rm_trainer] committed {tag} in {time.perf_counter() - t0:.2f}s", flush=True)
             # deleting old checkpoints can take a while on a parallel file system: not behind a barrier
             self._background(self._rotate)
         engine.barrier()
         self.saved = (step, tag)
         return tag
+
+    def _write_own_files(self, tmp: Path, step: int, rewards: torch.Tensor) -> BaseException | None:
+        """This rank's state file, rank 0's tokenizer and record, then this rank's checksums (in parallel,
+        while the pages are hot). Returns the disk failure, if the disk refused a write."""
+        rt = self.rt
+        try:
+            torch.save(ckpt.rank_state(step), tmp / f"rm_state_rank{rt.rank}.pt")
+            if rt.is_main:
+                self.tok.save_pretrained(tmp / ckpt.TOKENIZER_DIR)
+                self.record.step, self.record.reward_stats = step, self.reward_stats()
+                self.record.probe = {k: v.tolist() for k, v in self.probe.items()} | {"rewards": rewards.tolist()}
+                self.record.write(tmp / ckpt.META_FILE)
+            ckpt.write_rank_checksums(tmp, rt.rank, rt.world_size)
+        except (OSError, RuntimeError) as e:
+            if not disk.is_disk_failure(e):
+                raise
+            return e
+        return None
+
+    def _abandon(self, tmp: Path, step: int, failed: BaseException | None, speak: bool) -> None:
+        """After a refused write: rank 0 removes the .tmp folder; every rank raises DiskFullError, printed
+        by rank 0 if it failed, else by the ranks that did (speak)."""
+        if self.rt.is_main:
+            disk.remove(tmp)
+        engine.barrier()
+        found = ckpt.committed(self.root)
+        kept = (f"the last committed checkpoint ({found[-1][1].name}) is intact" if found
+                else "no checkpoint was committed yet")
+        what = (disk.message(f"saving checkpoint step {step} to", self.root, failed, self.expected_bytes) if failed
+                else f"saving checkpoint step {step} to {self.root} failed on another rank")
+        raise disk.DiskFullError(f"{what}. The half-written {tmp.name} was removed and {kept}; free space and "
+                                 "rerun with --resume auto to continue exactly", quiet=not speak)
+
+    def check_space(self, eng, artifacts: int) -> None:
+        """Rank 0, before the first save: warn if keep_last + 1 checkpoints (a new one is written before the
+        oldest goes) and the final artifacts (`artifacts` copies of the weights: reward.pt, the HF export)
+        cannot fit in the free space."""
+        weights, self.expected_bytes = eng.sizes()
+        if not self.rt.is_main:
+            return
+        final_bytes = artifacts * weights
+        need = self.expected_bytes * (self.keep_last + 1) + final_bytes
+        free = disk.free_bytes(self.root)
+        if free is not None and free < need:
+            print(f"[rm_trainer] warning: {disk.human(free)} free at {self.root}, and this run needs about "
+                  f"{disk.human(need)}: {self.keep_last + 1} checkpoints of ~{disk.human(self.expected_bytes)} "
+                  f"(keep_last {self.keep_last}, plus the one being written) and ~{disk.human(final_bytes)} of "
+                  "reward.pt and HF export. A save that does not fit stops the run (exit 2) with the last "
+                  "committed checkpoint intact", flush=True)
 
     def _background(self, fn, *args) -> None:
         self._rotation = threading.Thread(target=fn, args=args, name="rm_trainer-rotation")

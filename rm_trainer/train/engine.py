@@ -9,6 +9,7 @@ DeepSpeed, and a future FSDP2 engine would replace this file alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rm_trainer import disk
 from rm_trainer.errors import UserError
 
 # DeepSpeed 0.19 still calls the torch.distributed names torch 2.13 deprecates; one warning per call
@@ -189,16 +191,35 @@ class Engine:
             return None
         return float(g.item() if torch.is_tensor(g) else g)
 
+    def sizes(self) -> tuple[int, int]:
+        """(the weights in their dtype, one checkpoint of all ranks together). A checkpoint holds the
+        module's weights (ZeRO-2's model-states file; an upper bound under ZeRO-3) and, per trainable
+        parameter, the fp32 partition and Adam's two moments (the optimizer shards): 12 bytes."""
+        trainable = weight_bytes = 0
+        for p in self.ds.module.parameters():
+            n = int(getattr(p, "ds_numel", p.numel()))
+            weight_bytes += n * p.element_size()
+            trainable += n if p.requires_grad else 0
+        return weight_bytes, weight_bytes + 12 * trainable
+
     def train(self) -> None:
         self.ds.train()
 
     def eval(self) -> None:
         self.ds.eval()
 
-    def save(self, save_dir: str, tag: str) -> None:
-        # save_latest=False: DeepSpeed would point `latest` at the uncommitted tag; checkpoint_files.commit()
-        # writes it after the rename instead.
-        self.ds.save_checkpoint(save_dir, tag=tag, save_latest=False)
+    def save(self, save_dir: str, tag: str) -> BaseException | None:
+        """DeepSpeed's files of this rank. Returns the first write the disk refused (disk.py), else None.
+        save_checkpoint runs collectives after its writes (ZeRO-3 re-gathers persistent parameters, then
+        a barrier): a write that raised would leave this rank out of them and the others waiting until
+        the timeout. So its file writes are recorded, not raised, and every rank leaves it together; the
+        caller then lets the ranks agree. save_latest=False: DeepSpeed would point `latest` at the
+        uncommitted tag; checkpoint_files.commit() writes it after the rename instead."""
+        failures: list[BaseException] = []
+        with (_recorded(self.ds.checkpoint_engine, "save", failures),
+              _recorded(self.ds, "_copy_recovery_script", failures)):
+            self.ds.save_checkpoint(save_dir, tag=tag, save_latest=False)
+        return failures[0] if failures else None
 
     def load(self, load_dir: str, tag: str) -> None:
         """Weights, optimizer and LR-scheduler state. Unpickles DeepSpeed files: trusted directories only."""
@@ -206,6 +227,34 @@ class Engine:
                                           load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
+
+
+@contextlib.contextmanager
+def _recorded(obj, name: str, failures: list[BaseException]):
+    """For the duration, obj.<name>(...) records a write the disk refuses into `failures` (and skips the
+    writes after it) instead of raising; any other exception still raises."""
+    original = getattr(obj, name)
+    own = name in vars(obj)
+
+    def guarded(*args, **kwargs):
+        if failures:
+            return None
+        try:
+            return original(*args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            if not disk.is_disk_failure(e):
+                raise
+            failures.append(e)
+            return None
+
+    setattr(obj, name, guarded)
+    try:
+        yield
+    finally:
+        if own:
+            setattr(obj, name, original)
+        else:
+            delattr(obj, name)
 
 
 def initialize(model: torch.nn.Module, ds_config: dict, optimizer=None, lr_scheduler=None) -> Engine:

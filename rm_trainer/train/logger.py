@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rm_trainer import disk
 from rm_trainer.train.step import StepRecord
 
 
@@ -19,7 +20,7 @@ class MetricsLogger:
                  total: int = 0, every: int = 1):
         """resume_step > 0: drop what an interrupted run logged after that step, so every step appears
         once in metrics.jsonl and in tensorboard (purge_step) after a resume."""
-        self.enabled, self.total, self.every = enabled, total, every
+        self.enabled, self.total, self.every, self.out_dir = enabled, total, every, out_dir
         self.tb = None
         self.jsonl = None
         self.bar = tqdm(total=total, initial=resume_step, disable=not enabled, desc="train", dynamic_ncols=True)
@@ -60,11 +61,31 @@ class MetricsLogger:
         if not self.enabled:
             return
         values = {k: v for k, v in values.items() if v is not None}
-        self.jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        if self.jsonl is not None:
+            self._guard("metrics.jsonl", lambda: self.jsonl.write(json.dumps({"step": step, "split": split,
+                                                                               **values}) + "\n"))
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{split}/{k}", v, step)
+            def scalars():
+                for k, v in values.items():
+                    if isinstance(v, (int, float)):
+                        self.tb.add_scalar(f"{split}/{k}", v, step)
+            self._guard("tensorboard", scalars)
+
+    def _guard(self, sink: str, write: Callable[[], object]) -> None:
+        """A metrics write the disk refuses stops that sink, with one line, and never the run: training
+        goes on and its checkpoints may still fit (or go elsewhere). What is lost: that sink's lines from
+        here on; the progress bar and the checkpoints' own records stay."""
+        try:
+            write()
+        except (OSError, RuntimeError) as e:
+            if not disk.is_disk_failure(e):
+                raise
+            print(f"[rm_trainer] warning: {sink} is no longer written: {disk.reason(e)} "
+                  f"({disk.human(disk.free_bytes(self.out_dir))} free); training continues", flush=True)
+            if sink == "tensorboard":
+                self.tb = None
+            else:
+                self.jsonl = None
 
     def eval(self, step: int, result: dict, pairs: tuple | None) -> None:
         """An evaluation's numbers, and (tensorboard) histograms of its rewards and margins."""
@@ -72,11 +93,11 @@ class MetricsLogger:
         if self.enabled and self.tb is not None and pairs is not None:
             from rm_trainer.eval.report import log_histograms
 
-            log_histograms(self.tb, step, *pairs)
+            self._guard("tensorboard", lambda: log_histograms(self.tb, step, *pairs))
 
     def close(self) -> None:
         self.bar.close()
         if self.tb is not None:
-            self.tb.close()
+            self._guard("tensorboard", self.tb.close)
         if self.jsonl is not None:
-            self.jsonl.close()
+            self._guard("metrics.jsonl", self.jsonl.close)

@@ -88,6 +88,7 @@ def train(plan: Plan) -> dict:
     evaluator = Evaluator(test_ds, t.eval_every, cfg.eval_batch_size, rt, tok.pad_token_id, sources)
     ckpt = Checkpointer(cfg, rt, tok, run_record(cfg, backbone, tok, rt.world_size, rt.is_main),
                         make_probe(test_ds if test_ds else train_ds, tok.pad_token_id), evaluator.reward_stats)
+    ckpt.check_space(eng, 1 + cfg.output.hf_export)  # warns now if the run's files cannot fit
     done = ckpt.resume(eng, engine.broadcast_object(plan.resume_from))
     guard = SkipGuard(t.max_consecutive_skips, lambda step: sampler.global_batch_indices(step - 1))
     log = MetricsLogger(out, rt.is_main, cfg.output.tensorboard, done, total, t.log_every)
