@@ -51,7 +51,7 @@ def conversations(pairs: list[dict]) -> list[dict]:
     return out
 
 
-def train(work: Path, style: str, pairs: list[dict], steps: int) -> Path:
+def train(work: Path, style: str, pairs: list[dict], steps: int, max_len: int = 256) -> Path:
     """A tiny Llama trained on pairs (or their conversations) with a tokenizer of this style."""
     from rm_trainer.demo import tiny_llama_config, tokenizer_variant, write_jsonl
 
@@ -64,7 +64,7 @@ def train(work: Path, style: str, pairs: list[dict], steps: int) -> Path:
     tiny_llama_config(len(tok), max_pos=1024).save_pretrained(work / "model")
     cmd = [sys.executable, str(ROOT / "launch" / "train_reward.py"), "--model", str(work / "model"), "--random_init",
            "--data", str(work / "train.jsonl"), "--test_data", str(work / "test.jsonl"), "--dtype", "fp32",
-           "--max_len", "256", "--max_steps", str(steps), "--micro_batch_size", "8", "--lr", "1e-3",
+           "--max_len", str(max_len), "--max_steps", str(steps), "--micro_batch_size", "8", "--lr", "1e-3",
            "--max_drop_fraction", "0.5", "--output_dir", str(work / "out"), "--no-tensorboard"]
     p = subprocess.run(cmd, cwd=ROOT, env=child_env(2), capture_output=True, text=True)
     if p.returncode != 0:

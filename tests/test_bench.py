@@ -131,3 +131,17 @@ def test_hf_consumers_bench_smoke_runs_the_consumers_of_two_styles(tmp_path):
     r = json.loads(out.read_text())
     assert set(r["styles"]) == {"bos", "chat"} and "rewardbench" in r["styles"]["chat"]
     assert r["worst_rel"] <= 1e-5  # every consumer scores as training did
+
+
+def test_one_reward_bench_smoke_single_is_score_texts_and_pair_is_not(tmp_path):
+    """What docs/evaluation.md's one-reward figures come from, at 2 training steps."""
+    if not SHARED_HH.is_file():
+        pytest.skip(f"{SHARED_HH} not found")
+    out = tmp_path / "one.json"
+    p = subprocess.run([sys.executable, "bench/one_reward.py", "--smoke", "--output", str(out)], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["pairs_over_max_len"] > 0  # the policies can differ on this file
+    assert r["single"]["reward_vs_score_texts"]["max_rel"] <= 1e-5 and r["single"]["subset_acc_max_diff_points"] == 0
+    assert r["pair"]["reward_vs_score_texts"]["max_rel"] > 1e-3  # the loss's view is another function

@@ -170,7 +170,11 @@ def _load_folder(path: str, what: str):
         ds = datasets.load_from_disk(path)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise DataError(f"{what} {path}: is a folder, but not one written by datasets' save_to_disk ({e})") from None
-    return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+    ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+    problem = read.arrow_problem(ds)
+    if problem:
+        raise DataError(f"{what} {path}: its arrow data cannot be read ({problem})")
+    return ds
 
 
 def _load_arrow(path: str, what: str, cache_dir: str | None):
@@ -179,9 +183,13 @@ def _load_arrow(path: str, what: str, cache_dir: str | None):
     from datasets.exceptions import DatasetGenerationError
 
     try:
-        return datasets.load_dataset("arrow", data_files=path, split="train", cache_dir=cache_dir)
+        ds = datasets.load_dataset("arrow", data_files=path, split="train", cache_dir=cache_dir)
     except (DatasetGenerationError, pa.ArrowException, OSError, ValueError) as e:
         raise DataError(f"{what} {path}: cannot be read as an arrow file ({str(e).splitlines()[0][:200]})") from None
+    problem = read.arrow_problem(ds)
+    if problem:
+        raise DataError(f"{what} {path}: cannot be read as an arrow file ({problem})")
+    return ds
 
 
 def _checked(ds, path: str, keys: PairKeys, fmt: str):

@@ -202,11 +202,24 @@ def try_datasets(path: str, kind: str, cache_dir: str | None):
     level = log.level
     log.setLevel(logging.CRITICAL)  # its own "Failed to load JSON" line: the reading here says what is wrong
     try:
-        return datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir)
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir)
     except (DatasetGenerationError, pa.ArrowException, ValueError, TypeError, RecursionError, *GZIP_ERRORS):
         return None
     finally:
         log.setLevel(level)
+    return ds if arrow_problem(ds) is None else None
+
+
+def arrow_problem(ds) -> str | None:
+    """What makes a loaded dataset unreadable row by row (pyarrow checks UTF-8 only when a value is read,
+    e.g. a damaged parquet page), else None: one full validation pass, in C++."""
+    import pyarrow as pa
+
+    try:
+        ds.data.table.validate(full=True)
+    except pa.ArrowException as e:
+        return str(e).splitlines()[0][:200]
+    return None
 
 
 def _clean_utf8(path: str) -> bool:
@@ -234,7 +247,7 @@ def parquet_problem(path: str) -> str:
     import pyarrow.parquet as pq
 
     try:
-        pq.read_table(path)
+        pq.read_table(path).validate(full=True)
     except (pa.ArrowException, OSError) as e:
         return str(e).splitlines()[0][:200]
     return "datasets cannot read its column types"

@@ -138,16 +138,26 @@ class Checkpointer:
         any_failed, main_failed = engine.all_reduce_sum(flags).tolist()
         if any_failed:
             self._abandon(tmp, step, failed, speak=failed is not None and (rt.is_main or not main_failed))
-        if rt.is_main:
-            self.close()  # the previous rotation must be done before `latest` moves again
-            ckpt.commit(self.root, step, rt.world_size)
-            self.expected_bytes = disk.tree_bytes(self.root / tag)  # measured: the next one's size
-            print(f"[rm_trainer] committed {tag} in {time.perf_counter() - t0:.2f}s", flush=True)
-            # deleting old checkpoints can take a while on a parallel file system: not behind a barrier
-            self._background(self._rotate)
-        engine.barrier()
+        failed = self._commit(step, tag, t0) if rt.is_main else None
+        if engine.all_reduce_sum(torch.tensor([float(failed is not None)], device=rt.device)).item():
+            self._abandon(tmp, step, failed, speak=rt.is_main)  # the manifest or `latest` did not fit
         self.saved = (step, tag)
         return tag
+
+    def _commit(self, step: int, tag: str, t0: float) -> BaseException | None:
+        """Rank 0: manifest, rename, `latest`, then rotation in the background. Returns a disk failure."""
+        self.close()  # the previous rotation must be done before `latest` moves again
+        try:
+            ckpt.commit(self.root, step, self.rt.world_size)
+        except (OSError, RuntimeError) as e:
+            if not disk.is_disk_failure(e):
+                raise
+            return e
+        self.expected_bytes = disk.tree_bytes(self.root / tag)  # measured: the next one's size
+        print(f"[rm_trainer] committed {tag} in {time.perf_counter() - t0:.2f}s", flush=True)
+        # deleting old checkpoints can take a while on a parallel file system: not behind a barrier
+        self._background(self._rotate)
+        return None
 
     def _write_own_files(self, tmp: Path, step: int, rewards: torch.Tensor) -> BaseException | None:
         """This rank's state file, rank 0's tokenizer and record, then this rank's checksums (in parallel,

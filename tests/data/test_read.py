@@ -128,3 +128,18 @@ def test_an_unreadable_file(tmp_path):
     for reader in (pairs, scored):
         with pytest.raises(DataError, match=f"{p}: cannot be read \\(Permission denied\\)"):
             reader(p)
+
+
+def test_a_parquet_page_with_invalid_utf8_is_refused_when_read(tmp_path):
+    """pyarrow checks UTF-8 only when a value is read: a damaged page would fail mid-tokenization."""
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["hello there"] * 3, "chosen": ["a"] * 3, "rejected": ["b"] * 3}), buf,
+                   compression="NONE")
+    data = bytearray(buf.getvalue())
+    data[data.find(b"hello")] = 0x80
+    p = write(tmp_path, "damaged.parquet", bytes(data))
+    for reader in (pairs, scored):
+        with pytest.raises(DataError, match=f"{p}: not a readable parquet file \\(.*Invalid UTF8"):
+            reader(p)
