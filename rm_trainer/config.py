@@ -112,6 +112,12 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="steps between evals; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     keep_last: int = Field(3, ge=2, description="committed checkpoints kept (>= 2: one may be mid-rotation)")
+    keep_best: int = Field(0, ge=0, description="also keep the K best checkpoints by best_metric (each eval is "
+                           "saved), exempt from rotation; the best is exported as OUT/best/. 0 = off")
+    best_metric: str = Field("eval/acc", pattern=r"^eval/\S+$", description="what ranks checkpoints: eval/acc, "
+                             "eval/loss, eval/<source>/acc, or an eval diagnostic")
+    best_mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for a metric ending in "
+                                                     "loss, else max")
     resume: str = Field("auto", description="auto (newest committed in OUT/checkpoints), never, or a PATH")
     resume_force: bool = Field(False, description="resume although data, model, max_len, seed or batch differ")
     max_consecutive_skips: int = Field(5, ge=1, description="abort after this many non-finite steps in a row")
@@ -174,6 +180,10 @@ class RunConfig(Section):
         if self.train.pack_len is not None and self.train.pack_len < self.data.max_len:
             problems.append(f"train.pack_len ({self.train.pack_len}) must be at least data.max_len "
                             f"({self.data.max_len}): a sequence is never split across packed rows")
+        if self.train.keep_best and not (self.data.test_path or self.data.test_fraction > 0
+                                         or any(src.test_path or src.test_fraction for src in self.data.sources or [])):
+            problems.append("train.keep_best ranks checkpoints by a held-out metric: give data.test_path "
+                            "(--test_data) or a test_fraction above 0")
         if self.output.lora_export and not self.model.lora_r:
             problems.append("output.lora_export needs LoRA: set model.lora_r (--lora_r 8)")
         if self.model.lora_target is not None and not self.model.lora_target:

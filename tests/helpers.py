@@ -108,6 +108,17 @@ def start(out: Path, args: list[str], launcher: str = "deepspeed", nprocs: int =
                             start_new_session=True)
 
 
+def kill_when_paused(proc: subprocess.Popen, out: Path, ranks: int = 2, timeout: int = 300) -> None:
+    """SIGKILL a run started with RM_FAULT_PAUSE_AT once every rank has reached the pause point (bounded)."""
+    deadline = time.time() + timeout
+    while not all((out / f".paused_rank{r}").exists() for r in range(ranks)):
+        assert proc.poll() is None, f"run ended before the pause point: see {out}.killed.log"
+        assert time.time() < deadline, "pause point never reached"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher's whole process group, as a node failure would
+    proc.wait(timeout=60)
+
+
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

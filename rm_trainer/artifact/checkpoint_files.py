@@ -206,11 +206,12 @@ def commit(root: Path, step: int, world_size: int) -> Path:
     return final
 
 
-def rotation_plan(root: Path, keep_last: int) -> list[Path]:
-    """Committed folders to delete: all but the newest keep_last, except the newest *intact* one, which
-    is kept however old it is (a damaged newer save must not take the last good one with it)."""
+def rotation_plan(root: Path, keep_last: int, keep: set[str] = frozenset()) -> list[Path]:
+    """Committed folders to delete: all but the newest keep_last and those named in `keep` (the best ones),
+    except the newest *intact* one, which is kept however old it is (a damaged newer save must not take the
+    last good one with it)."""
     found = [d for _, d in committed(root)]
-    doomed = found[:-keep_last] if keep_last else []
+    doomed = [d for d in (found[:-keep_last] if keep_last else []) if d.name not in keep]
     for d in reversed(found):
         try:
             verify_manifest(d)
@@ -220,11 +221,11 @@ def rotation_plan(root: Path, keep_last: int) -> list[Path]:
     return []  # nothing intact at all: delete nothing
 
 
-def rotate(root: Path, keep_last: int) -> list[str]:
+def rotate(root: Path, keep_last: int, keep: set[str] = frozenset()) -> list[str]:
     """Delete what rotation_plan says: each folder is first renamed (atomic), so a crash mid-deletion never
     leaves a half-deleted folder that still looks committed."""
     removed = []
-    for d in rotation_plan(root, keep_last):
+    for d in rotation_plan(root, keep_last, keep):
         d.rename(root / f".trash-{d.name}")
         removed.append(d.name)
     purge_trash(root)

@@ -128,19 +128,50 @@ def _merge_frozen(out: dict[str, torch.Tensor], frozen: dict, model_files: list[
         del fragments
 
 
+def universal_state_dict(d: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Full weights of a universal checkpoint (DeepSpeed's ds_to_universal, train/elastic.py): one
+    zero/<name>/fp32.pt per parameter (a tensor, or {"param": tensor}), flattened under ZeRO-3, reshaped
+    here to the shapes its model-states file records; buffers and tied weights from that file too."""
+    model_files = sorted(d.glob("*_model_states.pt"), key=_rank_of)
+    if not model_files or not (d / "zero").is_dir():
+        raise CheckpointError(f"{d}: not a universal checkpoint (no zero/ folder or *_model_states.pt)")
+    ms = _load_ds(model_files[0])
+    shapes = {k: v for group in ms["param_shapes"] for k, v in group.items()} | dict(ms.get("frozen_param_shapes")
+                                                                                   or {})
+    out = {n: (b.to(dtype) if b.is_floating_point() else b).clone()
+           for n, b in ms["module"].items() if n in ms["buffer_names"]}
+    missing = []
+    for name, shape in shapes.items():
+        f = d / "zero" / name / "fp32.pt"
+        if not f.is_file():
+            missing.append(name)
+            continue
+        t = torch.load(f, map_location="cpu", weights_only=True)  # tensors only
+        out[name] = (t["param"] if isinstance(t, dict) else t).reshape(tuple(shape)).to(dtype)
+    if missing:
+        raise CheckpointError(f"{d}: universal checkpoint lacks zero/<name>/fp32.pt for {missing[:5]}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    for name, source in dict(ms["shared_params"]).items():
+        out[name] = out[source]
+    return out
+
+
 def consolidated_state_dict(checkpoint_dir: str, tag: str, dtype: torch.dtype = torch.float32
                             ) -> dict[str, torch.Tensor]:
     """Full weights merged from every rank's ZeRO-2/3 shard files, streamed: the files are memory-mapped
     and read one rank at a time, each parameter's slices are copied (and cast to `dtype`) straight into
     its final tensor, and Adam's moments are never touched. Peak host memory: the result plus one rank's
     fp32 partition (DeepSpeed's zero_to_fp32 holds every rank's partition and then a merged copy).
-    Equal to zero_to_fp32's result, bit for bit (tested).
+    Equal to zero_to_fp32's result, bit for bit (tested). A universal checkpoint folder is read by
+    universal_state_dict.
 
     Reads pickled DeepSpeed checkpoint files: only for checkpoint directories you trust.
     """
     d = Path(checkpoint_dir) / tag
     model_files = sorted(d.glob("*_model_states.pt"), key=_rank_of)
     optim_files = sorted(d.glob("*_optim_states.pt"), key=_rank_of)
+    if not optim_files and (d / "zero").is_dir():
+        return universal_state_dict(d, dtype)
     if not model_files or not optim_files:
         raise CheckpointError(f"{d}: no DeepSpeed *_model_states.pt / *_optim_states.pt files")
     osd = _load_ds(optim_files[0])["optimizer_state_dict"]

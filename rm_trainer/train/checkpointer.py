@@ -19,7 +19,8 @@ from rm_trainer.config import RunConfig
 from rm_trainer.data.batching import collate
 from rm_trainer.data.cache import data_identity
 from rm_trainer.errors import ConfigError
-from rm_trainer.train import engine
+from rm_trainer.train import elastic, engine
+from rm_trainer.train.best import BestCheckpoints
 from rm_trainer.train.step import StepRecord
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly at a committed checkpoint; rerun to resume
@@ -34,32 +35,39 @@ class Preempted(Exception):
         self.step, self.tag = step, tag
 
 
-def resume_keys(cfg: RunConfig, world: int) -> dict:
-    """What must match for a resume to continue exactly where the checkpoint left off."""
+def resume_keys(cfg: RunConfig, world: int, zero_stage: int) -> dict:
+    """What must match for a resume to continue exactly where the checkpoint left off. world_size and
+    zero_stage may change (elastic.py converts the checkpoint); the global batch may not."""
     t = cfg.train
     model_id = hashlib.sha256((Path(cfg.model.path) / "config.json").read_bytes()).hexdigest()[:16]
-    return {"world_size": world, "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
+    return {"world_size": world, "zero_stage": zero_stage,
+            "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
             "global_batch": t.micro_batch_size * t.grad_accum * world,
             "batching": [t.batching, t.packing and cfg.pack_len]} | data_identity(cfg)
 
 
-def check_resume(cfg: RunConfig, world: int) -> Path | None:
-    """Rank 0, before the process group exists: the checkpoint to resume (damaged ones skipped or refused,
-    see checkpoint.resume_target), refused with every difference named if the resume would not be exact."""
+def check_resume(cfg: RunConfig, world: int, zero_stage: int) -> tuple[Path | None, RunConfig, dict | None]:
+    """Rank 0, before the process group exists: (the checkpoint to resume, the config to resume it with,
+    what changed and needs a universal conversion: {"world_size": [then, now], ...} or None). Damaged checkpoints
+    are skipped or refused (checkpoint.resume_target). A different world size or ZeRO stage keeps the
+    global batch (grad_accum recomputed, see elastic.keep_global_batch); any other difference is refused
+    with every one named, unless --resume_force."""
     root = Path(cfg.output.output_dir) / "checkpoints"
     target = ckpt.resume_target(root, cfg.train.resume)
     if target is None:
-        return None
-    diffs = ckpt.resume_differences(target, resume_keys(cfg, world))
-    if any(d.startswith("world_size") for d in diffs):
-        raise ConfigError([f"cannot resume {target} exactly: " + "; ".join(diffs) + ". ZeRO shards are "
-                           "per rank: relaunch with the same number of ranks, or start a new run from its "
-                           "reward.pt (rm-consolidate), or pass --resume never"])
+        return None, cfg, None
+    then = ckpt.CheckpointRecord.read(target / ckpt.META_FILE).resume_keys
+    now = {"world_size": world, "zero_stage": zero_stage}
+    moved = {k: [then[k], now[k]] for k in elastic.ELASTIC_KEYS if then.get(k) is not None and then[k] != now[k]}
+    if moved:
+        cfg = elastic.keep_global_batch(cfg, world, then, target)
+    diffs = [d for d in ckpt.resume_differences(target, resume_keys(cfg, world, zero_stage))
+             if d.split(":")[0] not in elastic.ELASTIC_KEYS]
     if diffs and not cfg.train.resume_force:
         raise ConfigError([f"cannot resume {target} exactly: " + "; ".join(diffs) +
                            ". Pass --resume_force to continue anyway (not bit-exact), or --resume never "
                            "to start over"])
-    return target
+    return target, cfg, moved or None
 
 
 def make_probe(ds, pad_id: int) -> dict[str, torch.Tensor]:
@@ -70,12 +78,12 @@ def make_probe(ds, pad_id: int) -> dict[str, torch.Tensor]:
             "seq_lengths": torch.cat([b["chosen_len"], b["rejected_len"]])}
 
 
-def run_record(cfg: RunConfig, backbone, tok, world: int, is_main: bool) -> ckpt.CheckpointRecord:
+def run_record(cfg: RunConfig, backbone, tok, world: int, is_main: bool, zero_stage: int) -> ckpt.CheckpointRecord:
     bc = backbone.config.to_diff_dict() | {"model_type": backbone.config.model_type}
     return ckpt.CheckpointRecord(
         run_config=cfg.model_dump(mode="json"), backbone_config=bc, dtype=cfg.train.dtype,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_len=cfg.data.max_len, world_size=world,
-        resume_keys=resume_keys(cfg, world) if is_main else {})
+        resume_keys=resume_keys(cfg, world, zero_stage) if is_main else {})
 
 
 class Checkpointer:
@@ -86,6 +94,8 @@ class Checkpointer:
         self.every, self.keep_last = cfg.train.save_every, cfg.train.keep_last
         self.marker = Path(cfg.output.preempt_marker or out / "preempted.json")
         self.rt, self.tok, self.record, self.probe, self.reward_stats = rt, tok, record, probe, reward_stats
+        t = cfg.train
+        self.best = BestCheckpoints(self.root, t.keep_best, t.best_metric, t.best_mode, 0) if t.keep_best else None
         self.saved: tuple[int, str] | None = None
         self.expected_bytes: int | None = None  # one checkpoint's size (check_space), for the disk-full message
         self._rotation: threading.Thread | None = None
@@ -93,23 +103,39 @@ class Checkpointer:
             ckpt.clean_partial(self.root)
             self._background(ckpt.purge_trash, self.root)
 
-    def resume(self, eng, target: Path | None) -> int:
+    def resume(self, eng, target: Path | None, moved: dict | None = None) -> int:
         """Weights, Adam state and LR schedule (DeepSpeed), then step and RNG states (ours). Returns the
-        number of steps already done (0 for a fresh start)."""
+        number of steps already done (0 for a fresh start). `moved` (world size or ZeRO stage changed):
+        from target/universal/ (elastic.ensure_universal), and rank r takes the RNG states of the
+        checkpoint's rank min(r, its world - 1) (dropout is off by default, so they rarely matter)."""
         if target is None:
             return 0
-        eng.load(str(target.parent), target.name)
-        step = ckpt.restore_rank_state(target / f"rm_state_rank{self.rt.rank}.pt")
+        rank = self.rt.rank
+        if moved:
+            eng.load(str(target), elastic.UNIVERSAL)
+            rank = min(rank, ckpt.CheckpointRecord.read(target / ckpt.META_FILE).world_size - 1)
+        else:
+            eng.load(str(target.parent), target.name)
+        step = ckpt.restore_rank_state(target / f"rm_state_rank{rank}.pt")
+        if self.best is not None:  # the ranking goes on, without the steps this run redoes
+            self.best = BestCheckpoints(self.root, self.best.keep, self.best.metric, self.best.mode, step)
         if self.rt.is_main:
-            print(f"[rm_trainer] resumed from {target} at step {step}", flush=True)
+            how = f" (universal: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in moved.items())})" if moved else ""
+            print(f"[rm_trainer] resumed from {target} at step {step}{how}", flush=True)
         return step
 
-    def after_step(self, eng, rec: StepRecord, total: int) -> None:
-        """Save every save_every steps (the last step is saved by the end of the run). If the ranks agreed
-        to stop, make sure this step is committed, write the marker and raise Preempted everywhere."""
+    def evaluated(self, step: int, result: dict) -> None:
+        """An evaluation's numbers: with keep_best, rank 0 ranks this step once its checkpoint commits."""
+        if self.best is not None and self.rt.is_main:
+            self.best.note(step, result)
+
+    def after_step(self, eng, rec: StepRecord, total: int, evaluated: bool = False) -> None:
+        """Save every save_every steps, and after every evaluation with keep_best (the last step is saved by
+        the end of the run). If the ranks agreed to stop, make sure this step is committed, write the
+        marker and raise Preempted everywhere."""
         if rec.step == total:
             return
-        if self.every and rec.step % self.every == 0:
+        if (self.every and rec.step % self.every == 0) or (evaluated and self.best is not None):
             self.save(eng, rec.step)
         if rec.stop:
             tag = self.saved[1] if self.saved and self.saved[0] == rec.step else self.save(eng, rec.step)
@@ -155,8 +181,10 @@ class Checkpointer:
             return e
         self.expected_bytes = disk.tree_bytes(self.root / tag)  # measured: the next one's size
         print(f"[rm_trainer] committed {tag} in {time.perf_counter() - t0:.2f}s", flush=True)
+        if self.best is not None:
+            self.best.committed(step, tag)
         # deleting old checkpoints can take a while on a parallel file system: not behind a barrier
-        self._background(self._rotate)
+        self._background(self._rotate, self.best.tags() if self.best else set())
         return None
 
     def _write_own_files(self, tmp: Path, step: int, rewards: torch.Tensor) -> BaseException | None:
@@ -199,22 +227,25 @@ class Checkpointer:
         if not self.rt.is_main:
             return
         final_bytes = artifacts * weights
-        need = self.expected_bytes * (self.keep_last + 1) + final_bytes
+        kept = self.keep_last + 1 + (self.best.keep if self.best else 0)
+        final_bytes *= 2 if self.best else 1  # OUT/best/ beside the final artifacts
+        need = self.expected_bytes * kept + final_bytes
         free = disk.free_bytes(self.root)
         if free is not None and free < need:
             print(f"[rm_trainer] warning: {disk.human(free)} free at {self.root}, and this run needs about "
-                  f"{disk.human(need)}: {self.keep_last + 1} checkpoints of ~{disk.human(self.expected_bytes)} "
-                  f"(keep_last {self.keep_last}, plus the one being written) and ~{disk.human(final_bytes)} of "
-                  "reward.pt and HF export. A save that does not fit stops the run (exit 2) with the last "
+                  f"{disk.human(need)}: {kept} checkpoints of ~{disk.human(self.expected_bytes)} "
+                  f"(keep_last {self.keep_last} and keep_best, plus the one being written) and "
+                  f"~{disk.human(final_bytes)} of reward.pt and HF export. A save that does not fit stops the run "
+                  "(exit 2) with the last "
                   "committed checkpoint intact", flush=True)
 
     def _background(self, fn, *args) -> None:
         self._rotation = threading.Thread(target=fn, args=args, name="rm_trainer-rotation")
         self._rotation.start()
 
-    def _rotate(self) -> None:
+    def _rotate(self, keep: set[str]) -> None:
         try:
-            removed = ckpt.rotate(self.root, self.keep_last)
+            removed = ckpt.rotate(self.root, self.keep_last, keep)
         except OSError as e:  # a failed deletion must not kill training: say so and keep going
             print(f"[rm_trainer] rotation failed: {e}", flush=True)
             return

@@ -10,8 +10,11 @@ DeepSpeed, and a future FSDP2 engine would replace this file alone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -227,6 +230,13 @@ class Engine:
                                           load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
+        # DeepSpeed 0.19.8's ZeRO-3 universal load gives every sub-group the same `step` tensor object;
+        # torch's Adam increments it in place, once per sub-group, so with two parameter groups (decay and
+        # no-decay) the bias correction would run twice as fast. Each sub-group gets its own copy.
+        inner = getattr(self.ds.optimizer, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 @contextlib.contextmanager
@@ -265,6 +275,25 @@ def initialize(model: torch.nn.Module, ds_config: dict, optimizer=None, lr_sched
                                            model_parameters=None if optimizer else
                                            [p for p in model.parameters() if p.requires_grad])
     return Engine(engine)
+
+
+def to_universal(src: Path, dst: Path, log: Path) -> None:
+    """DeepSpeed's own converter (deepspeed.checkpoint.ds_to_universal) of the checkpoint folder src into a
+    universal one at dst, in a child process: its worker pools never fork a process that holds the
+    process group. Output goes to `log`. A failure raises, OSError(ENOSPC) when the disk was full."""
+    workers = max(1, min(8, len(os.sched_getaffinity(0))))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(dst), "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(max(1, workers // 2)),
+           "--inject_missing_state"]  # a plain (non-Megatron) model carries no universal_checkpoint_info
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"}).returncode
+    if rc != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        if "No space left on device" in tail or "Disk quota exceeded" in tail:
+            raise OSError(errno.ENOSPC, f"ds_to_universal ran out of space (log: {log})")
+        raise RuntimeError(f"DeepSpeed's ds_to_universal failed (exit {rc}) on {src}; its log is {log}:\n{tail}")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

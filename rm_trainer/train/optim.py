@@ -15,11 +15,13 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Norm weights, biases and the scalar head get no weight decay: decaying them only shrinks scales.
+    # Under ZeRO-3 a parameter is already partitioned here (an empty tensor): its true shape is ds_shape.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name or name.startswith("score.") else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or "norm" in name or name.startswith("score.") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.adam_betas,

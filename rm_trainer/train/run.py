@@ -22,6 +22,7 @@ from rm_trainer.errors import ConfigError, DataError
 from rm_trainer.lora import apply_lora, trainable_summary
 from rm_trainer.model import DTYPES, RewardModel, build_backbone, check_packing, disable_dropout, enable_checkpointing
 from rm_trainer.train import engine
+from rm_trainer.train.best import read_best
 from rm_trainer.train.checkpointer import (
     EXIT_PREEMPTED,
     Checkpointer,
@@ -31,6 +32,7 @@ from rm_trainer.train.checkpointer import (
     run_record,
 )
 from rm_trainer.train.ds_config import fill_scheduler_steps, resolve_ds_config
+from rm_trainer.train.elastic import ensure_universal
 from rm_trainer.train.evaluator import Evaluator
 from rm_trainer.train.logger import MetricsLogger
 from rm_trainer.train.optim import build_optimizer, scheduler_factory, warmup_steps
@@ -43,7 +45,8 @@ __all__ = ["EXIT_PREEMPTED", "Plan", "Preempted", "prepare", "train"]
 class Plan:
     cfg: RunConfig
     ds_cfg: dict
-    resume_from: Path | None  # decided by rank 0 (None on the other ranks until it is broadcast)
+    resume_from: Path | None  # decided by rank 0; the other ranks get rank 0's whole plan at start-up
+    moved: dict | None = None  # world size / ZeRO stage changes since the checkpoint (elastic resume)
 
 
 def prepare(cfg: RunConfig) -> Plan:
@@ -52,9 +55,20 @@ def prepare(cfg: RunConfig) -> Plan:
     hidden = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("hidden_size")
     world = engine.world_size_from_env()
     ds_cfg, cfg = resolve_ds_config(cfg, world, hidden, cuda=torch.cuda.is_available())
-    # one rank checks (the launcher stops the others if it fails) and later tells them its choice
-    resume_from = check_resume(cfg, world) if os.environ.get("RANK", "0") == "0" else None
-    return Plan(cfg, ds_cfg, resume_from)
+    if os.environ.get("RANK", "0") != "0":
+        return Plan(cfg, ds_cfg, None)
+    # one rank checks (the launcher stops the others if it fails); train() gives them its plan
+    stage = zero_stage(ds_cfg)
+    resume_from, resumed_cfg, moved = check_resume(cfg, world, stage)
+    if resumed_cfg is not cfg:  # elastic: grad_accum recomputed to keep the checkpoint's global batch
+        ds_cfg, cfg = resolve_ds_config(resumed_cfg, world, hidden, cuda=torch.cuda.is_available())
+    if moved:
+        ds_cfg["checkpoint"] = ds_cfg.get("checkpoint", {}) | {"load_universal": True}
+    return Plan(cfg, ds_cfg, resume_from, moved)
+
+
+def zero_stage(ds_cfg: dict) -> int:
+    return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
 
 
 def resolve_model(cfg: RunConfig) -> RunConfig:
@@ -68,10 +82,11 @@ def resolve_model(cfg: RunConfig) -> RunConfig:
 
 
 def train(plan: Plan) -> dict:
-    cfg, t = plan.cfg, plan.cfg.train
-    out = Path(cfg.output.output_dir)
+    out = Path(plan.cfg.output.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rt = engine.init_distributed(t.dist_timeout_s)
+    rt = engine.init_distributed(plan.cfg.train.dist_timeout_s)
+    plan = engine.broadcast_object(plan)  # rank 0's: the resume target, and grad_accum if it was recomputed
+    cfg, t = plan.cfg, plan.cfg.train
     stop = StopFlag().install()
     torch.manual_seed(t.seed)
 
@@ -79,6 +94,8 @@ def train(plan: Plan) -> dict:
     tok = load_tokenizer(cfg)
     train_ds, test_ds, sources = load_data(cfg, tok, rt, out)
     sampler = make_sampler(cfg, train_ds, rt)
+    if plan.moved:  # rank 0 converts the checkpoint once (minutes at scale) while the others poll
+        ensure_universal(plan.resume_from, rt, cfg.data.prepare_timeout_s)
     total = t.max_steps or t.epochs * sampler.steps_per_epoch
     eng, backbone = build_engine(cfg, plan.ds_cfg, rt, total, len(train_ds), sampler.global_batch, test_ds)
     # packing: each micro step's pair-loss sum x world x accum / global pairs (see step.train_step)
@@ -86,10 +103,11 @@ def train(plan: Plan) -> dict:
 
     # ---- owners: evaluation, checkpoints (and resume), the non-finite guard, logging
     evaluator = Evaluator(test_ds, t.eval_every, cfg.eval_batch_size, rt, tok.pad_token_id, sources)
-    ckpt = Checkpointer(cfg, rt, tok, run_record(cfg, backbone, tok, rt.world_size, rt.is_main),
-                        make_probe(test_ds if test_ds else train_ds, tok.pad_token_id), evaluator.reward_stats)
+    record = run_record(cfg, backbone, tok, rt.world_size, rt.is_main, zero_stage(plan.ds_cfg))
+    probe = make_probe(test_ds if test_ds else train_ds, tok.pad_token_id)
+    ckpt = Checkpointer(cfg, rt, tok, record, probe, evaluator.reward_stats)
     ckpt.check_space(eng, 1 + cfg.output.hf_export)  # warns now if the run's files cannot fit
-    done = ckpt.resume(eng, engine.broadcast_object(plan.resume_from))
+    done = ckpt.resume(eng, plan.resume_from, plan.moved)
     guard = SkipGuard(t.max_consecutive_skips, lambda step: sampler.global_batch_indices(step - 1))
     log = MetricsLogger(out, rt.is_main, cfg.output.tensorboard, done, total, t.log_every)
 
@@ -103,11 +121,14 @@ def train(plan: Plan) -> dict:
                              loss_scale, t.center_rewards_coefficient)
             guard.check(rec)
             log.train_step(rec, eng.grad_norm, guard.total)
-            if evaluator.due(step, total):
-                log.eval(step, evaluator.run(eng, step, final=step == total), evaluator.pairs)
-            ckpt.after_step(eng, rec, total)  # saves when due; on an agreed stop saves and raises Preempted
+            evaluated = evaluator.due(step, total)
+            if evaluated:
+                result = evaluator.run(eng, step, final=step == total)
+                log.eval(step, result, evaluator.pairs)
+                ckpt.evaluated(step, result)  # keep_best: ranked once this step's checkpoint commits
+            ckpt.after_step(eng, rec, total, evaluated)  # saves when due; on an agreed stop, saves and raises
         if test_ds is not None and not evaluator.last:  # resumed at the very end: still report and normalise
-            evaluator.run(eng, total, final=True)
+            ckpt.evaluated(total, evaluator.run(eng, total, final=True))
         ckpt.save(eng, total)
     finally:
         log.close()
@@ -185,5 +206,22 @@ def finish(cfg: RunConfig, rt: engine.Runtime, out: Path, total: int, evaluator:
                                           lora_out=out / "lora_adapter" if cfg.output.lora_export else None)
         if hf_out is not None:
             result["hf"] = result["reward_pt"].pop("hf")
+        if cfg.train.keep_best:
+            result["best"] = export_best(cfg, out)
         (out / "final_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def export_best(cfg: RunConfig, out: Path) -> dict | None:
+    """Rank 0, at the end: the best checkpoint of best.json consolidated, verified and exported as OUT/best/."""
+    best = read_best(out / "checkpoints")
+    if best is None:
+        print(f"[rm_trainer] keep_best: no evaluation ranked a checkpoint by {cfg.train.best_metric}", flush=True)
+        return None
+    (out / "best").mkdir(exist_ok=True)
+    report = consolidate(out / "checkpoints", out / "best" / "reward.pt", best["tag"], verify=cfg.output.verify,
+                         hf_out=out / "best" / "hf" if cfg.output.hf_export else None,
+                         hf_shard_size=cfg.output.hf_shard_size)
+    print(f"[rm_trainer] best checkpoint by {cfg.train.best_metric}: {best['tag']} ({best['value']:.6g}) -> "
+          f"{out / 'best'}", flush=True)
+    return {"metric": cfg.train.best_metric, "step": best["step"], "value": best["value"], "reward_pt": report}
