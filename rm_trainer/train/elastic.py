@@ -67,27 +67,31 @@ def _verified(folder: Path) -> dict | None:
         return None
 
 
-def ensure_universal(target: Path, rt: engine.Runtime, timeout_s: float) -> Path:
-    """Every rank: target/universal/, converted by rank 0 unless an intact one exists; the others poll."""
+def ensure_universal(target: Path, rt: engine.Runtime, timeout_s: float, stage: int) -> Path:
+    """Every rank: target/universal/, converted by rank 0 unless an intact one that this ZeRO stage can load
+    exists; the others poll."""
     folder = target / UNIVERSAL
     key = f"rm_trainer/universal/{target.name}"
     if not rt.is_main:
         engine.wait_for(key, timeout_s)
         return folder
-    if _verified(folder) is None:
-        convert(target, folder)
+    info = _verified(folder)
+    if info is None or (stage < 3 and not info.get("loads_under_zero12")):
+        convert(target, folder, zero12=stage < 3)
     engine.publish(key, "ready")
     return folder
 
 
-def _for_every_stage(folder: Path) -> None:
-    """The converter writes what the saving stage's loader reads; make the folder load under any stage.
+def _for_every_stage(folder: Path, zero12: bool) -> bool:
+    """The converter writes what the saving stage's loader reads; make the folder load under ZeRO-3, and
+    under ZeRO-1/2 if `zero12`. Returns whether ZeRO-1/2 can load it.
     - The model-states file (only metadata is read from it: step counts, LR schedule) is found by the
       loading stage's name: ZeRO-3 looks for zero_pp_rank_0_mp_rank_*, ZeRO-1/2 for mp_rank_*. A hard
       link gives it the other name (no extra bytes).
     - ZeRO-3 reads Adam's step from zero/optimizer_state.pt, ZeRO-1/2 from zero/<param>/step.pt; ZeRO-1/2
       also needs each state as {"param": tensor} in the parameter's shape, where a ZeRO-3 conversion
-      wrote flat tensors. Both are added where missing (a ZeRO-3 checkpoint's states are rewritten once).
+      wrote flat tensors. Both are added where missing: a ZeRO-3 checkpoint's states are rewritten, once,
+      only when a ZeRO-1/2 run loads it (that pass reads and writes every byte again).
     - ZeRO-3's zero/optimizer_state.pt is cut to what a loader reads.
     Unpickles DeepSpeed files (trusted checkpoints only)."""
     z3, z2 = "zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"
@@ -101,7 +105,7 @@ def _for_every_stage(folder: Path) -> None:
         step = next(iter(states.values()))["step"]
         ms = torch.load(folder / have[0], map_location="cpu", weights_only=False)
         shapes = {k: v for group in ms["param_shapes"] for k, v in group.items()}
-        for name, shape in shapes.items():
+        for name, shape in shapes.items() if zero12 else ():
             for key in ("fp32", "exp_avg", "exp_avg_sq"):
                 f = zero / name / f"{key}.pt"
                 t = torch.load(f, map_location="cpu", weights_only=True)
@@ -115,13 +119,14 @@ def _for_every_stage(folder: Path) -> None:
         sd.pop("fp32_flat_groups", None)
         sd["optimizer_state_dict"]["state"] = {k: {"step": v["step"]} for k, v in states.items()}
         torch.save(sd, opt)
-        return
+        return zero12
     step = torch.load(next(zero.glob("*/step.pt")), map_location="cpu", weights_only=True)
     sd["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]}
     torch.save(sd, opt)
+    return True
 
 
-def convert(target: Path, folder: Path) -> dict:
+def convert(target: Path, folder: Path, zero12: bool = False) -> dict:
     """Rank 0: DeepSpeed's converter into folder.tmp/, the record and a manifest, then an atomic rename.
     A refused write (disk full) removes the half-written folder and raises DiskFullError."""
     tmp = folder.with_name(folder.name + ".tmp")
@@ -135,12 +140,13 @@ def convert(target: Path, folder: Path) -> dict:
           f"{folder}", flush=True)
     try:
         engine.to_universal(target, tmp, log=target.parent / f".{target.name}.universal.log")
-        _for_every_stage(tmp)
+        zero12 = _for_every_stage(tmp, zero12)
         # self-contained: rm-consolidate --tag step_N/universal needs the record and the tokenizer
         shutil.copy2(target / ckpt.META_FILE, tmp / ckpt.META_FILE)
         shutil.copytree(target / ckpt.TOKENIZER_DIR, tmp / ckpt.TOKENIZER_DIR)
         info = {"converted_from": target.name, "step": record.step, "world_size": record.world_size,
-                "zero_stage": record.resume_keys.get("zero_stage"), "seconds": round(time.perf_counter() - t0, 3)}
+                "zero_stage": record.resume_keys.get("zero_stage"), "loads_under_zero12": zero12,
+                "seconds": round(time.perf_counter() - t0, 3)}
         (tmp / CONVERSION).write_text(json.dumps(info, indent=1) + "\n")
         ckpt.write_manifest(tmp, record.step, record.world_size)
         tmp.rename(folder)

@@ -95,7 +95,7 @@ def train(plan: Plan) -> dict:
     train_ds, test_ds, sources = load_data(cfg, tok, rt, out)
     sampler = make_sampler(cfg, train_ds, rt)
     if plan.moved:  # rank 0 converts the checkpoint once (minutes at scale) while the others poll
-        ensure_universal(plan.resume_from, rt, cfg.data.prepare_timeout_s)
+        ensure_universal(plan.resume_from, rt, cfg.data.prepare_timeout_s, zero_stage(plan.ds_cfg))
     total = t.max_steps or t.epochs * sampler.steps_per_epoch
     eng, backbone = build_engine(cfg, plan.ds_cfg, rt, total, len(train_ds), sampler.global_batch, test_ds)
     # packing: each micro step's pair-loss sum x world x accum / global pairs (see step.train_step)
