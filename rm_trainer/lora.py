@@ -98,6 +98,47 @@ def merge_lora(state: dict[str, torch.Tensor], lora: dict, backbone_config: dict
     return merged
 
 
+def fill_base_weights(state: dict[str, torch.Tensor], backbone_config: dict, base_path: str,
+                      dtype: torch.dtype) -> int:
+    """In place: the frozen base weights a LoRA checkpoint leaves out (DeepSpeed's
+    exclude_frozen_parameters), read tensor by tensor from the safetensors of `base_path` (the run's
+    --model, which the resume keys fingerprint) under the names training gives them: `backbone.` + the
+    backbone's own name, with `.base_layer` for the adapted layers. Returns how many were filled."""
+    import json
+
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        backbone = backbone_from_config_dict(backbone_config, torch.float32)
+    prefix = backbone.base_model_prefix + "."
+    adapted = {k.removesuffix(LORA_A) for k in state if k.endswith(LORA_A)}
+    wanted = {}  # backbone name in the files -> name in the state
+    for name in backbone.state_dict():
+        layer, _, leaf = f"backbone.{name}".rpartition(".")
+        key = f"{layer}{BASE}.{leaf}" if layer in adapted else f"{layer}.{leaf}"
+        if key not in state:
+            wanted[name] = key
+    folder = Path(base_path)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+        ["model.safetensors"]
+    filled = 0
+    for fname in files:
+        if not (folder / fname).is_file():
+            raise ConfigError([f"{folder}: no {fname}: the frozen base weights of this LoRA checkpoint are read "
+                               "from the run's --model, saved as safetensors"])
+        with safe_open(str(folder / fname), framework="pt") as f:
+            for k in f.keys():
+                name = k.removeprefix(prefix) if k.removeprefix(prefix) in wanted else k
+                if name in wanted:
+                    state[wanted.pop(name)] = f.get_tensor(k).to(dtype)
+                    filled += 1
+    if wanted:
+        raise ConfigError([f"{folder}: the LoRA checkpoint's frozen weights {sorted(wanted.values())[:5]} are not "
+                           "in the base model's files; consolidate with the --model the run trained on"])
+    return filled
+
+
 def export_adapter(state: dict[str, torch.Tensor], lora: dict, backbone_config: dict, base_path: str,
                    tokenizer, pad_token_id: int | None, out_dir: str | Path) -> Path:
     """The unmerged adapters + the score head as a standard peft folder (adapter_config.json with

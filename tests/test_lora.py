@@ -185,3 +185,24 @@ def test_lora_optimizer_state_is_under_five_percent_of_full_fine_tuning(lora_run
     lora, full = optim_bytes(lora_run("z2")), optim_bytes(lora_run("full_z2"))
     print(f"optimizer state: full {full} bytes, LoRA r=8 {lora} bytes ({lora / full:.2%})")
     assert lora <= 0.05 * full
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["z2", "z3"])
+def test_a_lora_checkpoint_holds_what_trains_and_not_the_frozen_base(lora_run, name):
+    """exclude_frozen_parameters: the frozen base weights are the run's --model; the checkpoint (every file
+    of step_8 together) is a few percent of a full fine-tuning one, and consolidation reads them back."""
+    def ckpt_bytes(out):
+        return sum(f.stat().st_size for f in (out / "checkpoints" / "step_8").rglob("*") if f.is_file())
+
+    lora, full = ckpt_bytes(lora_run(name)), ckpt_bytes(lora_run("full_z2"))
+    log = (lora_run(name).parent / f"{name}.log").read_text()
+    trainable = json.loads(log.split("[rm_trainer] LoRA: ", 1)[1].splitlines()[0])["trainable_params"]
+    frozen = sum(v.numel() * v.element_size() for v in load_artifact(lora_run(name))["state_dict"].values()) \
+        - 4 * trainable  # fp32
+    print(f"checkpoint: full fine-tuning {full} bytes, LoRA r=8 under {name} {lora} bytes ({lora / full:.2%}); "
+          f"{trainable} trainable parameters, frozen base weights {frozen} bytes")
+    # fp32 weight + fp32 master + Adam's two moments per trainable parameter, plus the small files
+    assert lora <= 16 * trainable + (256 << 10) and lora < frozen and lora < 0.05 * full
+    report = json.loads((lora_run(name) / "final_metrics.json").read_text())["reward_pt"]
+    assert report["base_weights_read"] > 0 and report["probe_max_abs_diff"] <= report["probe_tolerance"]

@@ -74,7 +74,9 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
     state = consolidated_state_dict(str(ckpt), tag, DTYPES[meta.dtype])
     report: dict[str, Any] = {}
     lora_cfg = lora.settings(meta.run_config.get("model", {}))
-    if lora_cfg is not None:
+    if lora_cfg is not None:  # checkpoints hold what trains; the frozen base weights come from --model
+        report["base_weights_read"] = lora.fill_base_weights(state, meta.backbone_config,
+                                                             meta.run_config["model"]["path"], DTYPES[meta.dtype])
         if lora_out is not None:
             report["lora_adapter"] = str(lora.export_adapter(
                 state, lora_cfg, meta.backbone_config, meta.run_config["model"]["path"],

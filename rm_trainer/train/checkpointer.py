@@ -40,10 +40,20 @@ def resume_keys(cfg: RunConfig, world: int, zero_stage: int) -> dict:
     zero_stage may change (elastic.py converts the checkpoint); the global batch may not."""
     t = cfg.train
     model_id = hashlib.sha256((Path(cfg.model.path) / "config.json").read_bytes()).hexdigest()[:16]
-    return {"world_size": world, "zero_stage": zero_stage,
-            "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
-            "global_batch": t.micro_batch_size * t.grad_accum * world,
-            "batching": [t.batching, t.packing and cfg.pack_len]} | data_identity(cfg)
+    keys = {"base_weights": base_fingerprint(cfg.model.path)} if cfg.model.lora_r and not cfg.model.random_init \
+        else {}
+    return keys | {"world_size": world, "zero_stage": zero_stage,
+                   "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
+                   "global_batch": t.micro_batch_size * t.grad_accum * world,
+                   "batching": [t.batching, t.packing and cfg.pack_len]} | data_identity(cfg)
+
+
+def base_fingerprint(path: str) -> str:
+    """Sizes and sampled checksums of the model's weight files: a LoRA checkpoint leaves the frozen base
+    weights out, so a resume must run on the same ones (about 3 MB read per file, whatever its size)."""
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    text = ";".join(f"{p.name}:{p.stat().st_size}:{ckpt.file_checksum(p)}" for p in files)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_resume(cfg: RunConfig, world: int, zero_stage: int) -> tuple[Path | None, RunConfig, dict | None]:

@@ -196,14 +196,16 @@ class Engine:
 
     def sizes(self) -> tuple[int, int]:
         """(the weights in their dtype, one checkpoint of all ranks together). A checkpoint holds the
-        module's weights (ZeRO-2's model-states file; an upper bound under ZeRO-3) and, per trainable
-        parameter, the fp32 partition and Adam's two moments (the optimizer shards): 12 bytes."""
-        trainable = weight_bytes = 0
+        trainable weights (ZeRO-2's model-states file; an upper bound under ZeRO-3) and, per trainable
+        parameter, the fp32 partition and Adam's two moments (the optimizer shards): 12 bytes. Frozen
+        weights (LoRA's base) are not saved."""
+        trainable = weight_bytes = trainable_bytes = 0
         for p in self.ds.module.parameters():
             n = int(getattr(p, "ds_numel", p.numel()))
             weight_bytes += n * p.element_size()
-            trainable += n if p.requires_grad else 0
-        return weight_bytes, weight_bytes + 12 * trainable
+            if p.requires_grad:
+                trainable, trainable_bytes = trainable + n, trainable_bytes + n * p.element_size()
+        return weight_bytes, trainable_bytes + 12 * trainable
 
     def train(self) -> None:
         self.ds.train()
@@ -221,13 +223,17 @@ class Engine:
         failures: list[BaseException] = []
         with (_recorded(self.ds.checkpoint_engine, "save", failures),
               _recorded(self.ds, "_copy_recovery_script", failures)):
-            self.ds.save_checkpoint(save_dir, tag=tag, save_latest=False)
+            # exclude_frozen_parameters: a LoRA checkpoint holds the adapters and the head (and their Adam
+            # state), not the frozen base weights: those are the run's --model (fingerprinted in the resume
+            # keys), read back at resume (they are loaded at start-up) and at consolidation
+            self.ds.save_checkpoint(save_dir, tag=tag, save_latest=False, exclude_frozen_parameters=True)
         return failures[0] if failures else None
 
     def load(self, load_dir: str, tag: str) -> None:
         """Weights, optimizer and LR-scheduler state. Unpickles DeepSpeed files: trusted directories only."""
+        frozen = any(not p.requires_grad for p in self.ds.module.parameters())  # LoRA: not in the files
         path, _ = self.ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True, load_module_strict=not frozen)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
         # DeepSpeed 0.19.8's ZeRO-3 universal load gives every sub-group the same `step` tensor object;
