@@ -140,7 +140,10 @@ class OutputConfig(Section):
     """Where the run writes, and what the end of the run produces (reward.pt, the HF folder, the adapter)."""
 
     output_dir: str | None = Field(None, description="where the run writes everything (see docs/checkpoints.md)")
-    tensorboard: bool = Field(True, description="also log to OUT/tb")
+    tensorboard: bool = Field(True, description="also log to OUT/tb (--no-tensorboard: leave it out of report_to)")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description="where metrics go "
+                                                            "besides OUT/metrics.jsonl: tensorboard, wandb")
+    wandb_project: str | None = Field(None, description="wandb project (default: WANDB_PROJECT, else wandb's)")
     verify: bool = Field(True, description="re-score a probe batch from reward.pt vs the live engine")
     hf_output_dir: str | None = Field(None, description="HF AutoModelForSequenceClassification folder; default OUT/hf")
     hf_export: bool = Field(True, description="write the HF folder at the end of training")

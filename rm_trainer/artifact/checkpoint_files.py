@@ -64,6 +64,7 @@ class CheckpointRecord:
     reward_stats: dict = field(default_factory=dict)  # held-out mean/std of the last eval
     step: int = 0
     probe: dict = field(default_factory=dict)  # input_ids, seq_lengths and the live engine's rewards
+    tracking: dict = field(default_factory=dict)  # e.g. the wandb run id, continued by a resumed run
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,20 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     tree[parts[-1]] = value
 
 
+def _is_sequence(dotted: str) -> bool:
+    """A list or tuple field (also `list[...] | None`)."""
+    if "." not in dotted:
+        return False
+    sec, name = dotted.split(".", 1)
+    field = RunConfig.model_fields[sec].annotation.model_fields.get(name)
+    kinds = [field.annotation, *typing.get_args(field.annotation)] if field is not None else []
+    return any(typing.get_origin(k) in (list, tuple) for k in kinds)
+
+
 def _parse_value(dotted: str, raw: str) -> Any:
     # Tuples/lists come as JSON ("[0.9, 0.95]") or comma lists; everything else stays a string and
     # pydantic coerces it ("1e-5" -> float, "8" -> int, "true" -> bool).
-    if dotted.endswith(("adam_betas", "lora_target")):
+    if _is_sequence(dotted):
         raw = raw.strip()
         return json.loads(raw) if raw.startswith("[") else [s.strip() for s in raw.split(",") if s.strip()]
     return raw

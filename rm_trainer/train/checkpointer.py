@@ -127,6 +127,8 @@ class Checkpointer:
         else:
             eng.load(str(target.parent), target.name)
         step = ckpt.restore_rank_state(target / f"rm_state_rank{rank}.pt")
+        if self.rt.is_main:  # e.g. the wandb run this run continues
+            self.record.tracking = ckpt.CheckpointRecord.read(target / ckpt.META_FILE).tracking
         if self.best is not None:  # the ranking goes on, without the steps this run redoes
             self.best = BestCheckpoints(self.root, self.best.keep, self.best.metric, self.best.mode, step)
         if self.rt.is_main:

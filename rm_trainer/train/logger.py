@@ -1,5 +1,6 @@
-"""Metrics sinks: tensorboard under OUT/tb, one JSON object per line in OUT/metrics.jsonl, and the
-progress bar (rank 0). The logger decides which steps get a log line; only those pay a host sync."""
+"""Metrics sinks: tensorboard under OUT/tb, one JSON object per line in OUT/metrics.jsonl, wandb
+(tracking.py) and the progress bar (rank 0). The logger decides which steps get a log line; only those pay
+a host sync."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from rm_trainer.train.step import StepRecord
 
 class MetricsLogger:
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int = 0,
-                 total: int = 0, every: int = 1):
+                 total: int = 0, every: int = 1, wandb: dict | None = None):
         """resume_step > 0: drop what an interrupted run logged after that step, so every step appears
-        once in metrics.jsonl and in tensorboard (purge_step) after a resume."""
+        once in metrics.jsonl and in tensorboard (purge_step) after a resume. wandb: tracking.WandbSink's
+        arguments (config, run_id, project), or None."""
         self.enabled, self.total, self.every, self.out_dir = enabled, total, every, out_dir
         self.tb = None
         self.jsonl = None
+        self.wb = None
         self.bar = tqdm(total=total, initial=resume_step, disable=not enabled, desc="train", dynamic_ncols=True)
         self.window: tuple[float, int] | None = None  # (start time, steps done before) of the current window
         if not enabled:
@@ -37,6 +40,14 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        if wandb is not None:
+            from rm_trainer.train.tracking import WandbSink
+
+            self.wb = WandbSink(out_dir, **wandb)
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.wb.id if self.wb is not None else None
 
     def train_step(self, rec: StepRecord, grad_norm: Callable[[], float | None], skipped_steps: int) -> None:
         """A line every `every` steps, at the last step, and at every skipped (non-finite) step. Step time
@@ -70,6 +81,8 @@ class MetricsLogger:
                     if isinstance(v, (int, float)):
                         self.tb.add_scalar(f"{split}/{k}", v, step)
             self._guard("tensorboard", scalars)
+        if self.wb is not None:
+            self.wb.log(split, step, values)
 
     def _guard(self, sink: str, write: Callable[[], object]) -> None:
         """A metrics write the disk refuses stops that sink, with one line, and never the run: training
@@ -94,6 +107,16 @@ class MetricsLogger:
             from rm_trainer.eval.report import log_histograms
 
             self._guard("tensorboard", lambda: log_histograms(self.tb, step, *pairs))
+        if self.enabled and self.wb is not None and pairs is not None:
+            self.wb.histograms(step, *pairs)
+
+    def close_tracking(self, step: int, pictures: Path | None = None) -> None:
+        """End of run (rank 0): the report's pictures as wandb images, then the wandb run is finished."""
+        if self.wb is not None:
+            if pictures is not None:
+                self.wb.images(step, pictures)
+            self.wb.close()
+            self.wb = None
 
     def close(self) -> None:
         self.bar.close()

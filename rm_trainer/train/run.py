@@ -109,7 +109,7 @@ def train(plan: Plan) -> dict:
     ckpt.check_space(eng, 1 + cfg.output.hf_export)  # warns now if the run's files cannot fit
     done = ckpt.resume(eng, plan.resume_from, plan.moved)
     guard = SkipGuard(t.max_consecutive_skips, lambda step: sampler.global_batch_indices(step - 1))
-    log = MetricsLogger(out, rt.is_main, cfg.output.tensorboard, done, total, t.log_every)
+    log = make_logger(plan, rt, record, done, total)
 
     # ---- the loop: `step` is the number of the optimizer step being taken (1-based)
     try:
@@ -133,7 +133,7 @@ def train(plan: Plan) -> dict:
     finally:
         log.close()
         ckpt.close()
-    return finish(cfg, rt, out, total, evaluator, guard.total)
+    return finish(cfg, rt, out, total, evaluator, guard.total, log)
 
 
 def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime) -> PairSampler:
@@ -185,7 +185,22 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, n
     return eng, backbone
 
 
-def finish(cfg: RunConfig, rt: engine.Runtime, out: Path, total: int, evaluator: Evaluator, skipped: int) -> dict:
+def make_logger(plan: Plan, rt: engine.Runtime, record, done: int, total: int) -> MetricsLogger:
+    """Metrics sinks (rank 0 writes): metrics.jsonl always, then what output.report_to names. A resumed run
+    continues the wandb run whose id its checkpoint recorded; the id goes into every later checkpoint."""
+    o, cfg = plan.cfg.output, plan.cfg
+    wandb = {"config": {"run": cfg.model_dump(mode="json"), "deepspeed": plan.ds_cfg, "world_size": rt.world_size},
+             "run_id": record.tracking.get("wandb_run_id"), "project": o.wandb_project} \
+        if "wandb" in o.report_to and rt.is_main else None
+    log = MetricsLogger(Path(o.output_dir), rt.is_main, o.tensorboard and "tensorboard" in o.report_to, done, total,
+                        cfg.train.log_every, wandb)
+    if log.wandb_run_id:
+        record.tracking["wandb_run_id"] = log.wandb_run_id
+    return log
+
+
+def finish(cfg: RunConfig, rt: engine.Runtime, out: Path, total: int, evaluator: Evaluator, skipped: int,
+           log: MetricsLogger) -> dict:
     """End of run. Every rank leaves the process group first; then rank 0 alone writes the held-out
     evaluation's report (OUT/eval/), consolidates, verifies and exports (minutes for a big model) with no
     collective pending, so no rank can time out waiting."""
@@ -198,6 +213,7 @@ def finish(cfg: RunConfig, rt: engine.Runtime, out: Path, total: int, evaluator:
         report.write(out / "eval", {"model": f"{out.name} at step {evaluator.last_step} (held-out set)",
                                     "files": [cfg.data.test_path or "held-out split"], "truncation": "single",
                                     "diagnostics": diag}, r_c, r_r)
+    log.close_tracking(total, out / "eval" if evaluator.report is not None else None)
     if rt.is_main:
         hf_out = (cfg.output.hf_output_dir or out / "hf") if cfg.output.hf_export else None
         result["reward_pt"] = consolidate(out / "checkpoints", out / "reward.pt", f"step_{total}",
