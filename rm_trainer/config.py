@@ -43,6 +43,8 @@ class ModelConfig(Section):
                                 "see different networks in the same forward")
     lora_target: list[str] | None = Field(None, description="module names to adapt, e.g. q_proj,v_proj; "
                                           "default every linear layer of the decoder")
+    router_aux_loss_coef: float | None = Field(None, ge=0, description="MoE backbones: weight of the router's "
+                                               "load-balancing loss; default the model config's own; 0 = off")
 
 
 class SourceConfig(Section):

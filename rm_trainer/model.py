@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
+from rm_trainer import moe
 from rm_trainer.data.batching import pad_right, token_budget_batches
 from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.errors import ConfigError
@@ -29,7 +30,7 @@ def gather_last(x: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
 
 # Where each decoder family keeps its final norm (applied per row, so it commutes with gather_last).
 FINAL_NORM = {
-    "llama": "norm", "mistral": "norm", "qwen2": "norm", "qwen3": "norm",
+    "llama": "norm", "mistral": "norm", "qwen2": "norm", "qwen3": "norm", "qwen3_moe": "norm", "mixtral": "norm",
     "gpt_neox": "final_layer_norm",
     "gpt2": "ln_f",
 }
@@ -85,6 +86,7 @@ class RewardModel(nn.Module):
                 self.score.weight.copy_(init.reshape(self.score.weight.shape))
         self.reward_path = reward_path
         self.normalization: tuple[float, float] | None = None  # (mean, std) applied in forward if set
+        self.aux_coef, self.aux_loss = 0.0, None  # MoE: see enable_router_aux
         self.final_norm_name = FINAL_NORM.get(backbone.config.model_type)
         if reward_path == "fused" and (self.final_norm_name is None
                                        or self.final_norm_name not in backbone._modules):
@@ -92,6 +94,24 @@ class RewardModel(nn.Module):
                           "its final norm; running that norm over all tokens (correct, less memory-lean)",
                           stacklevel=2)
             self.final_norm_name = None
+
+    def enable_router_aux(self, coef: float) -> None:
+        """MoE backbones (moe.py): every forward in training mode also leaves coef x the router's
+        load-balancing loss (over real tokens) in self.aux_loss, for the training step to add."""
+        self.aux_coef = float(coef)
+
+    def _run_backbone(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None, seq_lengths: torch.Tensor | None) -> torch.Tensor:
+        route = self.training and self.aux_coef > 0
+        out = self.backbone(**self._inputs(input_ids, position_ids, attention_mask),
+                            **({"output_router_logits": True} if route else {}))
+        self.aux_loss = None
+        if route:
+            mask = attention_mask
+            if mask is None and seq_lengths is not None:  # right-padded rows: the real tokens only
+                mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None] < seq_lengths[:, None]
+            self.aux_loss = self.aux_coef * moe.load_balancing_loss(self.backbone, out.router_logits, mask)
+        return out.last_hidden_state
 
     def set_normalization(self, mean: float, std: float) -> None:
         self.normalization = (float(mean), max(float(std), 1e-6))
@@ -103,7 +123,7 @@ class RewardModel(nn.Module):
     def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, H) of the backbone, after its final norm."""
-        return self.backbone(**self._inputs(input_ids, position_ids, attention_mask)).last_hidden_state
+        return self._run_backbone(input_ids, position_ids, attention_mask, None)
 
     @staticmethod
     def _inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None,
@@ -127,14 +147,15 @@ class RewardModel(nn.Module):
         else:
             pick = lambda x: x[last[:, 0].to(x.device), last[:, 1].to(x.device)]  # noqa: E731
         if self.reward_path == "plain":
-            per_token = self.score(self.forward_hidden(input_ids, position_ids, attention_mask)).squeeze(-1)
+            hidden = self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths)
+            per_token = self.score(hidden).squeeze(-1)
             r = pick(per_token).float()
         else:
             if self.final_norm_name is None:
-                rows = pick(self.forward_hidden(input_ids, position_ids, attention_mask))
+                rows = pick(self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths))
             else:
                 with bypass(self.backbone, self.final_norm_name) as norm:
-                    h = self.backbone(**self._inputs(input_ids, position_ids, attention_mask)).last_hidden_state
+                    h = self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths)
                 rows = norm(pick(h))  # (N, H): the only rows that carry a reward
             r = self.score(rows.float()).squeeze(-1)
         if self.normalization is not None:

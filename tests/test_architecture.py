@@ -20,7 +20,7 @@ LAYERS = (
     ("rm_trainer.errors", "rm_trainer.loss", "rm_trainer.demo", "rm_trainer.disk"),
     ("rm_trainer.config",),
     ("rm_trainer.data",),
-    ("rm_trainer.model",),
+    ("rm_trainer.model", "rm_trainer.moe"),
     ("rm_trainer.lora",),
     ("rm_trainer.artifact",),
     ("rm_trainer.use",),

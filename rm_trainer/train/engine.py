@@ -181,6 +181,10 @@ class Engine:
         is non-finite: then it skips it on every rank together and counts it (`skipped`)."""
         self.ds.step()
 
+    def aux_loss(self) -> torch.Tensor | None:
+        """What the last forward left to add to the loss (an MoE router's load-balancing loss), or None."""
+        return getattr(self.ds.module, "aux_loss", None)
+
     def lr(self) -> float:
         return self.ds.get_lr()[0]
 
@@ -273,8 +277,16 @@ def _recorded(obj, name: str, failures: list[BaseException]):
             delattr(obj, name)
 
 
-def initialize(model: torch.nn.Module, ds_config: dict, optimizer=None, lr_scheduler=None) -> Engine:
+def initialize(model: torch.nn.Module, ds_config: dict, optimizer=None, lr_scheduler=None,
+               leaf_modules: list[type] | None = None) -> Engine:
+    """leaf_modules (ZeRO-3): module classes whose parameters are gathered all at once on entry, e.g. an
+    MoE block, so that ranks whose tokens reach different experts gather the same parameters."""
     import deepspeed
+
+    if leaf_modules and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, leaf_modules)
 
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer,
                                            lr_scheduler=lr_scheduler,

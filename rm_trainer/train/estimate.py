@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rm_trainer import moe
 from rm_trainer.config import RunConfig
 from rm_trainer.lora import apply_lora
 
@@ -38,6 +39,7 @@ class Estimate:
     fits: bool | None
     trainable_params: int | None = None  # LoRA: adapters + head (None: every parameter trains)
     full_model_states_gpu_gib: float | None = None  # LoRA: what full fine-tuning would need
+    active_params: int | None = None  # MoE: the parameters one token goes through
 
 
 def count_params(model_path: str, lora: dict | None = None) -> tuple[int, int, str, dict]:
@@ -59,6 +61,8 @@ def count_params(model_path: str, lora: dict | None = None) -> tuple[int, int, s
         if n > largest:
             largest, name = n, mod_name
     extra = {}
+    if moe.routing(cfg):  # one token uses top_k of the experts' weights
+        extra["active_params"] = moe.parameter_counts(model)["active_params"] + cfg.hidden_size
     if lora and lora.get("lora_r"):
         with torch.device("meta"):
             adapted = apply_lora(model, lora, seed=0)
@@ -114,7 +118,8 @@ def estimate(model_path: str, ds_cfg: dict, world_size: int, gpus_per_node: int 
     fits = None if gpu_memory_gb is None or total_gpu is None else total_gpu / GiB <= gpu_memory_gb
     return Estimate(total, largest, name, stage, world_size, gpn, off_opt, off_par, round(gpu / GiB, 2),
                     round(cpu / GiB, 2), None if act is None else round(act / GiB, 2),
-                    None if total_gpu is None else round(total_gpu / GiB, 2), gpu_memory_gb, fits, trainable, full_gpu)
+                    None if total_gpu is None else round(total_gpu / GiB, 2), gpu_memory_gb, fits, trainable, full_gpu,
+                    cfg.get("active_params"))
 
 
 def estimate_run(cfg: RunConfig, ds_cfg: dict, flags: dict) -> Estimate:
@@ -139,6 +144,10 @@ def report(e: Estimate) -> str:
         f"{e.offload_optimizer}, param={e.offload_param}:",
         f"  model states per GPU: {e.model_states_gpu_gib:.2f} GiB; CPU per node: {e.model_states_cpu_gib:.2f} GiB",
     ]
+    if e.active_params is not None:
+        lines.append(f"  MoE: {_count(e.active_params)} active parameters per token of {_count(e.params)} "
+                     f"({e.active_params / e.params:.1%}); every expert's weights count in the model states, "
+                     "sharded with the rest under ZeRO-3")
     if e.trainable_params is not None:
         lines.append(f"  LoRA: {_count(e.trainable_params)} trainable ({e.trainable_params / e.params:.2%}); full "
                      f"fine-tuning would need {e.full_model_states_gpu_gib:.2f} GiB of model states per GPU (LoRA "

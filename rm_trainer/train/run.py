@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from rm_trainer import moe
 from rm_trainer.artifact.consolidate import consolidate
 from rm_trainer.config import RunConfig
 from rm_trainer.data.batching import PairSampler, get_preference_iterator
@@ -169,13 +170,18 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, n
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(backbone)
     model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed, reward_path=cfg.model.reward_path, head=head)
+    if moe.routing(backbone.config):  # an MoE backbone: the router's load-balancing loss, and leaf blocks
+        model.enable_router_aux(moe.aux_coefficient(backbone.config, cfg.model.router_aux_loss_coef))
+        if rt.is_main:
+            print(f"[rm_trainer] MoE: {json.dumps(moe.parameter_counts(backbone))}, router aux loss coefficient "
+                  f"{model.aux_coef}", flush=True)
     if rt.is_main and head is not None:
         print(f"[rm_trainer] continuing from the reward head of {cfg.model.path}", flush=True)
     if rt.is_main and cfg.model.lora_r:
         print(f"[rm_trainer] LoRA: {json.dumps(trainable_summary(model))}", flush=True)
     optimizer = None if "optimizer" in ds_cfg else build_optimizer(model, t)
     scheduler = None if "scheduler" in ds_cfg else scheduler_factory(t, total)
-    eng = engine.initialize(model, ds_cfg, optimizer, scheduler)
+    eng = engine.initialize(model, ds_cfg, optimizer, scheduler, moe.leaf_module_classes(model))
     del z3
     if t.packing:  # refuse a model that would let packed sequences attend to each other (every rank runs it)
         problem = check_packing(eng, backbone.config, rt.device)

@@ -19,7 +19,7 @@ from rm_trainer.data.batching import token_slots
 from rm_trainer.loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, metrics_from_sums, pair_sums
 from rm_trainer.train import engine
 
-TOKENS, SLOTS = N_SUMS, N_SUMS + 1  # after the pair sums in a step's statistics vector
+TOKENS, SLOTS, AUX, AUX_N = N_SUMS, N_SUMS + 1, N_SUMS + 2, N_SUMS + 3  # after the pair sums in a step's stats
 
 
 class StopFlag:
@@ -80,7 +80,9 @@ class StepRecord:
         m = metrics_from_sums(torch.tensor(v[:N_SUMS], dtype=torch.float64))
         finite = {k: (x if math.isfinite(x) else None) for k, x in m.items()
                   if k in ("acc", "margin", "reward_mean", "reward_std")}
-        return {"loss": m["loss"], **finite, "lr": self.lr, "pairs_per_s": m["pairs"] / seconds,
+        # MoE: the router loss, a mean over micro-batches and ranks (absent: a dense backbone)
+        aux = {"router_aux_loss": v[AUX] / v[AUX_N]} if len(v) > AUX_N and v[AUX_N] else {}
+        return {"loss": m["loss"], **finite, **aux, "lr": self.lr, "pairs_per_s": m["pairs"] / seconds,
                 "tokens_per_s": v[TOKENS] / seconds, "padding_efficiency": v[TOKENS] / v[SLOTS]}
 
 
@@ -98,11 +100,16 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
     lr = eng.lr()
     skipped_before = eng.skipped()
     sums = torch.zeros(N_SUMS, dtype=torch.float64, device=device)
+    aux_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (router aux loss, micro-batches with one)
     tokens = slots = 0
     for b in micro_batches:
         rewards = score_batch(eng, b, device)
         margin = b["margin"].to(device) if "margin" in b else None
         loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale, center=center)
+        aux = eng.aux_loss()  # MoE: coef x the router's load-balancing loss of this forward
+        if aux is not None:
+            loss = loss + aux
+            aux_sum += torch.stack([aux.detach().double(), aux_sum.new_ones(())])
         eng.backward(loss)  # scaled by 1/grad_accum and reduced across ranks
         # At the accumulation boundary this applies the update, unless the all-reduced gradient norm is
         # non-finite (a NaN loss anywhere makes it so): the engine then skips it on every rank together
@@ -112,7 +119,7 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
         sums += pair_sums(rewards[:B], rewards[B:])  # stays on the device: no sync per micro step
         tokens += int(b["chosen_len"].sum() + b["rejected_len"].sum())  # host tensors from collate
         slots += token_slots(b)
-    stats = torch.cat([sums, torch.tensor([tokens, slots], dtype=torch.float64, device=device)])
+    stats = torch.cat([sums, torch.tensor([tokens, slots], dtype=torch.float64, device=device), aux_sum])
     engine.all_reduce_sum(stats)  # one collective per step, queued on the device; read only by a log line
     # Stop votes travel as host integers (gloo), so every rank agrees on stopping at this step without
     # waiting for the GPU; a signal seen by any rank stops them all here.

@@ -81,3 +81,17 @@ def test_lora_dry_run_reports_trainable_parameters_and_the_memory_saved(llama3_8
                                            / GiB, 2)
     assert e.model_states_gpu_gib < full.model_states_gpu_gib / 4
     assert "LoRA: 21.0 M trainable (0.28%)" in report(e)
+
+
+def test_moe_dry_run_reports_active_parameters(tmp_path):
+    """Qwen3-30B-A3B's shape: 128 experts of which 8 per token, on the meta device."""
+    from transformers import Qwen3MoeConfig
+
+    Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                   num_key_value_heads=4, head_dim=128, moe_intermediate_size=768, num_experts=128,
+                   num_experts_per_tok=8, intermediate_size=6144).save_pretrained(tmp_path)
+    e = estimate(str(tmp_path), {"zero_optimization": {"stage": 3}}, world_size=8)
+    experts = 48 * 128 * 3 * 2048 * 768  # gate, up and down of every expert of every layer
+    assert e.active_params == e.params - experts + experts * 8 // 128
+    assert round(e.params / 1e9, 2) == 30.22 and round(e.active_params / 1e9, 2) == 3.04  # + lm_head: 30.5 / 3.3
+    assert "MoE: 3.042 B active parameters per token of 30.221 B" in report(e)

@@ -30,6 +30,9 @@ class StubEngine:
         self.calls += 1
         return r
 
+    def aux_loss(self):  # a dense backbone: nothing to add
+        return None
+
     def lr(self):
         return 1e-3
 
