@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import GIB, ROOT, add_output, child_env, finish, free_port
+from common import GIB, ROOT, add_model_size, add_output, child_env, finish, free_port, mid_size_assets
 
 
 def peak_rss(cmd: list[str], env: dict, cwd: Path) -> tuple[int, float, str]:
@@ -47,10 +47,7 @@ def peak_rss(cmd: list[str], env: dict, cwd: Path) -> tuple[int, float, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=21)
-    ap.add_argument("--inter", type=int, default=2816)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_size(ap)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--hf_shard_size", "--shard_size", dest="hf_shard_size", default="200MB")
     ap.add_argument("--code", type=Path, default=ROOT, help="rm_trainer checkout to measure (default: this one)")
@@ -64,12 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         # ---- a real checkpoint of a mid-size model
-        from rm_trainer.demo import prepare, tiny_llama_config
-
-        assets = prepare(work / "assets", n_train=64, n_test=8, seed=0)
-        cfg = tiny_llama_config(a.vocab, hidden=a.hidden, layers=a.layers, heads=max(1, a.hidden // 64))
-        cfg.intermediate_size = a.inter
-        cfg.save_pretrained(assets["model"])
+        assets = mid_size_assets(work, a)
         run = work / "run"
         train_cmd = [str(Path(py).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                      str(code / "launch" / "train_reward.py"), "--model", assets["model"], "--random_init",

@@ -65,6 +65,26 @@ def llama_config(vocab: int, hidden: int, layers: int, max_pos: int, tok=None):
                        tie_word_embeddings=False, **ids)
 
 
+def add_model_size(ap: argparse.ArgumentParser) -> None:
+    """--hidden/--layers/--inter/--vocab: the measured Llama (default 0.3 B: 302.6 M parameters)."""
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=21)
+    ap.add_argument("--inter", type=int, default=2816)
+    ap.add_argument("--vocab", type=int, default=32000)
+
+
+def mid_size_assets(work: Path, a: argparse.Namespace) -> dict:
+    """The demo's pairs and tokenizer under work/assets, with the model folder's config replaced by the
+    Llama of add_model_size's flags (weights: --random_init, or save one from the config)."""
+    from rm_trainer.demo import prepare, tiny_llama_config
+
+    assets = prepare(work / "assets", n_train=64, n_test=8, seed=0)
+    cfg = tiny_llama_config(a.vocab, hidden=a.hidden, layers=a.layers, heads=max(1, a.hidden // 64))
+    cfg.intermediate_size = a.inter
+    cfg.save_pretrained(assets["model"])
+    return assets
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, add_output, child_env, finish, free_port
+from common import ROOT, add_model_size, add_output, child_env, finish, free_port, mid_size_assets
 
 
 def tree_bytes(p: Path) -> int:
@@ -46,10 +46,7 @@ def step_loss(out: Path, step: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=21)
-    ap.add_argument("--inter", type=int, default=2816)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_size(ap)
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     add_output(ap)
     a = ap.parse_args(argv)
@@ -57,12 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        from rm_trainer.demo import prepare, tiny_llama_config
-
-        assets = prepare(work / "assets", n_train=64, n_test=8, seed=0)
-        cfg = tiny_llama_config(a.vocab, hidden=a.hidden, layers=a.layers, heads=max(1, a.hidden // 64))
-        cfg.intermediate_size = a.inter
-        cfg.save_pretrained(assets["model"])
+        assets = mid_size_assets(work, a)
         flags = [str(ROOT / "launch" / "train_reward.py"), "--model", assets["model"], "--random_init", "--data",
                  assets["train"], "--test_data", assets["test"], "--ds_config", str(ROOT / "ds_configs" / "zero3.json"),
                  "--dtype", "fp32", "--max_steps", "2", "--save_every", "1", "--micro_batch_size", "1",

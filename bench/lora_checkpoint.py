@@ -18,15 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, add_output, child_env, finish, free_port
+from common import ROOT, add_model_size, add_output, child_env, finish, free_port, mid_size_assets
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=21)
-    ap.add_argument("--inter", type=int, default=2816)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_size(ap)
     ap.add_argument("--lora_r", type=int, default=16)
     ap.add_argument("--code", type=Path, default=ROOT, help="rm_trainer checkout to measure (default: this one)")
     add_output(ap)
@@ -36,12 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"code": str(code), "lora_r": a.lora_r, "stages": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        from rm_trainer.demo import prepare, tiny_llama_config
-
-        assets = prepare(work / "assets", n_train=64, n_test=8, seed=0)
-        cfg = tiny_llama_config(a.vocab, hidden=a.hidden, layers=a.layers, heads=max(1, a.hidden // 64))
-        cfg.intermediate_size = a.inter
-        cfg.save_pretrained(assets["model"])
+        assets = mid_size_assets(work, a)
         from transformers import AutoConfig, AutoModel
 
         AutoModel.from_config(AutoConfig.from_pretrained(assets["model"])).save_pretrained(work / "sft")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rm_trainer import moe
 from rm_trainer.errors import ConfigError
 from rm_trainer.model import RewardModel, backbone_from_config_dict
 
@@ -59,7 +60,8 @@ def apply_lora(backbone: nn.Module, model_cfg: dict, seed: int) -> nn.Module:
     unknown = sorted(set(targets) - set(available))
     if unknown:
         raise ConfigError([f"model.lora_target: no linear layer named {', '.join(unknown)} in "
-                           f"{type(backbone).__name__}; its linear layers are {', '.join(available)}"])
+                           f"{type(backbone).__name__}; its linear layers are {', '.join(available)}"
+                           + _expert_note(backbone, unknown)])
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                         target_modules=list(targets), bias="none")
     with torch.random.fork_rng(devices=[]):
@@ -68,6 +70,16 @@ def apply_lora(backbone: nn.Module, model_cfg: dict, seed: int) -> nn.Module:
     for name, p in backbone.named_parameters():
         p.requires_grad_(".lora_" in name)
     return backbone
+
+
+def _expert_note(backbone: nn.Module, unknown: list[str]) -> str:
+    """Why an MoE family's expert weights are not LoRA targets: transformers keeps them as 3-D tensors."""
+    experts = sorted({n.rsplit(".", 1)[-1] for n, p in backbone.named_parameters() if ".experts." in f".{n}"
+                      and len(getattr(p, "ds_shape", p.shape)) == 3})
+    if not moe.routing(backbone.config) or not set(unknown) & set(experts):
+        return ""
+    return (f" ({', '.join(experts)} are the experts' stacked 3-D weights, not linear layers: LoRA adapts the "
+            "attention of an MoE backbone, and the experts stay frozen)")
 
 
 def merge_lora(state: dict[str, torch.Tensor], lora: dict, backbone_config: dict) -> int:

@@ -28,6 +28,21 @@ def gather_last(x: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), idx]
 
 
+def real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, seq_lengths: torch.Tensor | None,
+                last: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T) bool mask of the tokens that are not padding: attention_mask (left-padded rows), else up to each
+    packed row's last sequence end (`last` = (row, column) of every final token), else seq_lengths."""
+    if attention_mask is not None:
+        return attention_mask.bool()
+    cols = torch.arange(input_ids.shape[1], device=input_ids.device)
+    if last is not None:
+        ends = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
+        last = last.to(input_ids.device).long()
+        ends = ends.scatter_reduce(0, last[:, 0], last[:, 1], reduce="amax")
+        return cols[None] <= ends[:, None]
+    return None if seq_lengths is None else cols[None] < seq_lengths.to(input_ids.device)[:, None]
+
+
 # Where each decoder family keeps its final norm (applied per row, so it commutes with gather_last).
 FINAL_NORM = {
     "llama": "norm", "mistral": "norm", "qwen2": "norm", "qwen3": "norm", "qwen3_moe": "norm", "mixtral": "norm",
@@ -101,15 +116,14 @@ class RewardModel(nn.Module):
         self.aux_coef = float(coef)
 
     def _run_backbone(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
-                      attention_mask: torch.Tensor | None, seq_lengths: torch.Tensor | None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None, seq_lengths: torch.Tensor | None,
+                      last: torch.Tensor | None = None) -> torch.Tensor:
         route = self.training and self.aux_coef > 0
         out = self.backbone(**self._inputs(input_ids, position_ids, attention_mask),
                             **({"output_router_logits": True} if route else {}))
         self.aux_loss = None
         if route:
-            mask = attention_mask
-            if mask is None and seq_lengths is not None:  # right-padded rows: the real tokens only
-                mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None] < seq_lengths[:, None]
+            mask = real_tokens(input_ids, attention_mask, seq_lengths, last)
             self.aux_loss = self.aux_coef * moe.load_balancing_loss(self.backbone, out.router_logits, mask)
         return out.last_hidden_state
 
@@ -147,15 +161,15 @@ class RewardModel(nn.Module):
         else:
             pick = lambda x: x[last[:, 0].to(x.device), last[:, 1].to(x.device)]  # noqa: E731
         if self.reward_path == "plain":
-            hidden = self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths)
+            hidden = self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths, last)
             per_token = self.score(hidden).squeeze(-1)
             r = pick(per_token).float()
         else:
             if self.final_norm_name is None:
-                rows = pick(self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths))
+                rows = pick(self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths, last))
             else:
                 with bypass(self.backbone, self.final_norm_name) as norm:
-                    h = self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths)
+                    h = self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths, last)
                 rows = norm(pick(h))  # (N, H): the only rows that carry a reward
             r = self.score(rows.float()).squeeze(-1)
         if self.normalization is not None:

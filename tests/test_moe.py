@@ -4,15 +4,18 @@ own function on the same router logits, over real tokens only, with a gradient t
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import load_artifact, metrics, train, train_args
+from helpers import BIN, ROOT, free_port, kill_when_paused, load_artifact, metrics, run_env, start, train, train_args
 from transformers import AutoModel, MixtralConfig, Qwen3MoeConfig
 
-from rm_trainer import moe
-from rm_trainer.model import RewardModel
+from rm_trainer import load_reward_model, moe
+from rm_trainer.artifact import checkpoint_files as ckpt
+from rm_trainer.model import RewardModel, real_tokens
 
 FAMILIES = {
     "qwen3_moe": lambda: Qwen3MoeConfig(vocab_size=2000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -53,6 +56,63 @@ def test_the_router_loss_is_transformers_own_over_real_tokens_and_trains_the_rou
     assert counts["active_params"] == counts["total_params"] - counts["expert_params"] * 6 // 8
 
 
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_rows_count_only_their_real_tokens_in_the_router_loss(family):
+    """The same 6 sequences, right-padded and packed into rows of 24 (each row's tail is padding): the
+    router sees the same real tokens, so the two losses agree; counting the packed tail would not."""
+    from rm_trainer.data.batching import pack
+
+    torch.manual_seed(0)
+    model = RewardModel(AutoModel.from_config(FAMILIES[family](), attn_implementation="sdpa"), seed=1)
+    model.enable_router_aux(0.01)
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    lens = [9, 4, 7, 11, 5, 7]
+    seqs = [torch.randint(4, 2000, (n,), generator=g).tolist() for n in lens]
+    rows = [{"chosen_ids": seqs[i], "rejected_ids": seqs[i + 3], "chosen_len": lens[i], "rejected_len": lens[i + 3]}
+            for i in range(3)]
+    packed = pack(rows, 1, 24)
+    assert (packed["input_ids"] == 1).sum() == 1  # rows of 22 and 21 tokens: a tail of padding
+    r_packed = model(packed["input_ids"], position_ids=packed["position_ids"], last=packed["last"])
+    aux_packed = model.aux_loss
+    with torch.no_grad():  # the whole packed rows, tails included, would give a different loss
+        out = model.backbone(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
+                             output_router_logits=True)
+        whole = 0.01 * moe.load_balancing_loss(model.backbone, out.router_logits, None)
+    ids = torch.full((6, max(lens)), 1)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    r_padded = model(ids, torch.tensor(lens))
+    assert torch.allclose(r_packed, r_padded, rtol=1e-5, atol=1e-5 * r_padded.abs().max().item())
+    print(family, "packed vs padded router loss", float(abs(aux_packed - model.aux_loss) / model.aux_loss),
+          "with the tail", float(abs(whole - model.aux_loss) / model.aux_loss))
+    assert abs(aux_packed - model.aux_loss) <= 1e-6 * model.aux_loss, (aux_packed, model.aux_loss)
+    assert abs(whole - model.aux_loss) > 1e-5 * model.aux_loss  # one padding token: 6e-5 (Mixtral), 8e-4 (Qwen3-MoE)
+    assert real_tokens(packed["input_ids"], None, None, packed["last"]).sum() == sum(lens)
+
+def test_lora_on_an_moe_backbone_adapts_the_attention_and_names_the_3d_experts():
+    from rm_trainer.errors import ConfigError
+    from rm_trainer.lora import apply_lora
+
+    backbone = AutoModel.from_config(FAMILIES["qwen3_moe"](), attn_implementation="eager")
+    with pytest.raises(ConfigError, match="gate_up_proj.*experts' stacked 3-D weights"):
+        apply_lora(backbone, {"lora_r": 4, "lora_target": ["q_proj", "gate_up_proj"]}, 0)
+    model = RewardModel(apply_lora(backbone, {"lora_r": 4}, 0), seed=1)
+    trained = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}
+    assert trained == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    model.enable_router_aux(0.01)
+    model.train()
+    r = model(torch.randint(4, 2000, (2, 8)), torch.tensor([8, 5]))
+    (r.sum() + model.aux_loss).backward()  # the frozen routers pass the gradient on to the adapters below
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+def moe_args(sft, assets, ds):
+    return train_args(sft, assets["train"], assets["test"], ds, dtype="fp32", lr=1e-3, max_steps=6, warmup_steps=1,
+                      max_len=64, seed=5, micro_batch_size=2, eval_every=6, save_every=2, keep_last=2,
+                      router_aux_loss_coef=0.01)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_zero2_and_zero3_take_the_same_steps_with_the_router_loss(family, demo_assets, tmp_path):
@@ -65,9 +125,7 @@ def test_zero2_and_zero3_take_the_same_steps_with_the_router_loss(family, demo_a
     runs = {}
     for ds in ("zero2", "zero3"):
         runs[ds] = out = tmp_path / ds
-        train(out, train_args(sft, demo_assets["train"], demo_assets["test"], ds, dtype="fp32", lr=1e-3, max_steps=6,
-                              warmup_steps=1, max_len=64, seed=5, micro_batch_size=2, eval_every=6,
-                              router_aux_loss_coef=0.01))
+        train(out, moe_args(sft, demo_assets, ds))
     a, b = metrics(runs["zero2"]), metrics(runs["zero3"])
     for key in ("loss", "router_aux_loss"):
         x, y = [r[key] for r in a], [r[key] for r in b]
@@ -80,3 +138,69 @@ def test_zero2_and_zero3_take_the_same_steps_with_the_router_loss(family, demo_a
     # measured 7.0e-6 (Mixtral) and 1.3e-5 (Qwen3-MoE): after 6 Adam steps at lr 1e-3 a summation-order
     # difference in a near-zero gradient moves its element by up to ~lr, relative to the tensor's largest
     assert err <= 1e-4
+    hf_round_trip(runs["zero3"], family, demo_assets)
+
+
+def hf_round_trip(out, family, assets):
+    """OUT/hf is the family's own *ForSequenceClassification and scores like reward.pt."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "hf").eval()
+    assert type(hf).__name__ == {"qwen3_moe": "Qwen3MoeForSequenceClassification",
+                                 "mixtral": "MixtralForSequenceClassification"}[family]
+    rows = [json.loads(line) for line in open(assets["test"])][:4]
+    texts = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
+    want = load_reward_model(out / "reward.pt").score_texts(texts)
+    batch = AutoTokenizer.from_pretrained(out / "hf")(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        got = hf(**batch).logits[:, 0]
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got, want)
+
+
+@pytest.mark.slow
+def test_a_killed_moe_run_resumes_bit_exact_under_zero3(demo_assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    sft = tmp_path / "sft"
+    torch.manual_seed(0)
+    AutoModel.from_config(FAMILIES["qwen3_moe"]()).save_pretrained(sft)
+    AutoTokenizer.from_pretrained(demo_assets["model"]).save_pretrained(sft)
+    args = moe_args(sft, demo_assets, "zero3")
+    a = tmp_path / "uninterrupted"
+    train(a, args)
+    b = tmp_path / "killed"
+    proc = start(b, args, env={"RM_FAULT_PAUSE_AT": "4.0"})  # steps 1-3 done, step_2 committed
+    kill_when_paused(proc, b)
+    assert [s for s, _ in ckpt.committed(b / "checkpoints")] == [2]
+    for f in b.glob(".paused_rank*"):
+        f.unlink()
+    assert "step_2" in train(b, args).stdout
+    ma, mb = metrics(a), metrics(b)
+    for key in ("loss", "router_aux_loss"):
+        assert [r[key] for r in ma] == [r[key] for r in mb], key  # exact float equality
+    ra, rb = load_artifact(a)["state_dict"], load_artifact(b)["state_dict"]
+    assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+@pytest.mark.slow
+def test_ranks_whose_tokens_reach_different_experts_do_not_hang_under_zero3(tmp_path):
+    """tests/moe_ranks.py: a per-expert MoE block (a ModuleList, experts without tokens skipped) where rank 0's
+    tokens reach only expert 0 and rank 1's only expert 1, under ZeRO-3 through our engine. As a leaf
+    module it trains like one process holding both halves; without it the ranks disagree on what to
+    gather (DeepSpeed fails them, or the collective timeout of 60 s would)."""
+    def run(name, nprocs, *flags):
+        out = tmp_path / f"{name}.json"
+        cmd = [sys.executable] if nprocs == 1 else [str(BIN / "torchrun"), "--nproc_per_node", str(nprocs),
+                                                    "--master_port", str(free_port()), "--master_addr", "127.0.0.1"]
+        p = subprocess.run(cmd + [str(ROOT / "tests" / "moe_ranks.py"), str(out), *flags], cwd=ROOT, env=run_env(),
+                           capture_output=True, text=True, timeout=240)
+        return p, json.loads(out.read_text()) if out.exists() else None
+
+    p, one = run("one", 1)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p, two = run("two", 2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert two["leaf"] == ["PerExpertMoE"] and len(two["losses"]) == 3
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(two["losses"], one["losses"], strict=True)), (two, one)
+    p, bad = run("no_leaf", 2, "--no-leaf")
+    assert p.returncode != 0 and bad is None and "disagreement" in p.stderr + p.stdout

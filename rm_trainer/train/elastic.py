@@ -103,7 +103,7 @@ def _for_every_stage(folder: Path, zero12: bool) -> bool:
     states = sd.get("optimizer_state_dict", {}).get("state", {})
     if states:  # a ZeRO-3 conversion: the step is here, the tensors flat
         step = next(iter(states.values()))["step"]
-        ms = torch.load(folder / have[0], map_location="cpu", weights_only=False)
+        ms = torch.load(folder / have[0], map_location="cpu", weights_only=False)  # trusted DeepSpeed file
         shapes = {k: v for group in ms["param_shapes"] for k, v in group.items()}
         for name, shape in shapes.items() if zero12 else ():
             for key in ("fp32", "exp_avg", "exp_avg_sq"):
