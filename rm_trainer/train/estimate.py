@@ -75,7 +75,8 @@ def activation_bytes(cfg: dict, micro_pairs: int, seq_len: int, dtype: str, chec
     (L * 2B * T * H * bytes) plus one layer's full activations while it is recomputed. Without: all
     layers' activations. Per token, a Llama-style layer keeps ~(8H + 4*kv + 4I) values in the compute
     dtype (norm outputs, q/k/v, rotated q/k, attention output, gate/up/act/product) plus two fp32 norm
-    copies (8H bytes); sdpa/flash attention keep no T x T scores. An approximation, not DeepSpeed's."""
+    copies (8H bytes); sdpa/flash attention keep no T x T scores. An MoE layer keeps its top-k experts'
+    MLP activations instead (see below). An approximation, not DeepSpeed's."""
     b = DTYPE_BYTES[dtype]
     H = cfg.get("hidden_size") or cfg.get("n_embd")
     L = cfg.get("num_hidden_layers") or cfg.get("n_layer")
@@ -84,6 +85,12 @@ def activation_bytes(cfg: dict, micro_pairs: int, seq_len: int, dtype: str, chec
     kv = (cfg.get("num_key_value_heads") or heads) * (cfg.get("head_dim") or H // heads)
     tokens = 2 * micro_pairs * seq_len
     per_layer_token = b * (8 * H + 4 * kv + 4 * I) + 8 * H
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if experts and cfg.get("num_experts_per_tok"):
+        # MoE: the gate/up/act/product of top_k experts of their own width, the token's copy into each
+        # and each expert's output (2 k H), and the router's logits and fp32 softmax (E)
+        k, width = cfg["num_experts_per_tok"], cfg.get("moe_intermediate_size") or I
+        per_layer_token = b * (8 * H + 4 * kv + 4 * k * width + 2 * k * H + experts) + 8 * H + 4 * experts
     if checkpointing:
         return L * tokens * H * b + tokens * per_layer_token
     return L * tokens * per_layer_token

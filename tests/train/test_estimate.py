@@ -46,6 +46,13 @@ def test_activation_estimate_formula():
     per_layer = 2 * (8 * 8 + 4 * 8 + 4 * 16) + 8 * 8
     assert activation_bytes(cfg, 2, 5, "bf16", True) == 3 * tokens * 8 * 2 + tokens * per_layer
     assert activation_bytes(cfg, 2, 5, "bf16", False) == 3 * tokens * per_layer
+    # MoE (Qwen3-MoE's names): top-2 of 8 experts of width 4 replace the dense MLP of width 16
+    moe = cfg | {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 4}
+    per_layer = 2 * (8 * 8 + 4 * 8 + 4 * 2 * 4 + 2 * 2 * 8 + 8) + 8 * 8 + 4 * 8
+    assert activation_bytes(moe, 2, 5, "bf16", False) == 3 * tokens * per_layer
+    mixtral = cfg | {"num_local_experts": 8, "num_experts_per_tok": 2}  # experts of intermediate_size
+    assert activation_bytes(mixtral, 2, 5, "bf16", False) == 3 * tokens * (
+        2 * (8 * 8 + 4 * 8 + 4 * 2 * 16 + 2 * 2 * 8 + 8) + 8 * 8 + 4 * 8)
 
 
 def test_dry_run_reports_fit_without_starting(llama3_8b, demo_assets, tmp_path):
