@@ -72,6 +72,8 @@ class DataConfig(Section):
     chosen_key: str = Field("chosen", description="column of the preferred response (or full text / messages)")
     rejected_key: str = Field("rejected", description="column of the other response")
     margin_key: str | None = Field(None, description="optional column: loss = -log sigma(r_c - r_r - margin)")
+    tie_key: str | None = Field(None, description="optional column: true (or a preference strength of 0) marks "
+                                "a tied pair, trained with the soft tie loss instead of being dropped")
     chat_template: str | None = Field(None, description="Jinja file, for tokenizers without a chat template")
     max_len: int = Field(512, ge=8, description="tokens per sequence (prompt + response + EOS)")
     on_error: Literal["error", "skip"] = Field("error", description="malformed rows: stop, or count and skip")

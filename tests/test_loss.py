@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rm_trainer.loss import (
     bradley_terry_loss,
@@ -126,3 +128,57 @@ def test_reward_centering_equals_trls_formula_in_loss_and_gradient(scale):
     term = coef * ((c0 + r0) ** 2)
     assert abs((loss - no_center).item() - (term.mean() if scale is None else term.sum() * scale).item()) <= 1e-5
     assert acc.item() == ((c0 - r0) > 0).float().mean().item() and abs(gap.item() - (c0 - r0).mean().item()) < 1e-6
+
+
+# ---------------------------------------------------------------- ties (--tie_key): the soft tie loss
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 2**31 - 1), st.booleans(), st.sampled_from([0.0, 0.1]),
+       st.sampled_from([None, 0.25]), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_fused_tie_loss_and_gradient_equal_the_autograd_reference(B, seed, with_margin, center, scale, dtype):
+    g = torch.Generator().manual_seed(seed)
+    rewards = (torch.randn(2 * B, generator=g) * 3).to(dtype)
+    tie = torch.rand(B, generator=g) < 0.5
+    m = torch.rand(B, generator=g) if with_margin else None
+    a = rewards.clone().requires_grad_()
+    loss, acc, _ = fused_bradley_terry(a, m, scale, center, tie)
+    loss.backward()
+    b = rewards.float().clone().requires_grad_()  # the reference in fp32 on the same (rounded) rewards
+    want = bradley_terry_loss(b[:B], b[B:], m, scale, center, tie)
+    want.backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the gradient is rounded to bf16 (8 bits)
+    assert abs(loss.item() - want.item()) <= 1e-6 * max(1.0, abs(want.item()))
+    assert a.grad.dtype == dtype
+    assert torch.allclose(a.grad.float(), b.grad, rtol=tol, atol=tol * b.grad.abs().max().item() + 1e-12)
+    strict = ~tie
+    d = (rewards[:B].float() - rewards[B:].float())
+    want_acc = ((d > 0) & strict).float().sum() / max(int(strict.sum()), 1)
+    assert acc.item() == pytest.approx(want_acc.item())
+
+
+def test_the_soft_tie_loss_is_bt_against_one_half_and_ignores_the_margin():
+    c, r = torch.tensor([0.0, 2.0, -1.0]), torch.tensor([0.0, 0.5, 1.0])
+    tie = torch.tensor([True, True, False])
+    d = c - r
+    p = torch.sigmoid(d)
+    want = torch.stack([-(0.5 * p.log() + 0.5 * (1 - p).log())[0], -(0.5 * p.log() + 0.5 * (1 - p).log())[1],
+                        -torch.nn.functional.logsigmoid(d[2] - 0.3)])
+    got = bradley_terry_loss(c, r, torch.full((3,), 0.3), tie=tie)
+    assert torch.allclose(got, want.mean(), rtol=1e-6)
+    assert abs(bradley_terry_loss(torch.zeros(1), torch.zeros(1), tie=torch.tensor([True])).item()
+               - math.log(2)) < 1e-7  # its minimum: equal rewards
+    # no pair tied: exactly the plain BT loss, bit for bit
+    no = torch.zeros(3, dtype=torch.bool)
+    assert torch.equal(bradley_terry_loss(c, r, tie=no), bradley_terry_loss(c, r))
+    assert torch.equal(fused_bradley_terry(torch.cat([c, r]), tie=no)[0], fused_bradley_terry(torch.cat([c, r]))[0])
+
+
+def test_tied_pairs_count_in_the_loss_not_the_accuracy_and_report_their_gap():
+    c, r = torch.tensor([2.0, 0.0, 1.0, 5.0]), torch.tensor([1.0, 0.5, 3.0, 1.0])
+    tie = torch.tensor([False, True, False, True])
+    m = metrics_from_sums(pair_sums(c[:2], r[:2], tie=tie[:2]) + pair_sums(c[2:], r[2:], tie=tie[2:]))
+    assert m["acc"] == 0.5 and m["ties"] == 2 and m["tie_gap"] == pytest.approx((0.5 + 4.0) / 2)
+    assert m["loss"] == pytest.approx(bradley_terry_loss(c, r, tie=tie).item(), rel=1e-6)
+    assert "ties" not in metrics_from_sums(pair_sums(c, r))
+    assert math.isnan(metrics_from_sums(pair_sums(c, r, tie=torch.ones(4, dtype=torch.bool)))["acc"])

@@ -44,13 +44,15 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def pair_fields(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Per-pair tensors every batch carries, padded or packed: lengths, and margin and source if present."""
+    """Per-pair tensors every batch carries, padded or packed: lengths, and margin, source and tie if present."""
     out = {"chosen_len": torch.tensor([r["chosen_len"] for r in rows], dtype=torch.long),
            "rejected_len": torch.tensor([r["rejected_len"] for r in rows], dtype=torch.long)}
     if "margin" in rows[0]:
         out["margin"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)
     if "source" in rows[0]:
         out["source"] = torch.tensor([r["source"] for r in rows], dtype=torch.long)
+    if "tie" in rows[0]:
+        out["tie"] = torch.tensor([bool(r["tie"]) for r in rows], dtype=torch.bool)
     return out
 
 

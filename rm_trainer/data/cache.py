@@ -47,7 +47,7 @@ def data_identity(cfg) -> dict[str, Any]:
             cfg.model.tokenizer or cfg.model.path),
         "max_len": d.max_len,
         "options": {k: getattr(d, k) for k in ("test_fraction", "format", "prompt_key", "chosen_key", "rejected_key",
-                                               "margin_key", "on_error")}
+                                               "margin_key", "tie_key", "on_error")}
         | {"sources": [[s.name, s.weight, s.test_fraction] for s in d.sources or []]},
         "seed": cfg.train.seed,
     }

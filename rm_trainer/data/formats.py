@@ -30,6 +30,7 @@ class PairKeys:
     chosen: str = "chosen"
     rejected: str = "rejected"
     margin: str | None = None
+    tie: str | None = None
 
 
 def looks_like_hub_name(p: str) -> bool:
@@ -122,7 +123,18 @@ def row_problem(row: Any, fmt: str, keys: PairKeys) -> str | None:
     if m is not None and not read.finite_number(m):
         what = repr(m) if isinstance(m, float) else f"a {type(m).__name__}"
         return f"field {keys.margin!r} is {what}; expected a finite number"
+    t = row.get(keys.tie) if keys.tie else None
+    if t is not None and not isinstance(t, bool) and not read.finite_number(t):
+        what = repr(t) if isinstance(t, float | str) else f"a {type(t).__name__}"
+        return (f"field {keys.tie!r} is {what}; expected true/false, or a preference strength (a finite number, "
+                "0 for a tie)")
     return None
+
+
+def is_tie(row: dict, keys: PairKeys) -> bool:
+    """A tied pair: its tie field is true, or a preference strength of 0 (missing or null: not tied)."""
+    t = row.get(keys.tie) if keys.tie else None
+    return t is True or (t is not None and not isinstance(t, bool) and float(t) == 0.0)
 
 
 def load_source(path: str, fmt: str, keys: PairKeys, on_error: str, cache_dir: str | None = None,

@@ -25,7 +25,7 @@ def split_indices(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarra
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
-def split_report(tokd, columns: dict[str, np.ndarray], idx: np.ndarray, margin: bool, max_len: int,
+def split_report(tokd, columns: dict[str, np.ndarray], idx: np.ndarray, keys: PairKeys, max_len: int,
                  malformed_before: int = 0, held_out: bool = False):
     """(rows kept for training, their report) of one split (`idx`: its rows of the tokenized source).
     Counts and lengths come from whole columns read once (`columns`), never row by row. Only the
@@ -36,9 +36,14 @@ def split_report(tokd, columns: dict[str, np.ndarray], idx: np.ndarray, margin: 
     real = status != "malformed"
     lengths = {k: columns[k][idx][real] for k in ("prompt_tokens", "chosen_tokens", "rejected_tokens")}
     keep = idx[~np.isin(status, DROP_REASONS)]
-    drop = (["status", "prompt_tokens", "chosen_tokens", "rejected_tokens"] + ([] if margin else ["margin"])
-            + ([] if held_out else list(SINGLE)))
-    return tokd.remove_columns(drop).select(keep), _report(len(idx) + malformed_before, counts, lengths, max_len)
+    drop = (["status", "prompt_tokens", "chosen_tokens", "rejected_tokens"] + ([] if keys.margin else ["margin"])
+            + ([] if keys.tie else ["tie"]) + ([] if held_out else list(SINGLE)))
+    rep = _report(len(idx) + malformed_before, counts, lengths, max_len)
+    kept = tokd.remove_columns(drop).select(keep)
+    if keys.tie:  # tied pairs train with the tie loss: counted among the used ones (decoded values: a
+        # source's own "tie" column of mixed JSON types passes its type on to this one)
+        rep["ties"] = int(np.count_nonzero(np.asarray(kept["tie"], dtype=bool)))
+    return kept, rep
 
 
 def _columns(tokd) -> dict[str, np.ndarray]:
@@ -77,7 +82,7 @@ def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, di
     import datasets
 
     d = cfg.data
-    keys = PairKeys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key)
+    keys = PairKeys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key, d.tie_key)
     trains, tests, report, names = [], [], {}, []
     for i, src in enumerate(d.source_list()):
         name = src.name or Path(src.path).stem
@@ -89,7 +94,7 @@ def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, di
         cols = _columns(tokd)
         frac = d.test_fraction if src.test_fraction is None else src.test_fraction
         train_idx, test_idx = split_indices(len(tokd), 0 if src.test_path else frac, cfg.train.seed + i)
-        tr, rep = split_report(tokd, cols, train_idx, bool(keys.margin), d.max_len, bad)
+        tr, rep = split_report(tokd, cols, train_idx, keys, d.max_len, bad)
         report[name] = {"path": src.path, "weight": src.weight, "format": fmt, "train": rep}
         trains.append(_mix(tr, src.weight, cfg.train.seed + i) if src.weight != 1 else tr)
         if src.test_path:
@@ -100,7 +105,7 @@ def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, di
         elif len(test_idx):
             test_tokd, test_cols, test_bad = tokd, cols, 0
         if src.test_path or len(test_idx):
-            te, report[name]["test"] = split_report(test_tokd, test_cols, test_idx, bool(keys.margin), d.max_len,
+            te, report[name]["test"] = split_report(test_tokd, test_cols, test_idx, keys, d.max_len,
                                                     test_bad, held_out=True)
             tests.append(te)
     _check_drops(report, d.max_drop_fraction)

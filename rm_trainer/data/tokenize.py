@@ -17,6 +17,7 @@ from pathlib import Path
 from rm_trainer.config import DataConfig
 from rm_trainer.data.formats import (
     PairKeys,
+    is_tie,
     render_conversation,
     row_location,
     row_problem,
@@ -103,7 +104,7 @@ def _texts(row: dict, fmt: str, keys: PairKeys, tok) -> tuple[str, str, str, str
     return (*split, "")
 
 
-COLUMNS = ("chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin", "source", "status",
+COLUMNS = ("chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin", "tie", "source", "status",
            "prompt_tokens", "chosen_tokens", "rejected_tokens", "chosen_single_ids", "rejected_single_ids")
 # chosen_single_ids / rejected_single_ids: each side as score_texts(prompt, response) encodes it on its
 # own (the single-sequence policy), [] where that equals the pair's ids (no truncation, or the same cut).
@@ -135,14 +136,21 @@ def _status(chosen: str, rejected: str, cut, note: str) -> str:
     return note or ("response_truncated" if cut.response_cut else "prompt_truncated" if cut.prompt_cut else "")
 
 
+def _labels(out: dict[str, list], row: dict, keys: PairKeys, ok: bool, source_id: int) -> None:
+    """The pair's margin (--margin_key; 0 without), whether it is tied (--tie_key) and its source."""
+    out["margin"].append(float(row.get(keys.margin) or 0.0) if keys.margin and ok else 0.0)
+    out["tie"].append(ok and is_tie(row, keys))
+    out["source"].append(source_id)
+
+
 def tokenize_source(ds, fmt: str, tok, d: DataConfig, source_id: int = 0, path: str = "",
                     work_dir: str | None = None):
     """One batched datasets.map over a whole source: check each row against the source's format, render,
     tokenize (one batched call per field), truncate. Every row gets a status (a drop reason, a note, or
-    ""), so nothing is lost uncounted. A malformed row raises DataError naming file:line and field,
-    unless data.on_error=skip, which counts it. work_dir: where the result's arrow files go (default:
-    beside the source's own, which for a save_to_disk folder is the user's folder)."""
-    keys = PairKeys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key)
+    ""), so nothing is lost uncounted. A malformed row raises DataError naming file:line and field, unless
+    data.on_error=skip, which counts it. work_dir: where the result's arrow files go (default: beside the
+    source's own)."""
+    keys = PairKeys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key, d.tie_key)
     prefix = special_prefix(tok)
     lead, eos = lead_text(tok, prefix), tok.eos_token_id
     if fmt == "conversational" and not tok.chat_template:
@@ -179,8 +187,7 @@ def tokenize_source(ds, fmt: str, tok, d: DataConfig, source_id: int = 0, path: 
             out["rejected_ids"].append(cut.rejected if cut else [])
             out["chosen_len"].append(len(cut.chosen) if cut else 0)
             out["rejected_len"].append(len(cut.rejected) if cut else 0)
-            out["margin"].append(float(row.get(keys.margin) or 0.0) if keys.margin and cut else 0.0)
-            out["source"].append(source_id)
+            _labels(out, row, keys, cut is not None, source_id)
             out["status"].append(status)
             out["prompt_tokens"].append(len(p_ids))
             out["chosen_tokens"].append(len(c_ids) + 1)

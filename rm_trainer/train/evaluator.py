@@ -82,7 +82,7 @@ class Evaluator:
                 per_pair[[idx[j] for j in real]] = torch.stack([rewards[:B], rewards[B:]], 1)[real].double()
                 for s in b["source"].unique().tolist():
                     mask = (b["source"] == s).double() * torch.tensor(w, dtype=torch.float64)
-                    sums[s] += pair_sums(rewards[:B], rewards[B:], mask)
+                    sums[s] += pair_sums(rewards[:B], rewards[B:], mask, b.get("tie"))
         eng.train()
         return engine.all_reduce_sum(sums.to(rt.device)).cpu(), engine.all_reduce_sum(per_pair.to(rt.device)).cpu()
 
@@ -96,19 +96,34 @@ class Evaluator:
             for s, name in enumerate(self.sources):
                 if sums[s, 0] > 0:
                     m = metrics_from_sums(sums[s])
-                    result |= {f"{name}/{k}": m[k] for k in ("loss", "acc", "margin")}
+                    result |= {f"{name}/{k}": m[k] for k in ("loss", "acc", "margin", "tie_gap") if k in m}
         if self.rt.is_main:  # seconds of solo work after the collectives, none pending
-            names = [self.sources[int(i)] for i in self.test["source"]] if len(self.sources) > 1 else None
-            r_c, r_r = per_pair[:, 0].float(), per_pair[:, 1].float()
-            self.diagnostics = diagnostics.diagnose(r_c, r_r, *self.lengths(), names)
-            self.pairs = (r_c, r_r)
-            result |= diagnostics.scalars(self.diagnostics)
-            self.report = (self.pairs, self.diagnostics)
-            if single is not None:
-                pairs = single[:, 0].float(), single[:, 1].float()
-                self.report = (pairs, diagnostics.diagnose(*pairs, *self.lengths(single=True), names))
+            self._diagnose(result, per_pair, single)
         self.last, self.last_step = result, step
         return result
+
+    def _diagnose(self, result: dict, per_pair: torch.Tensor, single: torch.Tensor | None) -> None:
+        """Rank 0: the diagnostics (length bias, calibration, margins) and OUT/eval/'s pairs, over the strict
+        pairs: a tied pair (--tie_key) has no preferred side."""
+        keep = self.strict()
+        if keep is not None and not keep.any():
+            return
+        pick = (lambda x: x) if keep is None else (lambda x: x[keep])  # noqa: E731
+        names = [self.sources[int(i)] for i in self.test["source"]] if len(self.sources) > 1 else None
+        if names is not None and keep is not None:
+            names = [n for n, k in zip(names, keep.tolist(), strict=True) if k]
+        r_c, r_r = pick(per_pair[:, 0].float()), pick(per_pair[:, 1].float())
+        self.diagnostics = diagnostics.diagnose(r_c, r_r, *map(pick, self.lengths()), names)
+        self.pairs = (r_c, r_r)
+        result |= diagnostics.scalars(self.diagnostics)
+        self.report = (self.pairs, self.diagnostics)
+        if single is not None:
+            pairs = pick(single[:, 0].float()), pick(single[:, 1].float())
+            self.report = (pairs, diagnostics.diagnose(*pairs, *map(pick, self.lengths(single=True)), names))
+
+    def strict(self) -> torch.Tensor | None:
+        """Which test pairs are strict preferences (None: no --tie_key, all of them)."""
+        return ~torch.tensor(self.test["tie"], dtype=torch.bool) if "tie" in self.test.column_names else None
 
 
 def as_single(row: dict) -> dict:

@@ -49,11 +49,11 @@ def score_batch(eng, b: dict, device: torch.device) -> torch.Tensor:
 
 
 def loss_fn(rewards: torch.Tensor, fused: bool, margin: torch.Tensor | None = None,
-            scale: float | None = None, center: float = 0.0) -> torch.Tensor:
+            scale: float | None = None, center: float = 0.0, tie: torch.Tensor | None = None) -> torch.Tensor:
     if fused:
-        return fused_bradley_terry(rewards, margin, scale, center)[0]
+        return fused_bradley_terry(rewards, margin, scale, center, tie)[0]
     B = rewards.shape[0] // 2
-    return bradley_terry_loss(rewards[:B], rewards[B:], margin, scale, center)
+    return bradley_terry_loss(rewards[:B], rewards[B:], margin, scale, center, tie)
 
 
 @dataclass
@@ -79,7 +79,7 @@ class StepRecord:
         v = self.stats.tolist() if values is None else values
         m = metrics_from_sums(torch.tensor(v[:N_SUMS], dtype=torch.float64))
         finite = {k: (x if math.isfinite(x) else None) for k, x in m.items()
-                  if k in ("acc", "margin", "reward_mean", "reward_std")}
+                  if k in ("acc", "margin", "reward_mean", "reward_std", "tie_gap")}
         # MoE: the router loss, a mean over micro-batches and ranks (absent: a dense backbone)
         aux = {"router_aux_loss": v[AUX] / v[AUX_N]} if len(v) > AUX_N and v[AUX_N] else {}
         return {"loss": m["loss"], **finite, **aux, "lr": self.lr, "pairs_per_s": m["pairs"] / seconds,
@@ -105,7 +105,8 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
     for b in micro_batches:
         rewards = score_batch(eng, b, device)
         margin = b["margin"].to(device) if "margin" in b else None
-        loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale, center=center)
+        tie = b["tie"].to(device) if "tie" in b else None  # --tie_key: tied pairs take the soft tie loss
+        loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale, center=center, tie=tie)
         aux = eng.aux_loss()  # MoE: coef x the router's load-balancing loss of this forward
         if aux is not None:
             loss = loss + aux
@@ -116,7 +117,7 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
         # (no weight or Adam change) and counts it (eng.skipped()).
         eng.step()
         B = b["chosen_len"].shape[0]
-        sums += pair_sums(rewards[:B], rewards[B:])  # stays on the device: no sync per micro step
+        sums += pair_sums(rewards[:B], rewards[B:], tie=tie)  # stays on the device: no sync per micro step
         tokens += int(b["chosen_len"].sum() + b["rejected_len"].sum())  # host tensors from collate
         slots += token_slots(b)
     stats = torch.cat([sums, torch.tensor([tokens, slots], dtype=torch.float64, device=device), aux_sum])

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rm_trainer.data.batching import collate
-from rm_trainer.loss import pair_sums
-from rm_trainer.train.step import SkipGuard, StepRecord, StopFlag, train_step
+from rm_trainer.loss import N_SUMS, pair_sums
+from rm_trainer.train.step import SLOTS, TOKENS, SkipGuard, StepRecord, StopFlag, train_step
 
 
 class StubEngine:
@@ -74,10 +74,10 @@ def test_statistics_are_summed_over_micro_batches_without_a_host_sync(monkeypatc
     assert syncs == []  # statistics stay on the device; skip and stop are decided from host values
     monkeypatch.undo()
     want = sum(pair_sums(r[: len(r) // 2], r[len(r) // 2:]) for r in rewards)
-    assert torch.allclose(rec.stats[:7], want, rtol=1e-12)
+    assert torch.allclose(rec.stats[:N_SUMS], want, rtol=1e-12)
     tokens = sum(int(b["chosen_len"].sum() + b["rejected_len"].sum()) for b in batches)
     slots = sum(b["chosen_ids"].numel() * 2 for b in batches)
-    assert rec.stats[7].item() == tokens and rec.stats[8].item() == slots and rec.stop_votes == 0
+    assert rec.stats[TOKENS].item() == tokens and rec.stats[SLOTS].item() == slots and rec.stop_votes == 0
     assert (rec.step, rec.skipped, rec.stop, eng.backwards, eng.steps) == (7, False, False, 2, 2)
     m = rec.metrics(seconds=2.0)
     assert m["loss"] == pytest.approx(want[1].item() / 5, rel=1e-12) and m["acc"] == pytest.approx(want[2].item() / 5)
