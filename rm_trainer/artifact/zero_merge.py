@@ -71,8 +71,9 @@ def _copy_range(dst: torch.Tensor, flats: list[torch.Tensor], start: int, releas
 
 
 def _merge_rank(out: dict[str, torch.Tensor], f: Path, r: int, world: int, stage: int, shapes: list,
-                paddings: list | None) -> None:
-    """Copy rank r's fp32 partition of every parameter into `out`."""
+                paddings: list | None, partition: list[int]) -> None:
+    """Copy rank r's fp32 partition of every parameter into `out`. partition: ZeRO-1/2's partition size
+    per group (rank 0's: the last rank's saved partition is shorter when the group was padded)."""
     osd = _load_ds(f)["optimizer_state_dict"]
     release = _PageRelease(f)
     if stage == 3:
@@ -91,9 +92,10 @@ def _merge_rank(out: dict[str, torch.Tensor], f: Path, r: int, world: int, stage
             raise CheckpointError(f"{f}: holds {sum(x.numel() for x in flats)} elements, the model needs {offset}")
         return
     # ZeRO-1/2: each parameter group is one flat vector (parameters back to back, optionally padded),
-    # split in `world` equal contiguous partitions; rank r holds partition r
+    # split in `world` equal contiguous partitions (the group padded to a multiple of 2 x world first, and
+    # that padding left out of the last rank's saved partition); rank r holds partition r
     for g, (group, part) in enumerate(zip(shapes, osd["single_partition_of_fp32_groups"], strict=True)):
-        lo_r, offset = r * part.numel(), 0
+        lo_r, offset = r * partition[g], 0
         for i, (name, shape) in enumerate(group.items()):
             n = math.prod(shape)
             a, b = max(offset, lo_r), min(offset + n, lo_r + part.numel())
@@ -178,6 +180,7 @@ def consolidated_state_dict(checkpoint_dir: str, tag: str, dtype: torch.dtype = 
     stage, world = osd["zero_stage"], osd["partition_count"]
     world = max(world) if isinstance(world, list) else world
     paddings = osd.get("param_alignment_paddings")
+    partition = [p.numel() for p in osd.get("single_partition_of_fp32_groups") or []]
     del osd
     if world != len(optim_files):
         raise CheckpointError(f"{d}: {len(optim_files)} *_optim_states.pt files for a world of {world}")
@@ -200,7 +203,7 @@ def consolidated_state_dict(checkpoint_dir: str, tag: str, dtype: torch.dtype = 
         if frozen:
             _merge_frozen(out, frozen, model_files, stage, world)
         for r, f in enumerate(optim_files):  # one rank's file mapped at a time: it is unmapped on return
-            _merge_rank(out, f, r, world, stage, shapes, paddings)
+            _merge_rank(out, f, r, world, stage, shapes, paddings, partition)
     for name, source in shared.items():
         out[name] = out[source]
     return out
