@@ -136,6 +136,9 @@ class TrainConfig(Section):
     pack_len: int | None = Field(None, ge=8, description="tokens per packed row (default 2 x data.max_len)")
     center_rewards_coefficient: float = Field(0.0, ge=0, description="adds c * mean((r_c + r_r)^2) to the loss "
                                               "(TRL's name and formula): rewards centred near 0; 0.01 is usual")
+    tie_loss: Literal["soft", "davidson"] = Field(
+        "soft", description="tied pairs (data.tie_key): soft = BT against 1/2; davidson = the Davidson model, a "
+        "tie as a third outcome with one learned parameter nu (left out of reward.pt)")
     eval_at_start: bool = Field(False, description="evaluate before the first step (not on a resume), e.g. "
                                 "to check a model you continue from")
 
@@ -191,6 +194,9 @@ class RunConfig(Section):
                                          or any(src.test_path or src.test_fraction for src in self.data.sources or [])):
             problems.append("train.keep_best ranks checkpoints by a held-out metric: give data.test_path "
                             "(--test_data) or a test_fraction above 0")
+        if self.train.tie_loss == "davidson" and not self.data.tie_key and not model_only:
+            problems.append("train.tie_loss davidson models tied pairs: name their column with data.tie_key "
+                            "(--tie_key tie)")
         if self.output.lora_export and not self.model.lora_r:
             problems.append("output.lora_export needs LoRA: set model.lora_r (--lora_r 8)")
         if self.model.lora_target is not None and not self.model.lora_target:

@@ -6,6 +6,12 @@ logsigmoid of a bf16 value saturates early; the reward vectors are tiny (B,) so 
 Ties (`--tie_key`): a tied pair is BT against a target of 1/2 (the soft tie loss),
 -(log sigma(d) + log sigma(-d)) / 2 with d = r_c - r_r, minimal at d = 0; no margin applies to it. Tied
 pairs count in the loss, never in the accuracy, and their mean |d| is reported (`tie_gap`).
+
+`--tie_loss davidson` (Davidson 1970): a third outcome with P(c > r) = e^{d/2} / D, P(tie) = nu / D,
+D = e^{d/2} + e^{-d/2} + nu, and theta = log nu one learned scalar. A strict pair's loss is
+log D - z/2 (z = d - margin), a tied pair's log D - theta; nu -> 0 gives plain BT back. Its gradients in
+closed form, with (p_w, p_l, p_t) = softmax(z/2, -z/2, theta): dL/dz = (p_w - p_l)/2 - [strict]/2 and
+dL/dtheta = p_t - [tied].
 """
 
 from __future__ import annotations
@@ -19,19 +25,37 @@ def soft_tie_loss(delta: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.softplus(-delta) + F.softplus(delta))
 
 
+def davidson_terms(z: torch.Tensor, log_nu: torch.Tensor) -> torch.Tensor:
+    """(B, 3) logits (z/2, -z/2, theta) of the Davidson model's win, loss and tie per pair."""
+    return torch.stack([z / 2, -z / 2, log_nu.to(z.dtype).reshape(()).expand_as(z)], 1)
+
+
+def davidson_nll(delta: torch.Tensor, log_nu: torch.Tensor, tie: torch.Tensor | None,
+                 margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Per pair: -log P(observed outcome) under the Davidson model (the margin only on strict pairs)."""
+    tied = torch.zeros_like(delta, dtype=torch.bool) if tie is None else tie.bool()
+    z = delta if margin is None else torch.where(tied, delta, delta - margin.to(delta))
+    logits = davidson_terms(z, log_nu.to(delta.dtype))
+    return torch.logsumexp(logits, 1) - torch.where(tied, logits[:, 2], logits[:, 0])
+
+
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
                        margin: torch.Tensor | None = None, scale: float | None = None,
-                       center: float = 0.0, tie: torch.Tensor | None = None) -> torch.Tensor:
+                       center: float = 0.0, tie: torch.Tensor | None = None,
+                       log_nu: torch.Tensor | None = None) -> torch.Tensor:
     """-log sigma(r_c - r_r [- margin]) [+ center * (r_c + r_r)^2], averaged over pairs (or summed and
     times `scale`). logsigmoid is stable for any |delta|. The optional per-pair margin asks for a larger
     gap on clearer preferences (Llama-2 style); `center` is TRL's center_rewards_coefficient, which pulls
     the rewards towards zero mean (the BT loss alone only fixes differences). `tie` (B,) bool: those
-    pairs take the soft tie loss instead. The plain autograd reference of the fused path."""
+    pairs take the soft tie loss instead; with `log_nu` every pair takes the Davidson loss (module
+    docstring). The plain autograd reference of the fused path."""
     c, r = chosen_rewards.float(), rejected_rewards.float()
     delta = c - r
     z = delta if margin is None else delta - margin.float()
     per_pair = -F.logsigmoid(z)
-    if tie is not None:
+    if log_nu is not None:
+        per_pair = davidson_nll(delta, log_nu, tie, margin)
+    elif tie is not None:
         per_pair = torch.where(tie.bool(), soft_tie_loss(delta), per_pair)
     if center:
         per_pair = per_pair + center * (c + r) ** 2
@@ -89,32 +113,77 @@ class _FusedBT(torch.autograd.Function):
         return (grads * weight).to(ctx.in_dtype), None, None, None, None
 
 
+class _FusedDavidson(torch.autograd.Function):
+    """The Davidson loss (module docstring) over [chosen; rejected] rewards and the learned theta = log nu,
+    with the closed-form backward. Saves z (B,), the tie mask and, when centering, s = r_c + r_r."""
+
+    @staticmethod
+    def forward(ctx, rewards: torch.Tensor, log_nu: torch.Tensor, margin: torch.Tensor | None,
+                scale: float | None, center: float, tie: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        B = rewards.shape[0] // 2
+        c, r = rewards[:B].float(), rewards[B:].float()
+        delta, tied = c - r, tie.bool()
+        z = delta if margin is None else torch.where(tied, delta, delta - margin.float())
+        logits = davidson_terms(z, log_nu)
+        per_pair = torch.logsumexp(logits, 1) - torch.where(tied, logits[:, 2], logits[:, 0])
+        if center:
+            s = c + r
+            per_pair = per_pair + center * s * s
+        ctx.save_for_backward(z, log_nu, tied, *([s] if center else []))
+        ctx.in_dtype, ctx.scale, ctx.center = rewards.dtype, scale, center
+        loss = per_pair.mean() if scale is None else per_pair.sum() * scale
+        strict = ~tied
+        acc = ((delta > 0) & strict).float().sum() / strict.sum().clamp_min(1)
+        ctx.mark_non_differentiable(acc)
+        return loss, acc, delta.mean().detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_acc, _grad_margin):
+        z, log_nu, tied, *s = ctx.saved_tensors
+        weight = grad_loss / z.shape[0] if ctx.scale is None else grad_loss * ctx.scale
+        p = torch.softmax(davidson_terms(z, log_nu), 1)  # (p_win, p_loss, p_tie) per pair
+        t = tied.float()
+        g = 0.5 * (p[:, 0] - p[:, 1]) - 0.5 * (1 - t)
+        grads = torch.cat([g, -g]) if not s else torch.cat([g, -g]) + (2 * ctx.center * s[0]).repeat(2)
+        g_nu = ((p[:, 2] - t).sum() * weight).reshape(log_nu.shape).to(log_nu.dtype)
+        return (grads * weight).to(ctx.in_dtype), g_nu, None, None, None, None
+
+
 def fused_bradley_terry(rewards: torch.Tensor, margin: torch.Tensor | None = None, scale: float | None = None,
-                        center: float = 0.0, tie: torch.Tensor | None = None
+                        center: float = 0.0, tie: torch.Tensor | None = None, log_nu: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, accuracy, mean reward gap) from the concatenated [chosen; rejected] rewards of one 2B
     forward; `margin` (B,) optionally shifts the target gap per pair; `center` adds TRL's reward-centering
     term center * (r_c + r_r)^2 per pair. The loss is the mean over the B pairs, or with `scale` their
     *sum* times scale: micro-batches of different sizes (packing) then each contribute in proportion to
-    their pairs (see step.train_step), centering term included. `tie` (B,) bool: the soft tie loss there."""
+    their pairs (see step.train_step), centering term included. `tie` (B,) bool: the soft tie loss there,
+    or with `log_nu` (the learned Davidson scalar, which gets its gradient) the Davidson loss everywhere."""
     assert rewards.dim() == 1 and rewards.shape[0] % 2 == 0, rewards.shape
+    if log_nu is not None:
+        tie = torch.zeros(rewards.shape[0] // 2, dtype=torch.bool, device=rewards.device) if tie is None else tie
+        return _FusedDavidson.apply(rewards, log_nu, margin, scale, float(center), tie)
     return _FusedBT.apply(rewards, margin, scale, float(center), tie)
 
 
 def pair_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-              weight: torch.Tensor | None = None, tie: torch.Tensor | None = None) -> torch.Tensor:
+              weight: torch.Tensor | None = None, tie: torch.Tensor | None = None,
+              log_nu: torch.Tensor | None = None) -> torch.Tensor:
     """Per-batch *sums* for exact aggregation across micro-batches and ranks.
 
     Returns a float64 vector [n, loss_sum, correct_sum, margin_sum, chosen_sum, rejected_sum,
     sum of squared rewards (chosen and rejected), tied pairs, sum of |r_c - r_r| over tied pairs];
     `weight` (0/1 per pair) masks padding pairs that only exist to keep ranks in lock-step. The loss is
-    the BT loss without margin (the soft tie loss for tied pairs); a tied pair is never correct.
+    the BT loss without margin (the soft tie loss for tied pairs; with `log_nu`, the Davidson loss); a
+    tied pair is never correct.
     """
     c, r = chosen_rewards.detach().double(), rejected_rewards.detach().double()
     w = torch.ones_like(c) if weight is None else weight.to(c)
     d = c - r
     t = torch.zeros_like(d) if tie is None else tie.to(c)
-    loss = torch.where(t > 0, soft_tie_loss(d), -F.logsigmoid(d))
+    if log_nu is not None:
+        loss = davidson_nll(d, log_nu.detach().double(), t > 0)
+    else:
+        loss = torch.where(t > 0, soft_tie_loss(d), -F.logsigmoid(d))
     return torch.stack([
         w.sum(),
         (loss * w).sum(),

@@ -59,6 +59,27 @@ class ScoreHead(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+class DavidsonTie(nn.Module):
+    """theta = log nu, the Davidson model's tie parameter (`--tie_loss davidson`, loss.py): one learned
+    scalar, trained with the model but left out of reward.pt and the HF export (a reward needs no nu;
+    consolidation records its value). Read through its own forward, so ZeRO-3 gathers it like any module."""
+
+    def __init__(self, dtype: torch.dtype, tie_rate: float = 1 / 3):
+        super().__init__()
+        # Starts where P(tie | equal rewards) = nu / (2 + nu) is the training pairs' tie rate q, the
+        # maximum-likelihood nu while rewards are still about equal (nu = 1 for q = 1/3): a scalar moving at a
+        # language model's learning rate would otherwise stay near wherever it started.
+        q = min(max(float(tie_rate), 1e-3), 0.999)
+        self.log_nu = nn.Parameter(torch.full((1,), math.log(2 * q / (1 - q)), dtype=dtype))
+
+    def forward(self) -> torch.Tensor:
+        # a new tensor (never the Parameter itself, which a module attribute would register a second time)
+        return self.log_nu.to(torch.float32, copy=True)
+
+
+TIE_PREFIX = "tie."  # the DavidsonTie's parameter names in a training state dict
+
+
 @contextmanager
 def bypass(module: nn.Module, name: str) -> Iterator[nn.Module]:
     """Temporarily replace submodule `name` by Identity; yields the original."""
@@ -84,7 +105,7 @@ class RewardModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head_init_std: float | None = None, seed: int = 0,
-                 reward_path: str = "fused", head: torch.Tensor | None = None):
+                 reward_path: str = "fused", head: torch.Tensor | None = None, tie_rate: float | None = None):
         super().__init__()
         assert reward_path in REWARD_PATHS, reward_path
         self.backbone = backbone
@@ -102,6 +123,9 @@ class RewardModel(nn.Module):
         self.reward_path = reward_path
         self.normalization: tuple[float, float] | None = None  # (mean, std) applied in forward if set
         self.aux_coef, self.aux_loss = 0.0, None  # MoE: see enable_router_aux
+        # --tie_loss davidson (tie_rate: the training pairs' fraction of ties): each forward leaves theta in tie_log_nu
+        self.tie = DavidsonTie(dtype, tie_rate) if tie_rate is not None else None
+        self.tie_log_nu: torch.Tensor | None = None
         self.final_norm_name = FINAL_NORM.get(backbone.config.model_type)
         if reward_path == "fused" and (self.final_norm_name is None
                                        or self.final_norm_name not in backbone._modules):
@@ -174,6 +198,8 @@ class RewardModel(nn.Module):
             r = self.score(rows.float()).squeeze(-1)
         if self.normalization is not None:
             r = (r - self.normalization[0]) / self.normalization[1]
+        if self.tie is not None:
+            self.tie_log_nu = self.tie()
         return r
 
     @torch.no_grad()

@@ -119,6 +119,24 @@ def kill_when_paused(proc: subprocess.Popen, out: Path, ranks: int = 2, timeout:
     proc.wait(timeout=60)
 
 
+def kill_then_resume(out: Path, args: list[str], pause_at: str, committed: list[int]) -> None:
+    """Start a run, SIGKILL it at RM_FAULT_PAUSE_AT=pause_at with exactly the `committed` checkpoint steps on
+    disk, then rerun it to the end: it must resume from the newest of them."""
+    from rm_trainer.artifact import checkpoint_files as ckpt
+
+    proc = start(out, args, env={"RM_FAULT_PAUSE_AT": pause_at})
+    kill_when_paused(proc, out)
+    assert [s for s, _ in ckpt.committed(out / "checkpoints")] == committed
+    for f in out.glob(".paused_rank*"):
+        f.unlink()
+    assert f"step_{committed[-1]}" in train(out, args).stdout
+
+
+def same_artifact_weights(a: Path, b: Path) -> bool:
+    ra, rb = load_artifact(a)["state_dict"], load_artifact(b)["state_dict"]
+    return ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

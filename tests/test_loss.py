@@ -182,3 +182,69 @@ def test_tied_pairs_count_in_the_loss_not_the_accuracy_and_report_their_gap():
     assert m["loss"] == pytest.approx(bradley_terry_loss(c, r, tie=tie).item(), rel=1e-6)
     assert "ties" not in metrics_from_sums(pair_sums(c, r))
     assert math.isnan(metrics_from_sums(pair_sums(c, r, tie=torch.ones(4, dtype=torch.bool)))["acc"])
+
+
+# ---------------------------------------------------------------- ties: the Davidson model (--tie_loss davidson)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 2**31 - 1), st.booleans(), st.sampled_from([0.0, 0.1]),
+       st.sampled_from([None, 0.25]), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.floats(-4.0, 3.0))
+def test_fused_davidson_loss_and_gradients_equal_the_autograd_reference(B, seed, with_margin, center, scale,
+                                                                         dtype, theta):
+    g = torch.Generator().manual_seed(seed)
+    rewards = (torch.randn(2 * B, generator=g) * 3).to(dtype)
+    tie = torch.rand(B, generator=g) < 0.5
+    m = torch.rand(B, generator=g) if with_margin else None
+    a, nu_a = rewards.clone().requires_grad_(), torch.tensor([theta], dtype=dtype, requires_grad=True)
+    loss, acc, _ = fused_bradley_terry(a, m, scale, center, tie, nu_a)
+    loss.backward()
+    b, nu_b = rewards.float().clone().requires_grad_(), nu_a.detach().float().clone().requires_grad_()
+    want = bradley_terry_loss(b[:B], b[B:], m, scale, center, tie, nu_b)
+    want.backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: gradients are rounded to bf16 (8 bits)
+    assert abs(loss.item() - want.item()) <= 1e-6 * max(1.0, abs(want.item()))
+    assert a.grad.dtype == dtype and nu_a.grad.dtype == dtype and nu_a.grad.shape == (1,)
+    assert torch.allclose(a.grad.float(), b.grad, rtol=tol, atol=tol * b.grad.abs().max().item() + 1e-12)
+    assert abs(nu_a.grad.float().item() - nu_b.grad.item()) <= tol * max(abs(nu_b.grad.item()), 1e-3)
+    strict = ~tie
+    d = rewards[:B].float() - rewards[B:].float()
+    assert acc.item() == pytest.approx((((d > 0) & strict).float().sum() / max(int(strict.sum()), 1)).item())
+
+
+def test_davidson_probabilities_are_the_models_and_reduce_to_bt_as_nu_vanishes():
+    from rm_trainer.loss import davidson_nll
+
+    d, theta = torch.tensor([0.7, -1.3, 0.0]), torch.tensor(math.log(0.8))
+    nu = 0.8
+    denominator = torch.exp(d / 2) + torch.exp(-d / 2) + nu
+    win, tied = torch.exp(d / 2) / denominator, nu / denominator
+    assert torch.allclose(davidson_nll(d, theta, torch.tensor([False, False, False])), -torch.log(win))
+    assert torch.allclose(davidson_nll(d, theta, torch.tensor([True, True, True])), -torch.log(tied))
+    # nu -> 0: a strict pair's loss is BT's
+    bt = -torch.nn.functional.logsigmoid(d)
+    assert torch.allclose(davidson_nll(d, torch.tensor(-30.0), None), bt, atol=1e-6)
+    # the margin moves strict pairs only
+    m = torch.tensor([0.5, 0.5, 0.5])
+    tie = torch.tensor([False, True, False])
+    got = davidson_nll(d, theta, tie, m)
+    assert got[1] == davidson_nll(d, theta, tie)[1] and got[0] == davidson_nll(d - m, theta, tie)[0]
+
+
+def test_davidson_learns_the_tie_rate_of_the_data():
+    """Minimising the Davidson loss over theta alone, with every pair at d = 0 and a fraction q tied,
+    gives P(tie | d = 0) = nu / (2 + nu) = q: the learned scalar is the data's tie rate, not a knob."""
+    q = 0.25
+    tie = torch.tensor([True] * 25 + [False] * 75)
+    theta = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=1.0)
+    for _ in range(300):
+        opt.zero_grad()
+        fused_bradley_terry(torch.zeros(200), tie=tie, log_nu=theta)[0].backward()
+        opt.step()
+    nu = math.exp(theta.item())
+    assert nu / (2 + nu) == pytest.approx(q, rel=1e-4)
+    m = metrics_from_sums(pair_sums(torch.zeros(100), torch.zeros(100), tie=tie, log_nu=theta))
+    assert m["loss"] == pytest.approx(fused_bradley_terry(torch.zeros(200), tie=tie, log_nu=theta)[0].item(),
+                                      rel=1e-6)

@@ -10,11 +10,21 @@ import sys
 
 import pytest
 import torch
-from helpers import BIN, ROOT, free_port, kill_when_paused, load_artifact, metrics, run_env, start, train, train_args
+from helpers import (
+    BIN,
+    ROOT,
+    free_port,
+    kill_then_resume,
+    load_artifact,
+    metrics,
+    run_env,
+    same_artifact_weights,
+    train,
+    train_args,
+)
 from transformers import AutoModel, MixtralConfig, Qwen3MoeConfig
 
 from rm_trainer import load_reward_model, moe
-from rm_trainer.artifact import checkpoint_files as ckpt
 from rm_trainer.model import RewardModel, real_tokens
 
 FAMILIES = {
@@ -169,17 +179,11 @@ def test_a_killed_moe_run_resumes_bit_exact_under_zero3(demo_assets, tmp_path):
     a = tmp_path / "uninterrupted"
     train(a, args)
     b = tmp_path / "killed"
-    proc = start(b, args, env={"RM_FAULT_PAUSE_AT": "4.0"})  # steps 1-3 done, step_2 committed
-    kill_when_paused(proc, b)
-    assert [s for s, _ in ckpt.committed(b / "checkpoints")] == [2]
-    for f in b.glob(".paused_rank*"):
-        f.unlink()
-    assert "step_2" in train(b, args).stdout
+    kill_then_resume(b, args, "4.0", [2])  # killed in step 4, resumed from step_2
     ma, mb = metrics(a), metrics(b)
     for key in ("loss", "router_aux_loss"):
         assert [r[key] for r in ma] == [r[key] for r in mb], key  # exact float equality
-    ra, rb = load_artifact(a)["state_dict"], load_artifact(b)["state_dict"]
-    assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+    assert same_artifact_weights(a, b)
 
 
 @pytest.mark.slow

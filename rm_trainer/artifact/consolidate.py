@@ -34,7 +34,7 @@ from rm_trainer.artifact.format import (
 )
 from rm_trainer.artifact.zero_merge import consolidated_state_dict
 from rm_trainer.errors import CheckpointError, UserError
-from rm_trainer.model import DTYPES
+from rm_trainer.model import DTYPES, TIE_PREFIX
 
 
 def resolve_tag(checkpoint_dir: str | Path, tag: str | None) -> str:
@@ -73,6 +73,9 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
     # weights are casts of the fp32 masters).
     state = consolidated_state_dict(str(ckpt), tag, DTYPES[meta.dtype])
     report: dict[str, Any] = {}
+    ties = tie_model(state)  # --tie_loss davidson: its nu is recorded, not shipped as a weight
+    if ties:
+        report["tie_nu"] = ties["nu"]
     lora_cfg = lora.settings(meta.run_config.get("model", {}))
     if lora_cfg is not None:  # checkpoints hold what trains; the frozen base weights come from --model
         report["base_weights_read"] = lora.fill_base_weights(state, meta.backbone_config,
@@ -85,20 +88,7 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
     elif lora_out is not None:
         raise UserError(f"{ckpt / tag}: not a LoRA run (model.lora_r is 0); there is no adapter to export")
     check_state_dict(state, meta.backbone_config, f"{ckpt / tag}")
-    artifact = {
-        "format": FORMAT,
-        "state_dict": state,
-        "backbone_config": json.dumps(meta.backbone_config),
-        "tokenizer_files": tokenizer_tensors(ckpt / tag / TOKENIZER_DIR),
-        "pad_token_id": meta.pad_token_id,
-        "eos_token_id": meta.eos_token_id,
-        "max_len": meta.max_len,
-        "dtype": meta.dtype,
-        "step": meta.step,
-        "run_config": json.dumps(meta.run_config),
-        "probe": {k: torch.tensor(v) for k, v in meta.probe.items()},
-        "reward_stats": meta.reward_stats or {},
-    }
+    artifact = artifact_dict(meta, state, ckpt / tag / TOKENIZER_DIR) | ({"tie_model": ties} if ties else {})
     out_path = Path(out_path)
     size = sum(v.numel() * v.element_size() for v in state.values())
     # never leave a half-written reward.pt behind, on a full disk either
@@ -112,6 +102,32 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
 
         report["hf"] = str(export_artifact(artifact, hf_out, hf_shard_size))
     return report
+
+
+def artifact_dict(meta: CheckpointRecord, state: dict[str, torch.Tensor], tokenizer_dir: Path) -> dict[str, Any]:
+    """reward.pt's contents (format.py) from a checkpoint's record and its merged weights."""
+    return {
+        "format": FORMAT,
+        "state_dict": state,
+        "backbone_config": json.dumps(meta.backbone_config),
+        "tokenizer_files": tokenizer_tensors(tokenizer_dir),
+        "pad_token_id": meta.pad_token_id,
+        "eos_token_id": meta.eos_token_id,
+        "max_len": meta.max_len,
+        "dtype": meta.dtype,
+        "step": meta.step,
+        "run_config": json.dumps(meta.run_config),
+        "probe": {k: torch.tensor(v) for k, v in meta.probe.items()},
+        "reward_stats": meta.reward_stats or {},
+    }
+
+
+def tie_model(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """In place: takes the Davidson tie parameter (model.DavidsonTie) out of a training state dict; returns
+    {"loss": "davidson", "nu": ...}, or {} for a run without it. P(tie | r_1, r_2) = nu / (e^{d/2} + e^{-d/2}
+    + nu) with d = r_1 - r_2, for whoever wants the model's tie probability; a reward needs no nu."""
+    theta = [state.pop(k) for k in [k for k in state if k.startswith(TIE_PREFIX)]]
+    return {"loss": "davidson", "nu": float(torch.exp(theta[0].float()).item())} if theta else {}
 
 
 def probe_tolerance(dtype: str) -> float:

@@ -8,6 +8,7 @@
     run_config        the resolved run config (JSON text)
     probe             input_ids, seq_lengths and the live engine's rewards (verification)
     reward_stats      held-out reward mean/std/pairs/step ({} without a test set)
+    tie_model         only with --tie_loss davidson: {"loss": "davidson", "nu": the learned tie parameter}
 
 Only tensors, strings and numbers: it loads with `torch.load(weights_only=True)`, so it is safe to load
 from anywhere. Loading memory-maps the file into a model built on the meta device (no random init of

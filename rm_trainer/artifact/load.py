@@ -37,6 +37,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
     model.tokenizer = shipped_tokenizer(art["tokenizer_files"])[0]  # tokenizer(text) gives training's ids
     model.max_len = int(art["max_len"])
     model.pad_token_id = int(art["pad_token_id"])
+    model.tie_model = art.get("tie_model")  # --tie_loss davidson: {"loss", "nu"} (rm-eval's P(tie)); else None
     stats = art.get("reward_stats") or {}
     if normalize:
         if "mean" not in stats:

@@ -31,6 +31,9 @@ def parser() -> Parser:
                    help="the pair files' shape (auto: decided from each file's first row)")
     for name in ("prompt", "chosen", "rejected"):
         p.add_argument(f"--{name}_key", default=name, help=f"column of the {name} field in pair files")
+    p.add_argument("--tie_key", default=None,
+                   help="column marking tied pairs (true, or a strength of 0): left out of the accuracy and "
+                        "reported apart, as their mean |r_1 - r_2|")
     p.add_argument("--padding_side", choices=("right", "left"), default="right",
                    help="how batches are padded (the results do not depend on it)")
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
         name = Path(args.data[0]).name.split(".")[0] or "data"
         out = Path(args.output_dir or Path(args.model).resolve().parent / "eval" / name)
-        opts = EvalOptions(PairKeys(args.prompt_key, args.chosen_key, args.rejected_key), args.format, args.chat,
+        opts = EvalOptions(PairKeys(args.prompt_key, args.chosen_key, args.rejected_key, tie=args.tie_key),
+                           args.format, args.chat,
                            args.on_error, args.max_batch_tokens, args.padding_side, args.truncation)
         result, rows, r_c, r_r = evaluate(model_options(args).load(), args.data, opts)
         result["model"] = str(args.model)

@@ -85,8 +85,8 @@ def _pairs_file(path: str, tok, max_len: int, chat: bool, opts: EvalOptions, sid
                                keys.rejected: [{"role": "assistant", "content": r[keys.rejected]}]})
         fmt = "conversational"
     subsets = ds["subset"] if "subset" in ds.column_names else [Path(path).name] * len(ds)
-    d = DataConfig(prompt_key=keys.prompt, chosen_key=keys.chosen, rejected_key=keys.rejected, max_len=max_len,
-                   on_error=opts.on_error, num_proc=1)
+    d = DataConfig(prompt_key=keys.prompt, chosen_key=keys.chosen, rejected_key=keys.rejected, tie_key=keys.tie,
+                   max_len=max_len, on_error=opts.on_error, num_proc=1)
     tokd = tokenize_source(ds, fmt, tok, d, sid, path)
     status = tokd["status"]
     drops = DROP_REASONS if opts.truncation == "pair" else ("malformed",)
@@ -97,7 +97,9 @@ def _pairs_file(path: str, tok, max_len: int, chat: bool, opts: EvalOptions, sid
         c_ids = [s or p for s, p in zip(tokd[SINGLE[0]], c_ids, strict=True)]
         r_ids = [s or p for s, p in zip(tokd[SINGLE[1]], r_ids, strict=True)]
     ids = row_ids(ds, path, keep, exact_lines=not pre_bad)
-    return [c_ids[i] for i in keep], [r_ids[i] for i in keep], [str(subsets[i]) for i in keep], ids, dropped
+    tie = tokd["tie"]
+    return ([c_ids[i] for i in keep], [r_ids[i] for i in keep], [str(subsets[i]) for i in keep], ids, dropped,
+            [bool(tie[i]) for i in keep])
 
 
 def row_ids(ds, path: str, keep: list[int], exact_lines: bool) -> list:
@@ -139,17 +141,18 @@ def _v2_file(path: str, ds, tok, max_len: int, chat: bool, on_error: str, droppe
 
 def _read(files: list[str], tok, max_len: int, use_chat: bool, opts: EvalOptions) -> dict:
     """Every file's sequences: pairs (chosen ids, rejected ids, subset) and RewardBench 2 prompts."""
-    got = {"c": [], "r": [], "groups": [], "ids": [], "v2": [], "v1_subsets": set(), "dropped": Counter()}
+    got = {"c": [], "r": [], "groups": [], "ids": [], "tie": [], "v2": [], "v1_subsets": set(), "dropped": Counter()}
     for sid, path in enumerate(files):
         v2 = _v2_rows(path, opts.on_error)
         if v2 is not None:
             got["dropped"]["malformed"] += v2[1]
             got["v2"] += _v2_file(path, v2[0], tok, max_len, use_chat, opts.on_error, got["dropped"])
             continue
-        c, r, g, ids, d = _pairs_file(path, tok, max_len, use_chat, opts, sid)
+        c, r, g, ids, d, tie = _pairs_file(path, tok, max_len, use_chat, opts, sid)
         if rewardbench.is_v1(set(g)):
             got["v1_subsets"] |= set(g)
         got["ids"] += ids
+        got["tie"] += tie
         got["c"] += c
         got["r"] += r
         got["groups"] += g
@@ -171,9 +174,10 @@ def evaluate(model, files: list[str], opts: EvalOptions | None = None
     rewards = score_sequences(model, seqs, opts.max_batch_tokens, padding_side=opts.padding_side)
     n = len(pairs_c)
     r_c, r_r = rewards[:n], rewards[n:2 * n]
-    # per-pair view of everything (a v2 prompt contributes chosen[0] against each rejected)
-    lens = [diagnostics.response_lengths(a, b) for a, b in zip(pairs_c, pairs_r, strict=True)]
-    all_c, all_r, all_g = list(r_c.tolist()), list(r_r.tolist()), list(groups)
+    strict = [j for j in range(n) if not got["tie"][j]]  # tied pairs (--tie_key) have no preferred side
+    # per-pair view of every strict pair (a v2 prompt contributes chosen[0] against each rejected)
+    lens = [diagnostics.response_lengths(pairs_c[j], pairs_r[j]) for j in strict]
+    all_c, all_r, all_g = [float(r_c[j]) for j in strict], [float(r_r[j]) for j in strict], [groups[j] for j in strict]
     k = 2 * n
     for p in v2:
         p["scores"] = rewards[k:k + len(p["seqs"])].tolist()
@@ -183,20 +187,39 @@ def evaluate(model, files: list[str], opts: EvalOptions | None = None
             all_r.append(p["scores"][j])
             all_g.append(p["subset"])
             lens.append(diagnostics.response_lengths(p["seqs"][0], p["seqs"][j]))
+    if not all_c:
+        raise UserError(f"--data {' '.join(files)}: every usable pair is tied; accuracy needs strict pairs")
     tc, tr = torch.tensor(all_c), torch.tensor(all_r)
     lc, lr = torch.tensor([a for a, _ in lens]), torch.tensor([b for _, b in lens])
     result = {"files": files, "dropped": dict(got["dropped"]), "chat_template": use_chat, "truncation": opts.truncation,
               "diagnostics": diagnostics.diagnose(tc, tr, lc, lr, all_g)}
+    result |= tie_summary(r_c, r_r, got["tie"], getattr(model, "tie_model", None))
     subset_acc = {g: v["acc"] for g, v in result["diagnostics"]["groups"].items()}
     if got["v1_subsets"]:
         result["rewardbench"] = rewardbench.v1_sections({g: subset_acc[g] for g in got["v1_subsets"]})
     if v2:
         result["rewardbench2"] = rewardbench.v2_scores(v2)
-    rows = ([{"kind": "pair", "id": i, "subset": g, "chosen": a, "rejected": b}
-             for i, g, a, b in zip(got["ids"], groups, r_c.tolist(), r_r.tolist(), strict=True)]
+    rows = ([{"kind": "pair", "id": i, "subset": g, "chosen": a, "rejected": b} | ({"tie": True} if t else {})
+             for i, g, a, b, t in zip(got["ids"], groups, r_c.tolist(), r_r.tolist(), got["tie"], strict=True)]
             + [{"kind": "v2", "subset": p["subset"], "id": p["id"], "num_correct": p["num_correct"],
                 "scores": p["scores"]} for p in v2])
     return result, rows, tc, tr
+
+
+def tie_summary(r_c: torch.Tensor, r_r: torch.Tensor, tie: list[bool], tie_model: dict | None) -> dict:
+    """{"ties": {...}} for the tied pairs (--tie_key): how many, their mean and median |r_1 - r_2|, and with
+    a Davidson model (reward.pt's tie_model) its mean P(tie) on them and on the strict pairs; {} without."""
+    if not any(tie):
+        return {}
+    t = torch.tensor(tie)
+    gap = (r_c.double() - r_r.double()).abs()
+    out = {"pairs": int(t.sum()), "tie_gap": float(gap[t].mean()), "tie_gap_median": float(gap[t].median())}
+    if tie_model and tie_model.get("nu"):
+        nu = float(tie_model["nu"])
+        p_tie = nu / (torch.exp(gap / 2) + torch.exp(-gap / 2) + nu)  # the Davidson model's P(tie)
+        out |= {"nu": nu, "p_tie_on_tied": float(p_tie[t].mean()),
+                "p_tie_on_strict": float(p_tie[~t].mean()) if (~t).any() else None}
+    return {"ties": out}
 
 
 def write(out: Path, result: dict, rows: list[dict], r_c: torch.Tensor, r_r: torch.Tensor) -> dict:

@@ -25,6 +25,12 @@ def markdown(result: dict, pictures: bool) -> str:
              f"{100 * d['prefer_longer_acc']:.2f}%.", ""]
     if result.get("dropped"):
         lines += [f"Left out (by reason): {json.dumps(result['dropped'])}", ""]
+    ties = result.get("ties")
+    if ties:  # --tie_key: tied pairs are outside the accuracy
+        lines += [f"Tied pairs (not in the accuracy): {ties['pairs']}, mean |r_1 - r_2| {_f(ties['tie_gap'])} "
+                  f"(median {_f(ties['tie_gap_median'])})" + (
+                      f"; Davidson nu {_f(ties['nu'])}, mean P(tie) {_f(ties['p_tie_on_tied'])} on them, "
+                      f"{_f(ties['p_tie_on_strict'])} on strict pairs" if "nu" in ties else "") + ".", ""]
     rb = result.get("rewardbench")
     if rb:
         lines += ["## RewardBench (v1 section weighting)", "", "| section | score |", "|---|---|"]

@@ -185,6 +185,10 @@ class Engine:
         """What the last forward left to add to the loss (an MoE router's load-balancing loss), or None."""
         return getattr(self.ds.module, "aux_loss", None)
 
+    def tie_log_nu(self) -> torch.Tensor | None:
+        """The Davidson tie parameter theta (fp32, with grad) of the last forward; None without one."""
+        return getattr(self.ds.module, "tie_log_nu", None)
+
     def lr(self) -> float:
         return self.ds.get_lr()[0]
 

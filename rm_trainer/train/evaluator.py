@@ -82,7 +82,7 @@ class Evaluator:
                 per_pair[[idx[j] for j in real]] = torch.stack([rewards[:B], rewards[B:]], 1)[real].double()
                 for s in b["source"].unique().tolist():
                     mask = (b["source"] == s).double() * torch.tensor(w, dtype=torch.float64)
-                    sums[s] += pair_sums(rewards[:B], rewards[B:], mask, b.get("tie"))
+                    sums[s] += pair_sums(rewards[:B], rewards[B:], mask, b.get("tie"), _cpu(eng.tie_log_nu()))
         eng.train()
         return engine.all_reduce_sum(sums.to(rt.device)).cpu(), engine.all_reduce_sum(per_pair.to(rt.device)).cpu()
 
@@ -124,6 +124,10 @@ class Evaluator:
     def strict(self) -> torch.Tensor | None:
         """Which test pairs are strict preferences (None: no --tie_key, all of them)."""
         return ~torch.tensor(self.test["tie"], dtype=torch.bool) if "tie" in self.test.column_names else None
+
+
+def _cpu(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach().cpu()
 
 
 def as_single(row: dict) -> dict:

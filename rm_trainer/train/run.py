@@ -98,7 +98,7 @@ def train(plan: Plan) -> dict:
     if plan.moved:  # rank 0 converts the checkpoint once (minutes at scale) while the others poll
         ensure_universal(plan.resume_from, rt, cfg.data.prepare_timeout_s, zero_stage(plan.ds_cfg))
     total = t.max_steps or t.epochs * sampler.steps_per_epoch
-    eng, backbone = build_engine(cfg, plan.ds_cfg, rt, total, len(train_ds), sampler.global_batch, test_ds)
+    eng, backbone = build_engine(cfg, plan.ds_cfg, rt, total, train_ds, sampler.global_batch, test_ds)
     # packing: each micro step's pair-loss sum x world x accum / global pairs (see step.train_step)
     loss_scale = rt.world_size * t.grad_accum / sampler.global_batch if t.packing else None
 
@@ -146,11 +146,11 @@ def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime) -> PairSampler:
                        t.packing, **lengths)
 
 
-def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, n_train: int, global_batch: int,
+def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, train_ds, global_batch: int,
                  test_ds) -> tuple:
     """Backbone + head -> DeepSpeed engine. Under ZeRO-3 `z3` must stay referenced until initialize:
     transformers builds the layers already partitioned while it is alive."""
-    t = cfg.train
+    t, n_train = cfg.train, len(train_ds)
     if total == 0:
         raise DataError(f"{n_train} training pairs cannot fill one global batch of {global_batch} "
                         "(micro_batch_size x grad_accum x world_size); lower them")
@@ -169,7 +169,8 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, n
         backbone = apply_lora(backbone, cfg.model.model_dump(), t.seed)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(backbone)
-    model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed, reward_path=cfg.model.reward_path, head=head)
+    model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed, reward_path=cfg.model.reward_path, head=head,
+                        tie_rate=tie_rate(train_ds) if t.tie_loss == "davidson" else None)
     if moe.routing(backbone.config):  # an MoE backbone: the router's load-balancing loss, and leaf blocks
         model.enable_router_aux(moe.aux_coefficient(backbone.config, cfg.model.router_aux_loss_coef))
         if rt.is_main:
@@ -189,6 +190,11 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, n
             raise ConfigError([f"train.packing: {problem}"])
     eng.train()
     return eng, backbone
+
+
+def tie_rate(train_ds) -> float:
+    """The fraction of training pairs that are tied: where the Davidson nu starts (model.DavidsonTie)."""
+    return float(train_ds.data.column("tie").to_numpy().mean())
 
 
 def make_logger(plan: Plan, rt: engine.Runtime, record, done: int, total: int) -> MetricsLogger:

@@ -19,7 +19,8 @@ from rm_trainer.data.batching import token_slots
 from rm_trainer.loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, metrics_from_sums, pair_sums
 from rm_trainer.train import engine
 
-TOKENS, SLOTS, AUX, AUX_N = N_SUMS, N_SUMS + 1, N_SUMS + 2, N_SUMS + 3  # after the pair sums in a step's stats
+# after the pair sums in a step's stats: tokens, slots, router loss sum and count, Davidson theta (if any)
+TOKENS, SLOTS, AUX, AUX_N, THETA = N_SUMS, N_SUMS + 1, N_SUMS + 2, N_SUMS + 3, N_SUMS + 4
 
 
 class StopFlag:
@@ -49,11 +50,12 @@ def score_batch(eng, b: dict, device: torch.device) -> torch.Tensor:
 
 
 def loss_fn(rewards: torch.Tensor, fused: bool, margin: torch.Tensor | None = None,
-            scale: float | None = None, center: float = 0.0, tie: torch.Tensor | None = None) -> torch.Tensor:
+            scale: float | None = None, center: float = 0.0, tie: torch.Tensor | None = None,
+            log_nu: torch.Tensor | None = None) -> torch.Tensor:
     if fused:
-        return fused_bradley_terry(rewards, margin, scale, center, tie)[0]
+        return fused_bradley_terry(rewards, margin, scale, center, tie, log_nu)[0]
     B = rewards.shape[0] // 2
-    return bradley_terry_loss(rewards[:B], rewards[B:], margin, scale, center, tie)
+    return bradley_terry_loss(rewards[:B], rewards[B:], margin, scale, center, tie, log_nu)
 
 
 @dataclass
@@ -82,6 +84,8 @@ class StepRecord:
                   if k in ("acc", "margin", "reward_mean", "reward_std", "tie_gap")}
         # MoE: the router loss, a mean over micro-batches and ranks (absent: a dense backbone)
         aux = {"router_aux_loss": v[AUX] / v[AUX_N]} if len(v) > AUX_N and v[AUX_N] else {}
+        if len(v) > THETA:  # --tie_loss davidson: the learned nu this step used
+            aux["tie_nu"] = math.exp(v[THETA])
         return {"loss": m["loss"], **finite, **aux, "lr": self.lr, "pairs_per_s": m["pairs"] / seconds,
                 "tokens_per_s": v[TOKENS] / seconds, "padding_efficiency": v[TOKENS] / v[SLOTS]}
 
@@ -105,8 +109,9 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
     for b in micro_batches:
         rewards = score_batch(eng, b, device)
         margin = b["margin"].to(device) if "margin" in b else None
-        tie = b["tie"].to(device) if "tie" in b else None  # --tie_key: tied pairs take the soft tie loss
-        loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale, center=center, tie=tie)
+        tie = b["tie"].to(device) if "tie" in b else None  # --tie_key: tied pairs take the tie loss
+        log_nu = eng.tie_log_nu()  # --tie_loss davidson: its learned theta, else None (the soft tie loss)
+        loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale, center=center, tie=tie, log_nu=log_nu)
         aux = eng.aux_loss()  # MoE: coef x the router's load-balancing loss of this forward
         if aux is not None:
             loss = loss + aux
@@ -117,11 +122,13 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
         # (no weight or Adam change) and counts it (eng.skipped()).
         eng.step()
         B = b["chosen_len"].shape[0]
-        sums += pair_sums(rewards[:B], rewards[B:], tie=tie)  # stays on the device: no sync per micro step
+        sums += pair_sums(rewards[:B], rewards[B:], tie=tie, log_nu=log_nu)  # on the device: no sync here
         tokens += int(b["chosen_len"].sum() + b["rejected_len"].sum())  # host tensors from collate
         slots += token_slots(b)
     stats = torch.cat([sums, torch.tensor([tokens, slots], dtype=torch.float64, device=device), aux_sum])
     engine.all_reduce_sum(stats)  # one collective per step, queued on the device; read only by a log line
+    if log_nu is not None:  # the same on every rank: not summed
+        stats = torch.cat([stats, log_nu.detach().double().reshape(1)])
     # Stop votes travel as host integers (gloo), so every rank agrees on stopping at this step without
     # waiting for the GPU; a signal seen by any rank stops them all here.
     stop_votes = engine.host_sum(int(stop_requested))

@@ -84,3 +84,13 @@ def test_lora_and_centering_flags_and_their_checks(paths, tmp_path):
     msg = str(e.value)
     for needle in ("output.lora_export needs LoRA", f"model.path '{pt}': file not found (a reward.pt"):
         assert needle in msg, msg
+
+
+def test_the_davidson_tie_loss_needs_a_tie_column(paths):
+    cfg, _ = load_run_config(paths + ["--tie_key", "tie", "--tie_loss", "davidson"])
+    assert (cfg.data.tie_key, cfg.train.tie_loss) == ("tie", "davidson")
+    with pytest.raises(ConfigError, match=r"train.tie_loss davidson models tied pairs: name their column with "
+                                          r"data.tie_key \(--tie_key tie\)"):
+        load_run_config(paths + ["--tie_loss", "davidson"])
+    with pytest.raises(ConfigError, match="tie_loss"):
+        load_run_config(paths + ["--tie_key", "tie", "--tie_loss", "bradley"])

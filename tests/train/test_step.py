@@ -33,6 +33,9 @@ class StubEngine:
     def aux_loss(self):  # a dense backbone: nothing to add
         return None
 
+    def tie_log_nu(self):  # no Davidson tie model
+        return None
+
     def lr(self):
         return 1e-3
 
