@@ -19,9 +19,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from rm_trainer.cli.config_paths import path_problems
 from rm_trainer.config import SECTIONS, RunConfig
-from rm_trainer.data.formats import looks_like_hub_name
-from rm_trainer.data.read import check_file, read_text
+from rm_trainer.data.read import read_text
 from rm_trainer.errors import ConfigError, DataError
 
 # Short flags users know from the seed script and from other trainers, beyond the automatic
@@ -45,7 +45,6 @@ LAUNCHER_FLAGS = {"local_rank", "local-rank"}
 BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
 # Options of the memory report (--dry-run, rm-estimate), not of the run itself: name -> type.
 REPORT_OPTIONS = {"gpu_memory_gb": float, "world_size": int, "gpus_per_node": int}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
 def field_index() -> dict[str, str]:
@@ -63,11 +62,25 @@ def field_index() -> dict[str, str]:
     return index
 
 
+def _annotation(dotted: str):
+    """The type of a `section.field`; None for anything else."""
+    sec, _, name = dotted.partition(".")
+    field = RunConfig.model_fields[sec].annotation.model_fields.get(name) if name else None
+    return field.annotation if field is not None else None
+
+
 def is_bool_field(dotted: str) -> bool:
-    if "." not in dotted:
-        return False
-    sec, name = dotted.split(".", 1)
-    return RunConfig.model_fields[sec].annotation.model_fields[name].annotation is bool
+    return _annotation(dotted) is bool
+
+
+def is_switch(dotted: str) -> bool:
+    """An auto/on/off field (config.switch): `--x` is on, `--no-x` off, `--x auto` auto."""
+    return {"auto", "on", "off"} <= set(typing.get_args(_annotation(dotted)))
+
+
+def takes_no(dotted: str) -> bool:
+    """Whether `--no-x` exists for the field: booleans and switches."""
+    return is_bool_field(dotted) or is_switch(dotted)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -82,12 +95,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 def _is_sequence(dotted: str) -> bool:
     """A list or tuple field (also `list[...] | None`)."""
-    if "." not in dotted:
-        return False
-    sec, name = dotted.split(".", 1)
-    field = RunConfig.model_fields[sec].annotation.model_fields.get(name)
-    kinds = [field.annotation, *typing.get_args(field.annotation)] if field is not None else []
-    return any(typing.get_origin(k) in (list, tuple) for k in kinds)
+    ann = _annotation(dotted)
+    return any(typing.get_origin(k) in (list, tuple) for k in [ann, *typing.get_args(ann)])
 
 
 def _parse_value(dotted: str, raw: str) -> Any:
@@ -175,7 +184,7 @@ class _Argv:
     def resolve(self, key: str) -> tuple[str | None, bool]:
         """(dotted field, negated) of a flag name: `--no-x` is x=false for a boolean field."""
         plain = key.replace("-", "_")
-        negated = plain.startswith("no_") and is_bool_field(self.index.get(self._current(plain[3:]), ""))
+        negated = plain.startswith("no_") and takes_no(self.index.get(self._current(plain[3:]), ""))
         name = self._current(plain[3:] if negated else plain)
         return self.index.get(name), negated
 
@@ -198,14 +207,15 @@ class _Argv:
             return
         if not eq:
             nxt = self.argv[self.i] if self.i < len(self.argv) else None
-            if is_bool_field(dotted) and (nxt is None or nxt.startswith("--") or nxt.lower() not in BOOL_WORDS):
-                _set_dotted(self.overrides, dotted, "true")  # bare boolean flag
+            words = BOOL_WORDS | ({"auto"} if is_switch(dotted) else set())
+            if takes_no(dotted) and (nxt is None or nxt.startswith("--") or nxt.lower() not in words):
+                _set_dotted(self.overrides, dotted, "true")  # bare boolean flag (a switch: on)
                 return
             if nxt is None or (nxt.startswith("--") and not _looks_numeric(nxt)):
                 self.problems.append(f"--{key} needs a value")
                 return
             val, self.i = nxt, self.i + 1
-        if is_bool_field(dotted):
+        if is_bool_field(dotted) or (is_switch(dotted) and val.lower() in BOOL_WORDS - {"on", "off"}):
             flag = dotted.split(".")[-1]
             self.notes.append(f"--{key} {val} is deprecated; use --{flag} or --no-{flag}")
         _set_dotted(self.overrides, dotted, _parse_value(dotted, val))
@@ -270,49 +280,6 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
     return problems
 
 
-def _get(tree: dict, sec: str, name: str) -> str | None:
-    node = tree.get(sec)
-    v = node.get(name) if isinstance(node, dict) else None
-    return str(v) if v not in (None, "") else None
-
-
-def _model_problems(tree: dict, model_only: bool) -> list[str]:
-    problems = []
-    path = _get(tree, "model", "path")
-    if path and path.endswith(".pt"):
-        if not Path(path).is_file():
-            problems.append(f"model.path {path!r}: file not found (a reward.pt to continue from)")
-    elif path and not Path(path).is_dir():
-        problems.append(f"model.path {path!r}: not a folder (expected an HF save_pretrained folder)")
-    elif path and not (Path(path) / "config.json").is_file():
-        problems.append(f"model.path {path!r}: has no config.json")
-    tok = _get(tree, "model", "tokenizer") or path
-    if tok and not model_only and Path(tok).is_dir() and not any((Path(tok) / f).exists() for f in TOKENIZER_FILES):
-        problems.append(f"tokenizer folder {tok!r} has none of {', '.join(TOKENIZER_FILES)}")
-    return problems
-
-
-def _path_problems(tree: dict, model_only: bool = False) -> list[str]:
-    """File checks on the raw (merged) tree, so they are reported even when other fields are invalid.
-    model_only (rm-estimate): the model's config.json is all that is read, not its tokenizer."""
-    problems = _model_problems(tree, model_only)
-    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
-    paths = [(f"data.{f}", _get(tree, "data", f)) for f in ("train_path", "test_path", "chat_template")]
-    for i, src in enumerate(data.get("sources") or []):
-        if isinstance(src, dict):
-            paths += [(f"data.sources[{i}].{f}", src.get(f)) for f in ("path", "test_path")]
-    for field, p in paths:
-        if p and (Path(str(p)).exists() or Path(str(p)).is_symlink() or not looks_like_hub_name(str(p))):
-            try:  # missing, a symlink loop, a FIFO, unreadable, empty: before anything reads (or hashes) it
-                check_file(str(p), field, folder_ok=not field.endswith("chat_template"))
-            except DataError as e:
-                problems.append(str(e))
-    ds = tree.get("ds_config")
-    if ds and not Path(str(ds)).is_file():
-        problems.append(f"ds_config {ds!r}: file not found")
-    return problems
-
-
 def load_run_config(argv: list[str], model_only: bool = False) -> tuple[RunConfig, dict[str, Any]]:
     """Config file(s) < CLI overrides. Raises ConfigError listing every problem found. model_only: the
     data and the output folder are not required (rm-estimate)."""
@@ -325,7 +292,7 @@ def load_run_config(argv: list[str], model_only: bool = False) -> tuple[RunConfi
         except ConfigError as e:
             problems.extend(e.problems)
     tree = _merge(tree, overrides)
-    problems += _path_problems(tree, model_only)
+    problems += path_problems(tree, model_only)
     try:
         cfg = RunConfig.model_validate(tree, context={"model_only": model_only})
     except ValidationError as e:
@@ -351,7 +318,7 @@ def field_flags(dotted: str, index: dict[str, str] | None = None) -> list[str]:
     alias = next((f for f, d in ALIASES.items() if d == dotted), None)
     short = next((f for f, d in index.items() if d == dotted and "." not in f and f not in ALIASES), dotted)
     flags = ([f"--{alias}"] if alias else []) + [f"--{short}"]
-    return flags + ([f"--no-{short}"] if is_bool_field(dotted) else [])
+    return flags + ([f"--no-{short}"] if takes_no(dotted) else [])
 
 
 def train_help(prog: str = "rm-train", model_only: bool = False) -> str:
