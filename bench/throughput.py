@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Throughput of random, grouped and packed batching on real preference data, in one run (JSON out).
+"""Throughput of random, grouped and packed batching, and of the default, on real preference data, in one run
+(JSON out).
 
 The data are the 2,312 real HH-RLHF pairs in ../shared/data with a 2k byte-level BPE trained locally on
 them, max_len 512. The backbone has real-model proportions but is small (H 512, 4 layers, GQA 8/2,
@@ -14,6 +15,7 @@ random init, fp32): with a toy H attention dominates and hides what padding cost
 
     python bench/throughput.py                    # 256 pairs per step, 3 steps per mode (~15 min, 2 cores)
     python bench/throughput.py --smoke            # seconds (the tests)
+    python bench/throughput.py --accum 1 --steps 12   # one micro-batch of 8 pairs per step: grouping cannot help
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, SHARED_HH, add_output, bpe_tokenizer, child_env, finish, hh_pairs, llama_config
 
-MODES = {"random": ["--batching", "random"], "grouped": ["--batching", "grouped"],
-         "packed": ["--packing"]}
+# "default": no batching flag at all, what a new user gets (--packing auto: packed, where proven exact)
+MODES = {"random": ["--batching", "random", "--no-packing"], "grouped": ["--batching", "grouped", "--no-packing"],
+         "packed": ["--packing"], "default": []}
 TARGETS = {"grouped efficiency >= 0.85": ("grouped", "efficiency", 0.85),
            "packed efficiency >= 0.95": ("packed", "efficiency", 0.95),
            "grouped tokens/s >= 1.5x random": ("grouped", "tokens_per_s_ratio", 1.5),
@@ -42,7 +45,7 @@ def epoch_efficiency(rows: list[dict], micro: int, accum: int, seed: int, mode: 
 
     c = np.array([r["chosen_len"] for r in rows])
     r_ = np.array([r["rejected_len"] for r in rows])
-    packing = mode == "packed"
+    packing = mode in ("packed", "default")
     s = PairSampler(len(rows), micro, accum, 1, 0, seed, "random" if mode == "random" else "grouped", packing, c, r_)
     real = slots = 0
     for step in range(s.steps_per_epoch):

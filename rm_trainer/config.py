@@ -11,9 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rm_trainer.errors import ConfigError  # noqa: F401  (re-exported: raised by the config's users too)
+
+SWITCH_WORDS = {"true": "on", "1": "on", "yes": "on", "on": "on", "false": "off", "0": "off", "no": "off",
+                "off": "off"}
+
+
+def switch(value):
+    """An auto/on/off field (a switch) also takes a boolean: `packing: true` in an older config file is on.
+    On the command line a switch is `--x` (on), `--no-x` (off) or `--x auto`."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return SWITCH_WORDS.get(value.lower(), value) if isinstance(value, str) else value
 
 
 class Section(BaseModel):
@@ -131,8 +142,12 @@ class TrainConfig(Section):
     batching: Literal["grouped", "random"] = Field(
         "grouped", description="grouped: each global batch sorted by pair length before it is split into "
         "micro-batches (less padding); random: split as drawn")
-    packing: bool = Field(False, description="padding-free: split each global batch into token-balanced "
-                          "micro-batches and pack their sequences into rows of pack_len tokens")
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="padding-free: split each global batch into token-balanced micro-batches and pack "
+        "their sequences into rows of pack_len tokens. auto: on when the start-up check proves packed rows "
+        "score like padded ones for this model and attention (else grouped, saying why), and batching is not "
+        "random; on: the check must pass; off: padded")
+    _switches = field_validator("packing", mode="before")(switch)
     pack_len: int | None = Field(None, ge=8, description="tokens per packed row (default 2 x data.max_len)")
     center_rewards_coefficient: float = Field(0.0, ge=0, description="adds c * mean((r_c + r_r)^2) to the loss "
                                               "(TRL's name and formula): rewards centred near 0; 0.01 is usual")

@@ -48,14 +48,17 @@ def tiny_pretrained(demo_assets, tmp_path_factory) -> str:
 
 # Real training runs shared by several test modules (each is trained once, when first asked for).
 # name: (launcher, ranks, ds_config, extra flags); every run: 12 steps, fp32, eval and save at 6 and 12.
+# The default, --packing auto, packs (single_z2, ds_z2_w2, single_accum); the ZeRO-3 runs are padded
+# (grouped batching), the baseline the batching modes and reward paths are compared with.
+PADDED = {"packing": False}
 RUNS = {
     "single_z2": ("python", 1, "zero2", {"micro_batch_size": 4}),
     "ds_z2_w2": ("deepspeed", 2, "zero2", {"micro_batch_size": 2}),
-    "torchrun_z3_w2": ("torchrun", 2, "zero3", {"micro_batch_size": 2}),
+    "torchrun_z3_w2": ("torchrun", 2, "zero3", {"micro_batch_size": 2} | PADDED),
     "single_accum": ("python", 1, "zero2", {"micro_batch_size": 2, "grad_accum": 2}),
-    "ds_z3_gc": ("deepspeed", 2, "zero3", {"micro_batch_size": 2, "gradient_checkpointing": True}),
-    "ds_z3_plain": ("deepspeed", 2, "zero3", {"micro_batch_size": 2, "reward_path": "plain"}),
-    # batching modes: grouped is the default everywhere above
+    "ds_z3_gc": ("deepspeed", 2, "zero3", {"micro_batch_size": 2, "gradient_checkpointing": True} | PADDED),
+    "ds_z3_plain": ("deepspeed", 2, "zero3", {"micro_batch_size": 2, "reward_path": "plain"} | PADDED),
+    # batching modes: random (which --packing auto leaves unpacked), grouped (torchrun_z3_w2), packed
     "ds_z3_random": ("deepspeed", 2, "zero3", {"micro_batch_size": 2, "batching": "random"}),
     "ds_z3_packed": ("deepspeed", 2, "zero3", {"micro_batch_size": 2, "packing": True, "pack_len": 64}),
     "ds_z2_packed_accum": ("deepspeed", 2, "zero2", {"micro_batch_size": 1, "grad_accum": 2, "packing": True,
@@ -74,9 +77,10 @@ def run(demo_assets, tiny_pretrained, tmp_path_factory):
         if name not in done:
             launcher, n, ds, extra = RUNS[name]
             out = root / name
-            train(out, train_args(tiny_pretrained, demo_assets["train"], demo_assets["test"], ds, dtype="fp32",
-                                  lr=1e-3, max_steps=12, warmup_steps=1, max_len=64, seed=7, eval_every=6,
-                                  save_every=6, **extra), launcher=launcher, nprocs=n)
+            p = train(out, train_args(tiny_pretrained, demo_assets["train"], demo_assets["test"], ds, dtype="fp32",
+                                      lr=1e-3, max_steps=12, warmup_steps=1, max_len=64, seed=7, eval_every=6,
+                                      save_every=6, **extra), launcher=launcher, nprocs=n)
+            (root / f"{name}.log").write_text(p.stdout + p.stderr)  # what the run printed: run_log(out)
             done[name] = out
         return done[name]
 

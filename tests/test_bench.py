@@ -58,15 +58,17 @@ def test_prepare_data_bench_second_start_hits_the_cache(tmp_path):
 
 
 @pytest.mark.skipif(not SHARED_HH.is_file(), reason=f"real HH-RLHF pairs not found at {SHARED_HH}")
-def test_throughput_bench_smoke_runs_three_modes_with_equal_losses(tmp_path):
+def test_throughput_bench_smoke_runs_every_mode_with_equal_losses(tmp_path):
     out = tmp_path / "tp.json"
     p = subprocess.run([sys.executable, "bench/throughput.py", "--smoke", "--threads", "1", "--output", str(out)],
                        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     r = json.loads(out.read_text())
-    assert set(r["modes"]) == {"random", "grouped", "packed"} and r["pairs"] == 2308
+    assert set(r["modes"]) == {"random", "grouped", "packed", "default"} and r["pairs"] == 2308
     m = r["modes"]
     assert m["random"]["efficiency"] < m["packed"]["efficiency"] <= 1 and m["grouped"]["efficiency"] > 0
+    # the default packs: its timed steps are exactly as full as --packing's (the runs' own figures)
+    assert m["default"]["efficiency_timed_steps"] == m["packed"]["efficiency_timed_steps"]
     assert all(x["tokens_per_s"] > 0 and len(x["losses"]) == 2 for x in m.values())
     assert r["max_loss_difference"] <= 1e-5  # the same global batches: the same steps
     assert set(r["targets"]) == {"grouped efficiency >= 0.85", "packed efficiency >= 0.95",

@@ -45,7 +45,7 @@ def resume_keys(cfg: RunConfig, world: int, zero_stage: int) -> dict:
     return keys | {"world_size": world, "zero_stage": zero_stage,
                    "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
                    "global_batch": t.micro_batch_size * t.grad_accum * world,
-                   "batching": [t.batching, t.packing and cfg.pack_len],
+                   "batching": [t.batching, t.packing, cfg.pack_len],
                    "objective": {"tie_loss": t.tie_loss}} | data_identity(cfg)
 
 

@@ -94,13 +94,15 @@ def train(plan: Plan) -> dict:
     # ---- data: rank 0 builds or loads the tokenized cache; the others poll for it (no collective)
     tok = load_tokenizer(cfg)
     train_ds, test_ds, sources = load_data(cfg, tok, rt, out)
-    sampler = make_sampler(cfg, train_ds, rt)
     if plan.moved:  # rank 0 converts the checkpoint once (minutes at scale) while the others poll
         ensure_universal(plan.resume_from, rt, cfg.data.prepare_timeout_s, zero_stage(plan.ds_cfg))
-    total = t.max_steps or t.epochs * sampler.steps_per_epoch
-    eng, backbone = build_engine(cfg, plan.ds_cfg, rt, total, train_ds, sampler.global_batch, test_ds)
+    global_batch = t.micro_batch_size * t.grad_accum * rt.world_size
+    total = t.max_steps or t.epochs * (len(train_ds) // global_batch)
+    eng, backbone = build_engine(cfg, plan.ds_cfg, rt, total, train_ds, global_batch, test_ds)
+    packing = resolve_packing(cfg, eng, backbone.config, rt)  # --packing auto: proven on this live engine
+    sampler = make_sampler(cfg, train_ds, rt, packing)
     # packing: each micro step's pair-loss sum x world x accum / global pairs (see step.train_step)
-    loss_scale = rt.world_size * t.grad_accum / sampler.global_batch if t.packing else None
+    loss_scale = rt.world_size * t.grad_accum / global_batch if packing else None
 
     # ---- owners: evaluation, checkpoints (and resume), the non-finite guard, logging
     evaluator = Evaluator(test_ds, t.eval_every, cfg.eval_batch_size, rt, tok.pad_token_id, sources)
@@ -137,13 +139,37 @@ def train(plan: Plan) -> dict:
     return finish(cfg, rt, out, total, evaluator, guard.total, log)
 
 
-def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime) -> PairSampler:
+def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime, packing: bool) -> PairSampler:
     t = cfg.train
     lengths = {}
-    if t.batching == "grouped" or t.packing:  # token counts of every pair, read as two arrow columns
+    if t.batching == "grouped" or packing:  # token counts of every pair, read as two arrow columns
         lengths = {k: train_ds.data.column(k).to_numpy() for k in ("chosen_len", "rejected_len")}
     return PairSampler(len(train_ds), t.micro_batch_size, t.grad_accum, rt.world_size, rt.rank, t.seed, t.batching,
-                       t.packing, **lengths)
+                       packing, **lengths)
+
+
+def resolve_packing(cfg: RunConfig, eng, backbone_config, rt: engine.Runtime) -> bool:
+    """train.packing on: packed rows must score like padded ones through the live engine (model.check_packing),
+    else a config error; auto: packing where that holds and batching is grouped (random asks for the pairs
+    as drawn), else grouped batching, said in one line; off: padded. Every rank runs the check (a forward:
+    collective under ZeRO-3) and they agree on the outcome before any rank acts on it."""
+    mode = cfg.train.packing
+    if mode == "off" or (mode == "auto" and cfg.train.batching == "random"):
+        return False
+    eng.eval()  # the same network for both forwards, dropout or not
+    problem = check_packing(eng, backbone_config, rt.device)
+    eng.train()
+    if engine.host_sum(int(problem is not None)):  # one rank's failure is every rank's
+        problem = problem or "another rank's packed and padded rewards differ"
+        if mode == "on":
+            raise ConfigError([f"train.packing: {problem}"])
+        if rt.is_main:
+            print(f"[rm_trainer] packing off ({problem}); batching grouped by length instead", flush=True)
+        return False
+    if rt.is_main and mode == "auto":
+        print("[rm_trainer] packing on: packed rows score like padded ones for this model and attention "
+              "(--no-packing for padded batches)", flush=True)
+    return True
 
 
 def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, train_ds, global_batch: int,
@@ -184,10 +210,6 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, t
     scheduler = None if "scheduler" in ds_cfg else scheduler_factory(t, total)
     eng = engine.initialize(model, ds_cfg, optimizer, scheduler, moe.leaf_module_classes(model))
     del z3
-    if t.packing:  # refuse a model that would let packed sequences attend to each other (every rank runs it)
-        problem = check_packing(eng, backbone.config, rt.device)
-        if problem:
-            raise ConfigError([f"train.packing: {problem}"])
     eng.train()
     return eng, backbone
 

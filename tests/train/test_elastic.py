@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import RUNS
 from helpers import load_artifact, losses, metrics, train, train_args
 
 from rm_trainer.artifact import checkpoint_files as ckpt
@@ -34,9 +35,11 @@ def from_step_6(src, dst):
 
 
 def resume(tmp_path, run, name, assets, ds, launcher, nprocs, **extra):
+    """The run's own flags (conftest.RUNS), with `extra` over them, on another launcher, world or stage."""
     out = tmp_path / f"{name}_resumed"
     from_step_6(run(name), out)
-    proc = train(out, train_args(assets["model"], assets["train"], assets["test"], ds, **FLAGS, **extra),
+    flags = FLAGS | RUNS[name][3] | extra
+    proc = train(out, train_args(assets["model"], assets["train"], assets["test"], ds, **flags),
                  launcher=launcher, nprocs=nprocs)
     return out, proc.stdout + proc.stderr
 
