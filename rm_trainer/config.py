@@ -149,6 +149,9 @@ class TrainConfig(Section):
         "random; on: the check must pass; off: padded")
     _switches = field_validator("packing", mode="before")(switch)
     pack_len: int | None = Field(None, ge=8, description="tokens per packed row (default 2 x data.max_len)")
+    sequence_parallel: int = Field(1, ge=1, description="sequence ranks per data-parallel group (DeepSpeed's Ulysses): "
+                                   "each holds 1/N of every row's tokens, for long inputs; must divide the world "
+                                   "size and the attention heads (docs/long-context.md)")
     center_rewards_coefficient: float = Field(0.0, ge=0, description="adds c * mean((r_c + r_r)^2) to the loss "
                                               "(TRL's name and formula): rewards centred near 0; 0.01 is usual")
     tie_loss: Literal["soft", "davidson"] = Field(

@@ -105,7 +105,8 @@ class RewardModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head_init_std: float | None = None, seed: int = 0,
-                 reward_path: str = "fused", head: torch.Tensor | None = None, tie_rate: float | None = None):
+                 reward_path: str = "fused", head: torch.Tensor | None = None, tie_rate: float | None = None,
+                 seq=None):
         super().__init__()
         assert reward_path in REWARD_PATHS, reward_path
         self.backbone = backbone
@@ -126,6 +127,8 @@ class RewardModel(nn.Module):
         # --tie_loss davidson (tie_rate: the training pairs' fraction of ties): each forward leaves theta in tie_log_nu
         self.tie = DavidsonTie(dtype, tie_rate) if tie_rate is not None else None
         self.tie_log_nu: torch.Tensor | None = None
+        # --sequence_parallel N (train/sequence_parallel.SequenceShard): each rank runs 1/N of every row's columns
+        self.seq = seq
         self.final_norm_name = FINAL_NORM.get(backbone.config.model_type)
         if reward_path == "fused" and (self.final_norm_name is None
                                        or self.final_norm_name not in backbone._modules):
@@ -180,7 +183,10 @@ class RewardModel(nn.Module):
         (data.batching.pack): several sequences per row, position_ids restarting at 0 for each, rewards read
         at `last` = (row, column) of every sequence's final token. Left-padded rows (score_sequences
         with padding_side="left"): attention_mask and position_ids given, `last` = (row, T - 1)."""
-        if position_ids is None:
+        if self.seq is not None:  # sequence parallel: this rank's columns; `last` global (row, column)
+            input_ids, position_ids, last, cols = self.seq.split(input_ids, seq_lengths, position_ids, last)
+            pick = lambda x: self.seq.pick(x, last, cols)  # noqa: E731
+        elif position_ids is None:
             pick = lambda x: gather_last(x, seq_lengths)  # noqa: E731
         else:
             pick = lambda x: x[last[:, 0].to(x.device), last[:, 1].to(x.device)]  # noqa: E731
@@ -196,6 +202,8 @@ class RewardModel(nn.Module):
                     h = self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths, last)
                 rows = norm(pick(h))  # (N, H): the only rows that carry a reward
             r = self.score(rows.float()).squeeze(-1)
+        if self.seq is not None:  # each reward from the rank holding its last token: one [sequences] all-reduce
+            r = self.seq.reduce(r, last, cols)
         if self.normalization is not None:
             r = (r - self.normalization[0]) / self.normalization[1]
         if self.tie is not None:

@@ -44,10 +44,12 @@ def _estimate(argv: list[str], as_json: bool) -> int:
     from rm_trainer.train.ds_config import resolve_ds_config
     from rm_trainer.train.engine import world_size_from_env
     from rm_trainer.train.estimate import estimate_run, report
+    from rm_trainer.train.sequence_parallel import check
 
     world = flags.setdefault("world_size", world_size_from_env())
-    hidden = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("hidden_size")
-    ds_cfg, cfg = resolve_ds_config(cfg, world, hidden)
+    backbone = json.loads((Path(cfg.model.path) / "config.json").read_text())
+    check(cfg, world, backbone)  # --sequence_parallel N: heads, world and lengths divisible by N
+    ds_cfg, cfg = resolve_ds_config(cfg, world // cfg.train.sequence_parallel, backbone.get("hidden_size"))
     e = estimate_run(cfg, ds_cfg, flags)
     print(json.dumps(asdict(e), indent=2) if as_json else report(e))
     return 0

@@ -42,9 +42,9 @@ def resume_keys(cfg: RunConfig, world: int, zero_stage: int) -> dict:
     model_id = hashlib.sha256((Path(cfg.model.path) / "config.json").read_bytes()).hexdigest()[:16]
     keys = {"base_weights": base_fingerprint(cfg.model.path)} if cfg.model.lora_r and not cfg.model.random_init \
         else {}
-    return keys | {"world_size": world, "zero_stage": zero_stage,
+    return keys | {"world_size": world, "zero_stage": zero_stage, "sequence_parallel": t.sequence_parallel,
                    "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
-                   "global_batch": t.micro_batch_size * t.grad_accum * world,
+                   "global_batch": t.micro_batch_size * t.grad_accum * (world // t.sequence_parallel),
                    "batching": [t.batching, t.packing, cfg.pack_len],
                    "objective": {"tie_loss": t.tie_loss}} | data_identity(cfg)
 
@@ -70,15 +70,28 @@ def check_resume(cfg: RunConfig, world: int, zero_stage: int) -> tuple[Path | No
     then = ckpt.CheckpointRecord.read(target / ckpt.META_FILE).resume_keys
     now = {"world_size": world, "zero_stage": zero_stage}
     moved = {k: [then[k], now[k]] for k in elastic.ELASTIC_KEYS if then.get(k) is not None and then[k] != now[k]}
+    check_sequence_parallel(target, then.get("sequence_parallel", 1), cfg.train.sequence_parallel, moved)
     if moved:
         cfg = elastic.keep_global_batch(cfg, world, then, target)
     diffs = [d for d in ckpt.resume_differences(target, resume_keys(cfg, world, zero_stage))
-             if d.split(":")[0] not in elastic.ELASTIC_KEYS]
+             if d.split(":")[0] not in (*elastic.ELASTIC_KEYS, "sequence_parallel")]
     if diffs and not cfg.train.resume_force:
         raise ConfigError([f"cannot resume {target} exactly: " + "; ".join(diffs) +
                            ". Pass --resume_force to continue anyway (not bit-exact), or --resume never "
                            "to start over"])
     return target, cfg, moved or None
+
+
+def check_sequence_parallel(target: Path, then: int, now: int, moved: dict) -> None:
+    """Under sequence parallelism DeepSpeed names checkpoint files by sequence rank, and its universal
+    conversion does not know those groups: a checkpoint resumes at its own N and world size only."""
+    if then != now:
+        raise ConfigError([f"cannot resume {target}: it was written with train.sequence_parallel {then}, this run "
+                           f"has {now}; resume with --sequence_parallel {then}, or --resume never to start over"])
+    if now > 1 and moved:
+        change = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in moved.items())
+        raise ConfigError([f"cannot resume {target} with sequence parallelism across a change ({change}): resume "
+                           "on the world size and ZeRO stage it was written with"])
 
 
 def make_probe(ds, pad_id: int) -> dict[str, torch.Tensor]:

@@ -45,10 +45,26 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    sp: int = 1  # train.sequence_parallel: consecutive ranks form one sequence group sharing each micro-batch
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_world(self) -> int:
+        """Data-parallel groups: what the batch is split over (the world without sequence parallelism)."""
+        return self.world_size // self.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp
+
+    @property
+    def counts(self) -> bool:
+        """Whether this rank's batch statistics count: a sequence group's ranks hold the same rewards, so its
+        first rank alone adds them to a sum over the world."""
+        return self.rank % self.sp == 0
 
     # Rank 0 tells the others something through the launcher's key-value store, without a collective:
     # how data preparation (data/cache.py) waits out a long solo job.
@@ -282,9 +298,11 @@ def _recorded(obj, name: str, failures: list[BaseException]):
 
 
 def initialize(model: torch.nn.Module, ds_config: dict, optimizer=None, lr_scheduler=None,
-               leaf_modules: list[type] | None = None) -> Engine:
+               leaf_modules: list[type] | None = None, mpu=None) -> Engine:
     """leaf_modules (ZeRO-3): module classes whose parameters are gathered all at once on entry, e.g. an
-    MoE block, so that ranks whose tokens reach different experts gather the same parameters."""
+    MoE block, so that ranks whose tokens reach different experts gather the same parameters. mpu: the
+    sequence-parallel groups (sequence_parallel.setup), so DeepSpeed averages gradients over the
+    data-parallel groups only."""
     import deepspeed
 
     if leaf_modules and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
@@ -293,7 +311,7 @@ def initialize(model: torch.nn.Module, ds_config: dict, optimizer=None, lr_sched
         set_z3_leaf_modules(model, leaf_modules)
 
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer,
-                                           lr_scheduler=lr_scheduler,
+                                           lr_scheduler=lr_scheduler, mpu=mpu,
                                            model_parameters=None if optimizer else
                                            [p for p in model.parameters() if p.requires_grad])
     return Engine(engine)

@@ -40,6 +40,7 @@ class Estimate:
     trainable_params: int | None = None  # LoRA: adapters + head (None: every parameter trains)
     full_model_states_gpu_gib: float | None = None  # LoRA: what full fine-tuning would need
     active_params: int | None = None  # MoE: the parameters one token goes through
+    sequence_parallel: int = 1  # each rank's activations are those of T / N tokens
 
 
 def count_params(model_path: str, lora: dict | None = None) -> tuple[int, int, str, dict]:
@@ -98,10 +99,13 @@ def activation_bytes(cfg: dict, micro_pairs: int, seq_len: int, dtype: str, chec
 
 def estimate(model_path: str, ds_cfg: dict, world_size: int, gpus_per_node: int | None = None,
              micro_pairs: int | None = None, seq_len: int | None = None, dtype: str = "bf16",
-             checkpointing: bool = False, gpu_memory_gb: float | None = None, lora: dict | None = None
-             ) -> Estimate:
+             checkpointing: bool = False, gpu_memory_gb: float | None = None, lora: dict | None = None,
+             sequence_parallel: int = 1) -> Estimate:
     """lora: the model config section (a dict with lora_r ...): model states are then DeepSpeed's figure for
-    the trainable parameters plus the frozen weights in the training dtype (sharded under ZeRO-3)."""
+    the trainable parameters plus the frozen weights in the training dtype (sharded under ZeRO-3).
+    sequence_parallel N: a rank holds T / N tokens of every row (Ulysses' all-to-all trades them for
+    H / N heads over all T inside attention: the same size), so its activations are those at T / N; the
+    model states are sharded over the whole world as without it."""
     from rm_trainer.train.engine import model_states_memory
 
     total, largest, name, cfg = count_params(model_path, lora)
@@ -120,13 +124,13 @@ def estimate(model_path: str, ds_cfg: dict, world_size: int, gpus_per_node: int 
         gpu += frozen // world_size if stage == 3 and not off_par else frozen
     act = None
     if micro_pairs and seq_len:
-        act = activation_bytes(cfg, micro_pairs, seq_len, dtype, checkpointing)
+        act = activation_bytes(cfg, micro_pairs, -(-seq_len // sequence_parallel), dtype, checkpointing)
     total_gpu = (gpu + act) if act is not None else None
     fits = None if gpu_memory_gb is None or total_gpu is None else total_gpu / GiB <= gpu_memory_gb
     return Estimate(total, largest, name, stage, world_size, gpn, off_opt, off_par, round(gpu / GiB, 2),
                     round(cpu / GiB, 2), None if act is None else round(act / GiB, 2),
                     None if total_gpu is None else round(total_gpu / GiB, 2), gpu_memory_gb, fits, trainable, full_gpu,
-                    cfg.get("active_params"))
+                    cfg.get("active_params"), sequence_parallel)
 
 
 def estimate_run(cfg: RunConfig, ds_cfg: dict, flags: dict) -> Estimate:
@@ -137,7 +141,7 @@ def estimate_run(cfg: RunConfig, ds_cfg: dict, flags: dict) -> Estimate:
     world = flags.get("world_size") or world_size_from_env()
     return estimate(cfg.model.path, ds_cfg, world, flags.get("gpus_per_node"), cfg.train.micro_batch_size,
                     cfg.data.max_len, cfg.train.dtype, cfg.model.gradient_checkpointing, flags.get("gpu_memory_gb"),
-                    cfg.model.model_dump())
+                    cfg.model.model_dump(), cfg.train.sequence_parallel)
 
 
 def _count(n: int) -> str:
@@ -160,7 +164,8 @@ def report(e: Estimate) -> str:
                      f"fine-tuning would need {e.full_model_states_gpu_gib:.2f} GiB of model states per GPU (LoRA "
                      f"saves {e.full_model_states_gpu_gib - e.model_states_gpu_gib:.2f} GiB)")
     if e.activations_gpu_gib is not None:
-        lines.append(f"  activations (2B forward): {e.activations_gpu_gib:.2f} GiB; total per GPU "
+        sp = f", 1/{e.sequence_parallel} of each row per rank" if e.sequence_parallel > 1 else ""
+        lines.append(f"  activations (2B forward{sp}): {e.activations_gpu_gib:.2f} GiB; total per GPU "
                      f"{e.total_gpu_gib:.2f} GiB (+ framework buffers and fragmentation)")
     if e.fits is not None:
         verdict = "FITS" if e.fits else "DOES NOT FIT"

@@ -73,7 +73,7 @@ class Evaluator:
         sums = torch.zeros(len(self.sources), N_SUMS, dtype=torch.float64)
         per_pair = torch.zeros(len(self.test), 2, dtype=torch.float64)  # each rank fills its pairs; summed below
         with torch.no_grad():
-            for idx, w in eval_batches(len(self.test), rt.world_size, rt.rank, self.batch_size):
+            for idx, w in eval_batches(len(self.test), rt.dp_world, rt.dp_rank, self.batch_size):
                 rows = [self.test[i] for i in idx]
                 b = collate([as_single(r) for r in rows] if single else rows, self.pad_id)
                 rewards = score_batch(eng, b, rt.device).cpu()  # a CPU-GPU sync point, once per eval batch
@@ -84,6 +84,9 @@ class Evaluator:
                     mask = (b["source"] == s).double() * torch.tensor(w, dtype=torch.float64)
                     sums[s] += pair_sums(rewards[:B], rewards[B:], mask, b.get("tie"), _cpu(eng.tie_log_nu()))
         eng.train()
+        if not rt.counts:  # a sequence group's later ranks: the same rewards as its first
+            sums.zero_()
+            per_pair.zero_()
         return engine.all_reduce_sum(sums.to(rt.device)).cpu(), engine.all_reduce_sum(per_pair.to(rt.device)).cpu()
 
     def run(self, eng, step: int, final: bool = False) -> dict[str, float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from rm_trainer.data.tokenize import load_tokenizer
 from rm_trainer.errors import ConfigError, DataError
 from rm_trainer.lora import apply_lora, trainable_summary
 from rm_trainer.model import DTYPES, RewardModel, build_backbone, check_packing, disable_dropout, enable_checkpointing
-from rm_trainer.train import engine
+from rm_trainer.train import engine, sequence_parallel
 from rm_trainer.train.best import read_best
 from rm_trainer.train.checkpointer import (
     EXIT_PREEMPTED,
@@ -53,16 +53,20 @@ class Plan:
 def prepare(cfg: RunConfig) -> Plan:
     """Everything that can fail on a bad config, before a process group exists."""
     cfg = resolve_model(cfg)
-    hidden = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("hidden_size")
-    world = engine.world_size_from_env()
-    ds_cfg, cfg = resolve_ds_config(cfg, world, hidden, cuda=torch.cuda.is_available())
+    backbone = json.loads((Path(cfg.model.path) / "config.json").read_text())
+    hidden, world, n = backbone.get("hidden_size"), engine.world_size_from_env(), cfg.train.sequence_parallel
+    sequence_parallel.check(cfg, world, backbone)
+    # DeepSpeed's batch arithmetic is over the data-parallel groups: world / N
+    ds_cfg, cfg = resolve_ds_config(cfg, world // n, hidden, cuda=torch.cuda.is_available())
+    if n > 1:
+        ds_cfg["sequence_parallel_size"] = n  # what zero.Init (ZeRO-3 via HfDeepSpeedConfig) reads
     if os.environ.get("RANK", "0") != "0":
         return Plan(cfg, ds_cfg, None)
     # one rank checks (the launcher stops the others if it fails); train() gives them its plan
     stage = zero_stage(ds_cfg)
     resume_from, resumed_cfg, moved = check_resume(cfg, world, stage)
     if resumed_cfg is not cfg:  # elastic: grad_accum recomputed to keep the checkpoint's global batch
-        ds_cfg, cfg = resolve_ds_config(resumed_cfg, world, hidden, cuda=torch.cuda.is_available())
+        ds_cfg, cfg = resolve_ds_config(resumed_cfg, world // n, hidden, cuda=torch.cuda.is_available())
     if moved:
         ds_cfg["checkpoint"] = ds_cfg.get("checkpoint", {}) | {"load_universal": True}
     return Plan(cfg, ds_cfg, resume_from, moved)
@@ -85,7 +89,7 @@ def resolve_model(cfg: RunConfig) -> RunConfig:
 def train(plan: Plan) -> dict:
     out = Path(plan.cfg.output.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rt = engine.init_distributed(plan.cfg.train.dist_timeout_s)
+    rt = replace(engine.init_distributed(plan.cfg.train.dist_timeout_s), sp=plan.cfg.train.sequence_parallel)
     plan = engine.broadcast_object(plan)  # rank 0's: the resume target, and grad_accum if it was recomputed
     cfg, t = plan.cfg, plan.cfg.train
     stop = StopFlag().install()
@@ -96,13 +100,13 @@ def train(plan: Plan) -> dict:
     train_ds, test_ds, sources = load_data(cfg, tok, rt, out)
     if plan.moved:  # rank 0 converts the checkpoint once (minutes at scale) while the others poll
         ensure_universal(plan.resume_from, rt, cfg.data.prepare_timeout_s, zero_stage(plan.ds_cfg))
-    global_batch = t.micro_batch_size * t.grad_accum * rt.world_size
+    global_batch = t.micro_batch_size * t.grad_accum * rt.dp_world
     total = t.max_steps or t.epochs * (len(train_ds) // global_batch)
     eng, backbone = build_engine(cfg, plan.ds_cfg, rt, total, train_ds, global_batch, test_ds)
     packing = resolve_packing(cfg, eng, backbone.config, rt)  # --packing auto: proven on this live engine
     sampler = make_sampler(cfg, train_ds, rt, packing)
-    # packing: each micro step's pair-loss sum x world x accum / global pairs (see step.train_step)
-    loss_scale = rt.world_size * t.grad_accum / global_batch if packing else None
+    # packing: each micro step's pair-loss sum x data-parallel groups x accum / global pairs (step.train_step)
+    loss_scale = rt.dp_world * t.grad_accum / global_batch if packing else None
 
     # ---- owners: evaluation, checkpoints (and resume), the non-finite guard, logging
     evaluator = Evaluator(test_ds, t.eval_every, cfg.eval_batch_size, rt, tok.pad_token_id, sources)
@@ -121,7 +125,7 @@ def train(plan: Plan) -> dict:
         batches = get_preference_iterator(train_ds, sampler, tok.pad_token_id, done, total, cfg.pack_len)
         for step, micro_batches in batches:
             rec = train_step(eng, step, micro_batches, rt.device, cfg.model.reward_path == "fused", bool(stop),
-                             loss_scale, t.center_rewards_coefficient)
+                             loss_scale, t.center_rewards_coefficient, rt.counts)
             guard.check(rec)
             log.train_step(rec, eng.grad_norm, guard.total)
             evaluated = evaluator.due(step, total)
@@ -144,8 +148,8 @@ def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime, packing: bool) ->
     lengths = {}
     if t.batching == "grouped" or packing:  # token counts of every pair, read as two arrow columns
         lengths = {k: train_ds.data.column(k).to_numpy() for k in ("chosen_len", "rejected_len")}
-    return PairSampler(len(train_ds), t.micro_batch_size, t.grad_accum, rt.world_size, rt.rank, t.seed, t.batching,
-                       packing, **lengths)
+    return PairSampler(len(train_ds), t.micro_batch_size, t.grad_accum, rt.dp_world, rt.dp_rank, t.seed,
+                       t.batching, packing, **lengths)
 
 
 def resolve_packing(cfg: RunConfig, eng, backbone_config, rt: engine.Runtime) -> bool:
@@ -189,6 +193,9 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, t
     z3 = engine.zero3_context(ds_cfg)
     backbone, head = build_backbone(cfg.model.path, DTYPES[t.dtype], cfg.model.random_init,
                                     cfg.model.attn_implementation)
+    seq = None  # --sequence_parallel N: DeepSpeed's groups, and its Ulysses attention in place of the backbone's
+    if rt.sp > 1:
+        seq = sequence_parallel.setup(rt.sp, backbone.config, backbone.config._attn_implementation)
     if cfg.model.disable_dropout:
         disable_dropout(backbone)
     if cfg.model.lora_r:  # after disable_dropout: an explicit lora_dropout is kept
@@ -196,7 +203,7 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, t
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(backbone)
     model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed, reward_path=cfg.model.reward_path, head=head,
-                        tie_rate=tie_rate(train_ds) if t.tie_loss == "davidson" else None)
+                        tie_rate=tie_rate(train_ds) if t.tie_loss == "davidson" else None, seq=seq)
     if moe.routing(backbone.config):  # an MoE backbone: the router's load-balancing loss, and leaf blocks
         model.enable_router_aux(moe.aux_coefficient(backbone.config, cfg.model.router_aux_loss_coef))
         if rt.is_main:
@@ -208,7 +215,8 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, t
         print(f"[rm_trainer] LoRA: {json.dumps(trainable_summary(model))}", flush=True)
     optimizer = None if "optimizer" in ds_cfg else build_optimizer(model, t)
     scheduler = None if "scheduler" in ds_cfg else scheduler_factory(t, total)
-    eng = engine.initialize(model, ds_cfg, optimizer, scheduler, moe.leaf_module_classes(model))
+    eng = engine.initialize(model, ds_cfg, optimizer, scheduler, moe.leaf_module_classes(model),
+                            seq.mpu if seq else None)
     del z3
     eng.train()
     return eng, backbone
@@ -239,6 +247,7 @@ def finish(cfg: RunConfig, rt: engine.Runtime, out: Path, total: int, evaluator:
     evaluation's report (OUT/eval/), consolidates, verifies and exports (minutes for a big model) with no
     collective pending, so no rank can time out waiting."""
     engine.leave_process_group()
+    sequence_parallel.teardown()  # --sequence_parallel: transformers' attention back for scoring alone
     result = {"steps": total, "eval": evaluator.last, "skipped_steps": skipped}
     if rt.is_main and evaluator.report is not None:  # each response scored on its own, as rm-eval does
         from rm_trainer.eval import report

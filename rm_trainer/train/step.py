@@ -91,7 +91,8 @@ class StepRecord:
 
 
 def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, fused: bool,
-               stop_requested: bool, loss_scale: float | None = None, center: float = 0.0) -> StepRecord:
+               stop_requested: bool, loss_scale: float | None = None, center: float = 0.0,
+               counts: bool = True) -> StepRecord:
     """grad_accum micro-batches -> one optimizer update (DeepSpeed applies it at the last micro step).
     Nothing here waits for the GPU.
 
@@ -99,7 +100,8 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
     packing they differ in size, so each contributes its pair-loss *sum* x loss_scale = world x accum /
     global pairs: after DeepSpeed's 1/accum and its average over ranks, the update minimises the mean
     over the global batch's pairs, exactly as with equal micro-batches. `center` (reward centering) is a
-    per-pair term, so the same weighting applies to it. The logged loss is the BT part alone."""
+    per-pair term, so the same weighting applies to it. The logged loss is the BT part alone. counts False
+    (a sequence group's ranks after its first, which hold the same rewards): statistics left out of the sum."""
     started = time.perf_counter()
     lr = eng.lr()
     skipped_before = eng.skipped()
@@ -126,6 +128,8 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
         tokens += int(b["chosen_len"].sum() + b["rejected_len"].sum())  # host tensors from collate
         slots += token_slots(b)
     stats = torch.cat([sums, torch.tensor([tokens, slots], dtype=torch.float64, device=device), aux_sum])
+    if not counts:
+        stats.zero_()
     engine.all_reduce_sum(stats)  # one collective per step, queued on the device; read only by a log line
     if log_nu is not None:  # the same on every rank: not summed
         stats = torch.cat([stats, log_nu.detach().double().reshape(1)])
