@@ -45,6 +45,9 @@ class ModelConfig(Section):
         "fused", description="fused: gather last rows before the final norm + closed-form BT loss; "
         "plain: norm and head over every token (for comparison)")
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
+    tiled_mlp: bool = Field(False, description="long inputs: each gated MLP computed in shards of ~H tokens and "
+                            "recomputed per shard in the backward (DeepSpeed's TiledMLP), so a row's MLP "
+                            "activations never exist at once; costs one more MLP forward (docs/long-context.md)")
     head_init_std: float | None = Field(None, gt=0, description="std of the score head; default 1/sqrt(H+1)")
     lora_r: int = Field(0, ge=0, description="LoRA rank (peft); 0 = full fine-tuning. The score head is always "
                         "fully trained; only adapters and head get optimizer state")

@@ -34,8 +34,16 @@ def davidson_nll(delta: torch.Tensor, log_nu: torch.Tensor, tie: torch.Tensor | 
                  margin: torch.Tensor | None = None) -> torch.Tensor:
     """Per pair: -log P(observed outcome) under the Davidson model (the margin only on strict pairs)."""
     tied = torch.zeros_like(delta, dtype=torch.bool) if tie is None else tie.bool()
-    z = delta if margin is None else torch.where(tied, delta, delta - margin.to(delta))
-    logits = davidson_terms(z, log_nu.to(delta.dtype))
+    return _davidson_nll_at(_davidson_z(delta, tied, margin), log_nu, tied)
+
+
+def _davidson_z(delta: torch.Tensor, tied: torch.Tensor, margin: torch.Tensor | None) -> torch.Tensor:
+    """The Davidson model's reward gap: delta, less the margin on strict pairs."""
+    return delta if margin is None else torch.where(tied, delta, delta - margin.to(delta))
+
+
+def _davidson_nll_at(z: torch.Tensor, log_nu: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
+    logits = davidson_terms(z, log_nu.to(z.dtype))
     return torch.logsumexp(logits, 1) - torch.where(tied, logits[:, 2], logits[:, 0])
 
 
@@ -123,9 +131,8 @@ class _FusedDavidson(torch.autograd.Function):
         B = rewards.shape[0] // 2
         c, r = rewards[:B].float(), rewards[B:].float()
         delta, tied = c - r, tie.bool()
-        z = delta if margin is None else torch.where(tied, delta, delta - margin.float())
-        logits = davidson_terms(z, log_nu)
-        per_pair = torch.logsumexp(logits, 1) - torch.where(tied, logits[:, 2], logits[:, 0])
+        z = _davidson_z(delta, tied, margin)
+        per_pair = _davidson_nll_at(z, log_nu, tied)  # davidson_nll, keeping z for the backward
         if center:
             s = c + r
             per_pair = per_pair + center * s * s

@@ -147,3 +147,20 @@ def test_one_reward_bench_smoke_single_is_score_texts_and_pair_is_not(tmp_path):
     assert r["pairs_over_max_len"] > 0  # the policies can differ on this file
     assert r["single"]["reward_vs_score_texts"]["max_rel"] <= 1e-5 and r["single"]["subset_acc_max_diff_points"] == 0
     assert r["pair"]["reward_vs_score_texts"]["max_rel"] > 1e-3  # the loss's view is another function
+
+
+def test_long_context_bench_measures_both_sizes_and_the_8b_table(tmp_path):
+    """bench/long_context.py at one short length: N=1 and N=2 score the same pair, each rank saves half of
+    what one rank saves, and the 8B table needs more sequence ranks the longer the input."""
+    out = tmp_path / "lc.json"
+    p = subprocess.run([sys.executable, "bench/long_context.py", "--lengths", "512", "--output", str(out)], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert [(x["n"], x["t"]) for x in r["runs"]] == [(1, 512), (2, 512)]
+    assert r["rewards_max_rel_diff_n2_vs_n1"] <= 1e-5
+    assert r["autograd_saved_ratio_n2_over_n1"]["512"] == pytest.approx(0.5, abs=0.01)
+    need = r["table_8b"]["smallest_n_that_fits"]
+    assert need["16384"] == 1 and need["131072"] >= 2 and need["131072"] >= need["65536"]
+    row = r["table_8b"]["rows"][0]
+    assert row["activations_gib_tiled_mlp"] < row["activations_gib"]

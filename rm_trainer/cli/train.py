@@ -32,7 +32,7 @@ def _train(argv: list[str], prog: str) -> int:
         return prepare_only(cfg)
     from rm_trainer.train.run import EXIT_PREEMPTED, Preempted, prepare, train  # torch, deepspeed: from here on
 
-    plan = prepare(cfg)
+    plan = prepare(cfg, flags.get("world_size") if flags.get("dry_run") else None)
     if flags.get("dry_run"):
         return dry_run(plan.cfg, plan.ds_cfg, flags)
     try:

@@ -71,13 +71,15 @@ def count_params(model_path: str, lora: dict | None = None) -> tuple[int, int, s
     return total, largest, name, cfg.to_dict() | extra
 
 
-def activation_bytes(cfg: dict, micro_pairs: int, seq_len: int, dtype: str, checkpointing: bool) -> int:
+def activation_bytes(cfg: dict, micro_pairs: int, seq_len: int, dtype: str, checkpointing: bool,
+                     tiled_mlp: bool = False) -> int:
     """The 2B concatenated forward. With checkpointing: one saved layer input per layer
     (L * 2B * T * H * bytes) plus one layer's full activations while it is recomputed. Without: all
     layers' activations. Per token, a Llama-style layer keeps ~(8H + 4*kv + 4I) values in the compute
     dtype (norm outputs, q/k/v, rotated q/k, attention output, gate/up/act/product) plus two fp32 norm
     copies (8H bytes); sdpa/flash attention keep no T x T scores. An MoE layer keeps its top-k experts'
-    MLP activations instead (see below). An approximation, not DeepSpeed's."""
+    MLP activations instead (see below). tiled_mlp (dense): the MLP's 4*I values exist for one shard of
+    ~H tokens at a time instead of every token. An approximation, not DeepSpeed's."""
     b = DTYPE_BYTES[dtype]
     H = cfg.get("hidden_size") or cfg.get("n_embd")
     L = cfg.get("num_hidden_layers") or cfg.get("n_layer")
@@ -92,15 +94,19 @@ def activation_bytes(cfg: dict, micro_pairs: int, seq_len: int, dtype: str, chec
         # and each expert's output (2 k H), and the router's logits and fp32 softmax (E)
         k, width = cfg["num_experts_per_tok"], cfg.get("moe_intermediate_size") or I
         per_layer_token = b * (8 * H + 4 * kv + 4 * k * width + 2 * k * H + experts) + 8 * H + 4 * experts
+    mlp_shard = 0
+    if tiled_mlp and not experts:
+        per_layer_token -= b * 4 * I
+        mlp_shard = b * 4 * I * min(H, tokens)
     if checkpointing:
-        return L * tokens * H * b + tokens * per_layer_token
-    return L * tokens * per_layer_token
+        return L * tokens * H * b + tokens * per_layer_token + mlp_shard
+    return L * (tokens * per_layer_token + mlp_shard)
 
 
 def estimate(model_path: str, ds_cfg: dict, world_size: int, gpus_per_node: int | None = None,
              micro_pairs: int | None = None, seq_len: int | None = None, dtype: str = "bf16",
              checkpointing: bool = False, gpu_memory_gb: float | None = None, lora: dict | None = None,
-             sequence_parallel: int = 1) -> Estimate:
+             sequence_parallel: int = 1, tiled_mlp: bool = False) -> Estimate:
     """lora: the model config section (a dict with lora_r ...): model states are then DeepSpeed's figure for
     the trainable parameters plus the frozen weights in the training dtype (sharded under ZeRO-3).
     sequence_parallel N: a rank holds T / N tokens of every row (Ulysses' all-to-all trades them for
@@ -124,7 +130,7 @@ def estimate(model_path: str, ds_cfg: dict, world_size: int, gpus_per_node: int 
         gpu += frozen // world_size if stage == 3 and not off_par else frozen
     act = None
     if micro_pairs and seq_len:
-        act = activation_bytes(cfg, micro_pairs, -(-seq_len // sequence_parallel), dtype, checkpointing)
+        act = activation_bytes(cfg, micro_pairs, -(-seq_len // sequence_parallel), dtype, checkpointing, tiled_mlp)
     total_gpu = (gpu + act) if act is not None else None
     fits = None if gpu_memory_gb is None or total_gpu is None else total_gpu / GiB <= gpu_memory_gb
     return Estimate(total, largest, name, stage, world_size, gpn, off_opt, off_par, round(gpu / GiB, 2),
@@ -141,7 +147,7 @@ def estimate_run(cfg: RunConfig, ds_cfg: dict, flags: dict) -> Estimate:
     world = flags.get("world_size") or world_size_from_env()
     return estimate(cfg.model.path, ds_cfg, world, flags.get("gpus_per_node"), cfg.train.micro_batch_size,
                     cfg.data.max_len, cfg.train.dtype, cfg.model.gradient_checkpointing, flags.get("gpu_memory_gb"),
-                    cfg.model.model_dump(), cfg.train.sequence_parallel)
+                    cfg.model.model_dump(), cfg.train.sequence_parallel, cfg.model.tiled_mlp)
 
 
 def _count(n: int) -> str:

@@ -50,11 +50,13 @@ class Plan:
     moved: dict | None = None  # world size / ZeRO stage changes since the checkpoint (elastic resume)
 
 
-def prepare(cfg: RunConfig) -> Plan:
-    """Everything that can fail on a bad config, before a process group exists."""
+def prepare(cfg: RunConfig, world: int | None = None) -> Plan:
+    """Everything that can fail on a bad config, before a process group exists. world: the launcher's
+    (WORLD_SIZE) unless given (--dry-run --world_size)."""
     cfg = resolve_model(cfg)
     backbone = json.loads((Path(cfg.model.path) / "config.json").read_text())
-    hidden, world, n = backbone.get("hidden_size"), engine.world_size_from_env(), cfg.train.sequence_parallel
+    world = world or engine.world_size_from_env()
+    hidden, n = backbone.get("hidden_size"), cfg.train.sequence_parallel
     sequence_parallel.check(cfg, world, backbone)
     # DeepSpeed's batch arithmetic is over the data-parallel groups: world / N
     ds_cfg, cfg = resolve_ds_config(cfg, world // n, hidden, cuda=torch.cuda.is_available())
@@ -193,6 +195,9 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, t
     z3 = engine.zero3_context(ds_cfg)
     backbone, head = build_backbone(cfg.model.path, DTYPES[t.dtype], cfg.model.random_init,
                                     cfg.model.attn_implementation)
+    tiled = sequence_parallel.tile_mlps(backbone) if cfg.model.tiled_mlp else 0
+    if cfg.model.tiled_mlp and rt.is_main:
+        print(f"[rm_trainer] tiled MLP (DeepSpeed's TiledMLP) in {tiled} layers", flush=True)
     seq = None  # --sequence_parallel N: DeepSpeed's groups, and its Ulysses attention in place of the backbone's
     if rt.sp > 1:
         seq = sequence_parallel.setup(rt.sp, backbone.config, backbone.config._attn_implementation)

@@ -46,6 +46,10 @@ def test_activation_estimate_formula():
     per_layer = 2 * (8 * 8 + 4 * 8 + 4 * 16) + 8 * 8
     assert activation_bytes(cfg, 2, 5, "bf16", True) == 3 * tokens * 8 * 2 + tokens * per_layer
     assert activation_bytes(cfg, 2, 5, "bf16", False) == 3 * tokens * per_layer
+    # --tiled_mlp: the MLP's 4 x I values for one shard of H (= 8) tokens instead of all 20
+    tiled = per_layer - 2 * 4 * 16
+    want = 3 * tokens * 8 * 2 + tokens * tiled + 2 * 4 * 16 * 8
+    assert activation_bytes(cfg, 2, 5, "bf16", True, tiled_mlp=True) == want
     # MoE (Qwen3-MoE's names): top-2 of 8 experts of width 4 replace the dense MLP of width 16
     moe = cfg | {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 4}
     per_layer = 2 * (8 * 8 + 4 * 8 + 4 * 2 * 4 + 2 * 2 * 8 + 8) + 8 * 8 + 4 * 8
@@ -73,6 +77,29 @@ def test_dry_run_reports_fit_without_starting(llama3_8b, demo_assets, tmp_path):
                         "--gpu_memory_gb", "24"], cwd=ROOT, env=run_env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0 and "DOES NOT FIT in 24 GB per GPU" in p.stdout, p.stdout + p.stderr
+
+
+def test_sequence_parallel_counts_activations_at_t_over_n(llama3_8b, demo_assets, tmp_path):
+    """A rank holds T / N tokens of every row: its activations are those of a run at T / N, the model states
+    (sharded over the whole world) unchanged. --dry-run says so for Llama-3-8B at 64K on 8 GPUs."""
+    z3 = {"zero_optimization": {"stage": 3}}
+    kw = {"world_size": 8, "micro_pairs": 1, "dtype": "bf16", "checkpointing": True}
+    sp4 = estimate(llama3_8b, z3, seq_len=65536, sequence_parallel=4, **kw)
+    at_16k = estimate(llama3_8b, z3, seq_len=16384, **kw)
+    one = estimate(llama3_8b, z3, seq_len=65536, **kw)
+    assert sp4.activations_gpu_gib == at_16k.activations_gpu_gib == pytest.approx(one.activations_gpu_gib / 4, rel=1e-3)
+    assert sp4.model_states_gpu_gib == one.model_states_gpu_gib
+    assert "1/4 of each row per rank" in report(sp4)
+    p = subprocess.run([sys.executable, "launch/train_reward.py", "--model", llama3_8b, "--tokenizer",
+                        demo_assets["model"], "--data", demo_assets["train"], "--output_dir", str(tmp_path / "o"),
+                        "--ds_config", "ds_configs/zero3.json", "--dry-run", "--world_size", "8", "--max_len",
+                        "65536", "--micro_batch_size", "1", "--gradient_checkpointing", "--sequence_parallel", "4",
+                        "--gpu_memory_gb", "80"], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    body = json.JSONDecoder().raw_decode(p.stdout[p.stdout.index("{"):])[0]
+    assert body["estimate"]["sequence_parallel"] == 4 and body["deepspeed"]["sequence_parallel_size"] == 4
+    assert body["deepspeed"]["train_batch_size"] == 2  # 1 pair x 8 / 4 data-parallel groups
+    assert body["estimate"]["activations_gpu_gib"] == sp4.activations_gpu_gib
 
 
 def test_lora_dry_run_reports_trainable_parameters_and_the_memory_saved(llama3_8b):

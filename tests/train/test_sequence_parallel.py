@@ -6,7 +6,8 @@
 - Whole runs: 2 ranks at N=2 (one data-parallel group) against 1 rank at N=1 with the same global batch,
   fp32, 8 steps: per-step losses, the held-out metrics and reward.pt's rewards agree within 1e-5 relative
   (its weights within Adam's drift on near-zero gradients, 1e-3). Padded
-  under ZeRO-3, packed under ZeRO-2, and a Qwen2 backbone with grouped KV heads packed under ZeRO-3.
+  under ZeRO-3, packed under ZeRO-2, and a Qwen2 backbone with grouped KV heads packed under ZeRO-3 (at N=2
+  also with activation checkpointing and DeepSpeed's tiled MLP).
 - Kill -9 mid-run at N=2 and resume: bit-exact. A different N on resume, and impossible combinations,
   exit 2 naming the numbers.
 """
@@ -93,14 +94,18 @@ def test_two_sequence_ranks_train_like_one_rank(tmp_path, demo_assets, tiny_pret
         "packed_z2": (tiny_pretrained, "zero2", {"packing": True, "pack_len": 64}),
         "qwen2_packed_z3": (qwen2, "zero3", {"packing": True, "pack_len": 64, "tokenizer": tiny_pretrained}),
     }
+    # the long-context setup on the Qwen2 run at N=2: activation checkpointing and DeepSpeed's tiled MLP too
+    long_context = {"qwen2_packed_z3": {"gradient_checkpointing": True, "tiled_mlp": True}}
     for name, (model, ds, flags) in cases.items():
         one, two = tmp_path / f"{name}_one", tmp_path / f"{name}_two"
         train(one, train_args(model, demo_assets["train"], demo_assets["test"], "zero2", **COMMON | flags),
               launcher="python", nprocs=1)
         log = train(two, train_args(model, demo_assets["train"], demo_assets["test"], ds,
-                                    **COMMON | flags | {"sequence_parallel": 2}), launcher="torchrun", nprocs=2).stdout
+                                    **COMMON | flags | {"sequence_parallel": 2} | long_context.get(name, {})),
+                    launcher="torchrun", nprocs=2).stdout
         if flags["packing"]:  # the start-up check passes through the sequence-parallel engine
             assert "packing off" not in log
+        assert ("tiled MLP (DeepSpeed's TiledMLP) in 2 layers" in log) == (name in long_context)
         assert len(losses(two)) == 8 and close(losses(two), losses(one)), name
         e1, e2 = metrics(one, "eval")[-1], metrics(two, "eval")[-1]
         assert e2["acc"] == e1["acc"] and close([e2["loss"], e2["margin"]], [e1["loss"], e1["margin"]]), name
