@@ -7,8 +7,7 @@ the sequence-parallel seam, without an engine.
 
 A tiny backbone (llama, or qwen2 with grouped KV heads) from a fixed seed, one right-padded batch whose last
 tokens fall on rank 0, on rank 1 and on either side of the boundary, and a batch of a packed row and a padded
-one. Writes the rewards and the gradients of sum(w * r) (summed over the ranks, as DeepSpeed sums them over a
-sequence group).
+one. Writes the rewards and the gradients of sum(w * r), averaged over the ranks as DeepSpeed averages them.
 """
 
 from __future__ import annotations
@@ -59,8 +58,8 @@ def main(out: str, model_type: str) -> None:
     with torch.no_grad():
         packed = model(ids[:2, :12], None, pos, torch.tensor([[0, 3], [0, 6], [0, 11], [1, 9]]))
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for v in grads.values():
-        engine.all_reduce_sum(v)
+    for v in grads.values():  # averaged over the ranks, as DeepSpeed averages them over the world
+        engine.all_reduce_sum(v).div_(rt.world_size)
     if rt.is_main:
         grads = {k: v.flatten().tolist() for k, v in grads.items()}
         Path(out).write_text(json.dumps({"rewards": r.tolist(), "packed": packed.tolist(), "grads": grads}))

@@ -83,8 +83,8 @@ def check_resume(cfg: RunConfig, world: int, zero_stage: int) -> tuple[Path | No
 
 
 def check_sequence_parallel(target: Path, then: int, now: int, moved: dict) -> None:
-    """Under sequence parallelism DeepSpeed names checkpoint files by sequence rank, and its universal
-    conversion does not know those groups: a checkpoint resumes at its own N and world size only."""
+    """A checkpoint resumes at its own train.sequence_parallel, and under sequence parallelism at its own
+    world size and ZeRO stage: a change of the sequence groups on resume is not built (nor tested) yet."""
     if then != now:
         raise ConfigError([f"cannot resume {target}: it was written with train.sequence_parallel {then}, this run "
                            f"has {now}; resume with --sequence_parallel {then}, or --resume never to start over"])

@@ -298,11 +298,9 @@ def _recorded(obj, name: str, failures: list[BaseException]):
 
 
 def initialize(model: torch.nn.Module, ds_config: dict, optimizer=None, lr_scheduler=None,
-               leaf_modules: list[type] | None = None, mpu=None) -> Engine:
+               leaf_modules: list[type] | None = None) -> Engine:
     """leaf_modules (ZeRO-3): module classes whose parameters are gathered all at once on entry, e.g. an
-    MoE block, so that ranks whose tokens reach different experts gather the same parameters. mpu: the
-    sequence-parallel groups (sequence_parallel.setup), so DeepSpeed averages gradients over the
-    data-parallel groups only."""
+    MoE block, so that ranks whose tokens reach different experts gather the same parameters."""
     import deepspeed
 
     if leaf_modules and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
@@ -311,7 +309,7 @@ def initialize(model: torch.nn.Module, ds_config: dict, optimizer=None, lr_sched
         set_z3_leaf_modules(model, leaf_modules)
 
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer,
-                                           lr_scheduler=lr_scheduler, mpu=mpu,
+                                           lr_scheduler=lr_scheduler,
                                            model_parameters=None if optimizer else
                                            [p for p in model.parameters() if p.requires_grad])
     return Engine(engine)

@@ -61,7 +61,7 @@ def prepare(cfg: RunConfig, world: int | None = None) -> Plan:
     # DeepSpeed's batch arithmetic is over the data-parallel groups: world / N
     ds_cfg, cfg = resolve_ds_config(cfg, world // n, hidden, cuda=torch.cuda.is_available())
     if n > 1:
-        ds_cfg["sequence_parallel_size"] = n  # what zero.Init (ZeRO-3 via HfDeepSpeedConfig) reads
+        ds_cfg["sequence_parallel_size"] = n  # DeepSpeed checks train_batch_size against world / N with it
     if os.environ.get("RANK", "0") != "0":
         return Plan(cfg, ds_cfg, None)
     # one rank checks (the launcher stops the others if it fails); train() gives them its plan
@@ -220,8 +220,7 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, t
         print(f"[rm_trainer] LoRA: {json.dumps(trainable_summary(model))}", flush=True)
     optimizer = None if "optimizer" in ds_cfg else build_optimizer(model, t)
     scheduler = None if "scheduler" in ds_cfg else scheduler_factory(t, total)
-    eng = engine.initialize(model, ds_cfg, optimizer, scheduler, moe.leaf_module_classes(model),
-                            seq.mpu if seq else None)
+    eng = engine.initialize(model, ds_cfg, optimizer, scheduler, moe.leaf_module_classes(model))
     del z3
     eng.train()
     return eng, backbone

@@ -10,13 +10,17 @@
   rank of the group; that rank gathers its row from its own hidden states and runs the final norm and
   the head. The other ranks contribute zeros, and one all-reduce of a [sequences] tensor gives every rank
   of the group all the rewards. No [B, T, H] tensor is ever gathered.
-- Gradients: every rank of a group computes the same loss from the same summed rewards, and the sum's
-  backward hands each rank that loss's gradient unchanged. DeepSpeed sums parameter gradients over the
-  ranks of a group and averages over the data-parallel groups (it divides by world / N), so the update
-  equals that of the unsplit sequences on one rank per group.
+- Gradients: DeepSpeed sees every rank as data-parallel and averages gradients over the whole world, W =
+  groups x N. The objective is then the mean of the ranks' losses, each group's loss counted N times,
+  which is the mean over the groups' batches. Its gradient through the sum over a group is the sum of the
+  group's N equal upstream gradients: N x the local one (the sum's backward). So the update equals that of
+  the unsplit rows on one rank per group, under ZeRO-2 and ZeRO-3 alike.
 
-With deepspeed.initialize's `mpu` (the groups below), DeepSpeed names checkpoint files by sequence rank
-(mp_rank_XX). A checkpoint therefore resumes at the same N only (checkpointer.check_resume says so).
+  deepspeed.initialize gets no sequence-parallel `mpu`. With one, DeepSpeed 0.19.8 divides gradients by
+  W / N on ZeRO-2 and on ZeRO-3's contiguous path, but by W on ZeRO-3's reduce-scatter path: ZeRO-3 runs
+  trained with gradients (and clipping norms) 1/N too small. That was measured here. Without the mpu,
+  every path divides by W, and checkpoints are those of W data-parallel ranks. The ZeRO config's
+  "sequence_parallel_size" key keeps DeepSpeed's batch arithmetic over the W / N groups.
 """
 
 from __future__ import annotations
@@ -77,18 +81,20 @@ def check(cfg, world: int, backbone: dict) -> None:
 
 
 class _SumOverGroup(torch.autograd.Function):
-    """All-reduce (sum) over the sequence group; the backward passes the gradient through unchanged (every
-    rank of the group holds the same loss, and DeepSpeed sums parameter gradients over the group)."""
+    """All-reduce (sum) over the sequence group. Its backward is the sum of the group's upstream gradients,
+    which are equal (every rank of the group computes the same loss from the same sums): N x the local one,
+    without a second collective."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
         return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        return grad * dist.get_world_size(ctx.group), None
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,7 @@ class SequenceShard:
     last-token rows this rank holds, and sum the rewards over the group."""
 
     def __init__(self, mpu, n: int):
-        self.mpu, self.n = mpu, n
+        self.n = n
         self.group = mpu.get_sequence_parallel_group()
         self.rank = mpu.get_sequence_parallel_rank()
 
@@ -190,8 +196,8 @@ class _AnyBatch:
 
 
 def setup(n: int, backbone_config, attn: str) -> SequenceShard:
-    """After the process group exists, on every rank: DeepSpeed's sequence-parallel groups (its mpu, for
-    deepspeed.initialize) and its Ulysses attention in place of `attn` for this process."""
+    """After the process group exists, on every rank: DeepSpeed's sequence-parallel groups and its Ulysses
+    attention in place of `attn` for this process."""
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -5,9 +5,11 @@
   gradients summed over the group, each equal to one process holding the whole rows.
 - Whole runs: 2 ranks at N=2 (one data-parallel group) against 1 rank at N=1 with the same global batch,
   fp32, 8 steps: per-step losses, the held-out metrics and reward.pt's rewards agree within 1e-5 relative
-  (its weights within Adam's drift on near-zero gradients, 1e-3). Padded
+  (its weights within Adam's drift on near-zero gradients, 1e-3), and so does the first step's gradient
+  norm. Padded
   under ZeRO-3, packed under ZeRO-2, and a Qwen2 backbone with grouped KV heads packed under ZeRO-3 (at N=2
   also with activation checkpointing and DeepSpeed's tiled MLP).
+- 4 ranks = 2 data-parallel groups x 2 sequence ranks against 2 data-parallel ranks, the same way.
 - Kill -9 mid-run at N=2 and resume: bit-exact. A different N on resume, and impossible combinations,
   exit 2 naming the numbers.
 """
@@ -87,6 +89,17 @@ COMMON = {"dtype": "fp32", "lr": 1e-3, "max_steps": 8, "warmup_steps": 1, "max_l
           "eval_every": 4, "save_every": 4, "micro_batch_size": 2}
 
 
+def assert_same_training(one, two, name: str) -> None:
+    """Per-step losses and the held-out metrics within REL; and the first step's gradient norm, taken before
+    any Adam update can amplify rounding: it checks the gradient's scale (a 1/N error would halve it, while
+    Adam, nearly blind to a uniform scale, would leave the losses close)."""
+    m1, m2 = metrics(one), metrics(two)
+    assert len(m2) == 8 and close(losses(two), losses(one)), name
+    assert close([m2[0]["grad_norm"]], [m1[0]["grad_norm"]]), (name, m1[0]["grad_norm"], m2[0]["grad_norm"])
+    e1, e2 = metrics(one, "eval")[-1], metrics(two, "eval")[-1]
+    assert e2["acc"] == e1["acc"] and close([e2["loss"], e2["margin"]], [e1["loss"], e1["margin"]]), name
+
+
 def test_two_sequence_ranks_train_like_one_rank(tmp_path, demo_assets, tiny_pretrained):
     qwen2 = qwen2_sft(tmp_path, tiny_pretrained)
     cases = {  # name: (model, ZeRO config of the N=2 run, flags)
@@ -106,9 +119,7 @@ def test_two_sequence_ranks_train_like_one_rank(tmp_path, demo_assets, tiny_pret
         if flags["packing"]:  # the start-up check passes through the sequence-parallel engine
             assert "packing off" not in log
         assert ("tiled MLP (DeepSpeed's TiledMLP) in 2 layers" in log) == (name in long_context)
-        assert len(losses(two)) == 8 and close(losses(two), losses(one)), name
-        e1, e2 = metrics(one, "eval")[-1], metrics(two, "eval")[-1]
-        assert e2["acc"] == e1["acc"] and close([e2["loss"], e2["margin"]], [e1["loss"], e1["margin"]]), name
+        assert_same_training(one, two, name)
         a, b = load_artifact(one), load_artifact(two)
         # the reward function: reward.pt's rewards on the probe pairs (re-scored at consolidation)
         assert close(b["probe"]["rewards"].tolist(), a["probe"]["rewards"].tolist()), name
@@ -119,6 +130,18 @@ def test_two_sequence_ranks_train_like_one_rank(tmp_path, demo_assets, tiny_pret
             assert close(b["state_dict"][k].flatten().tolist(), w.flatten().tolist(), rel=1e-3), (name, k)
         record = json.loads((two / "checkpoints" / "step_8" / "rm_trainer_meta.json").read_text())
         assert record["resume_keys"]["sequence_parallel"] == 2 and record["resume_keys"]["global_batch"] == 2
+
+
+def test_two_groups_of_two_sequence_ranks_train_like_two_data_parallel_ranks(tmp_path, demo_assets,
+                                                                            tiny_pretrained):
+    """4 ranks = 2 data-parallel groups x 2 sequence ranks against 2 ranks of pure data parallelism, ZeRO-3,
+    the same global batch: the averaging over groups composes with the sum over a group."""
+    args = train_args(tiny_pretrained, demo_assets["train"], demo_assets["test"], "zero3",
+                      **COMMON | {"packing": False})
+    dp, dp_sp = tmp_path / "dp2", tmp_path / "dp2_sp2"
+    train(dp, args, launcher="torchrun", nprocs=2)
+    train(dp_sp, args + ["--sequence_parallel", "2"], launcher="torchrun", nprocs=4)
+    assert_same_training(dp, dp_sp, "2 x 2")
 
 
 def test_kill_at_two_sequence_ranks_resumes_bit_exact(tmp_path, demo_assets, tiny_pretrained):
