@@ -262,5 +262,6 @@ def _tiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         # collective): the most any rank wants, but no more than the fewest rows any rank has
         dist.all_reduce(shards, op=dist.ReduceOp.MAX)
     n = max(1, min(int(shards[0]), -int(shards[1])))
-    params = [self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight]
-    return TiledMLP.apply(_gated_mlp, self, x, n, params)
+    # every parameter the MLP trains (its weights, or LoRA's adapters on them): DeepSpeed holds their gradient
+    # reduction back until the last shard's backward
+    return TiledMLP.apply(_gated_mlp, self, x, n, list(self.parameters()))

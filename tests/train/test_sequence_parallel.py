@@ -69,13 +69,14 @@ def test_rewards_and_gradients_at_the_seam_equal_the_unsplit_forward(tmp_path, m
 
 
 def qwen2_sft(tmp_path, tokenizer_dir) -> str:
-    """A tiny Qwen2 (4 query heads, 2 KV heads) for the demo's vocabulary, saved like an SFT checkpoint. Its
+    """A tiny Qwen2 (4 query heads of 4, 2 KV heads) for the demo's vocabulary, saved like an SFT checkpoint. Its
     runs take the demo's word-level tokenizer with --tokenizer (transformers would load a folder of model
     type qwen2 with Qwen2's own tokenizer class)."""
     from transformers import AutoConfig, AutoModel
 
     llama = AutoConfig.from_pretrained(tokenizer_dir)
-    cfg = AutoConfig.for_model("qwen2", vocab_size=llama.vocab_size, hidden_size=64, intermediate_size=128,
+    # H = 16: a rank's 32 columns of a 64-token packed row at N=2 are 2 shards of the tiled MLP (ceil(32 / H))
+    cfg = AutoConfig.for_model("qwen2", vocab_size=llama.vocab_size, hidden_size=16, intermediate_size=48,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                max_position_embeddings=256, **{k: getattr(llama, k) for k in
                                                                ("bos_token_id", "eos_token_id", "pad_token_id")})
