@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -161,7 +162,7 @@ class _AnyBatch:
 
     def __init__(self, uattn):
         self.uattn = uattn
-        self._key: torch.Tensor | None = None  # the position_ids of the forward the cached mask belongs to
+        self._key: weakref.ref | None = None  # the position_ids of the forward the cached mask belongs to
         self._mask: torch.Tensor | None = None
 
     def __call__(self, module, query, key, value, attention_mask, *args, **kwargs):
@@ -182,17 +183,24 @@ class _AnyBatch:
 
     def packed_mask(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         """(B, 1, T, T) bool: causal within each sequence (a new one starts where the global position is 0),
-        or None when every row holds one sequence (sdpa's own causal path). Built once per forward."""
-        if self._key is not position_ids:
+        or None when every row holds one sequence (sdpa's own causal path). Built once per forward (every
+        layer, and the recompute of a checkpointed one, gets the same position_ids tensor) from one small
+        all-gather of the group's position ids. The mask is released with that tensor, i.e. once the
+        forward and its backward are done, not held until the next forward."""
+        if self._key is None or self._key() is not position_ids:
             parts = [torch.empty_like(position_ids) for _ in range(self.uattn.world_size)]
             dist.all_gather(parts, position_ids.contiguous(), group=self.uattn.process_group)
             doc = (torch.cat(parts, 1) == 0).cumsum(1)
-            self._key, self._mask = position_ids, None
+            self._key, self._mask = weakref.ref(position_ids, self._release), None
             if bool((doc[:, -1] > 1).any()):
                 T = doc.shape[1]
                 causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
                 self._mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
         return self._mask
+
+    def _release(self, ref: weakref.ref) -> None:
+        if self._key is ref:
+            self._key = self._mask = None
 
 
 def setup(n: int, backbone_config, attn: str) -> SequenceShard:
