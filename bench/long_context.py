@@ -13,7 +13,8 @@ the dry-run table for Llama-3-8B (JSON out).
      --budget_gib per rank at N=1 and at N=2;
   3. the table: rm-estimate's figures (train/estimate.py, the same as --dry-run) for Llama-3-8B on 8 x 80 GB,
      ZeRO-3, bf16, activation checkpointing, one pair per micro-batch, T = 16K..128K and N = 1, 2, 4, 8,
-     with the smallest N that fits (and with 10% left for buffers), and the activations with --tiled_mlp.
+     with the smallest N that fits (and with 10% left for buffers), and the activations with --tiled_mlp
+     or with --offload_activations (and the pinned host memory per GPU that takes).
 
     python bench/long_context.py                      # T = 1K..16K (~10 min on 2 cores)
     python bench/long_context.py --lengths 512,1024   # seconds
@@ -104,11 +105,14 @@ def eight_b_table(work: Path) -> dict:
     rows, need, headroom = [], {}, {}
     for T in (16384, 32768, 65536, 131072):
         for n in (1, 2, 4, 8):
-            e, tiled = (estimate(str(work / "llama3_8b"), {"zero_optimization": {"stage": 3}}, 8, 8, 1, T, "bf16",
-                                 True, 80, sequence_parallel=n, tiled_mlp=t) for t in (False, True))
+            e, tiled, off = (estimate(str(work / "llama3_8b"), {"zero_optimization": {"stage": 3}}, 8, 8, 1, T,
+                                      "bf16", True, 80, sequence_parallel=n, tiled_mlp=t, offload_activations=o)
+                             for t, o in ((False, False), (True, False), (False, True)))
             rows.append({"t": T, "n": n, "model_states_gib": e.model_states_gpu_gib,
                          "activations_gib": e.activations_gpu_gib, "total_gib": e.total_gpu_gib, "fits": e.fits,
-                         "activations_gib_tiled_mlp": tiled.activations_gpu_gib})
+                         "activations_gib_tiled_mlp": tiled.activations_gpu_gib,
+                         "activations_gib_offload": off.activations_gpu_gib,
+                         "offloaded_cpu_gib_per_gpu": off.activations_cpu_gib})
             if e.fits and T not in need:
                 need[T] = n
             if e.total_gpu_gib <= 0.9 * 80 and T not in headroom:  # 10% for buffers and fragmentation

@@ -48,6 +48,10 @@ class ModelConfig(Section):
     tiled_mlp: bool = Field(False, description="long inputs: each gated MLP computed in shards of ~H tokens and "
                             "recomputed per shard in the backward (DeepSpeed's TiledMLP), so a row's MLP "
                             "activations never exist at once; costs one more MLP forward (docs/long-context.md)")
+    offload_activations: bool = Field(False, description="with gradient_checkpointing: each checkpointed layer "
+                                      "input waits for the backward in pinned CPU memory, copied on a side "
+                                      "stream (DeepSpeed's CheckpointHiddenStatesOffload); GPUs only, a no-op on "
+                                      "CPU (docs/long-context.md)")
     head_init_std: float | None = Field(None, gt=0, description="std of the score head; default 1/sqrt(H+1)")
     lora_r: int = Field(0, ge=0, description="LoRA rank (peft); 0 = full fine-tuning. The score head is always "
                         "fully trained; only adapters and head get optimizer state")
@@ -218,6 +222,9 @@ class RunConfig(Section):
         if self.train.tie_loss == "davidson" and not self.data.tie_key and not model_only:
             problems.append("train.tie_loss davidson models tied pairs: name their column with data.tie_key "
                             "(--tie_key tie)")
+        if self.model.offload_activations and not self.model.gradient_checkpointing:
+            problems.append("model.offload_activations moves the checkpointed layer inputs to CPU: it needs "
+                            "model.gradient_checkpointing (--gradient_checkpointing)")
         if self.output.lora_export and not self.model.lora_r:
             problems.append("output.lora_export needs LoRA: set model.lora_r (--lora_r 8)")
         if self.model.lora_target is not None and not self.model.lora_target:

@@ -3,10 +3,11 @@ and the one batched scorer (score_sequences) that score_texts, rm-score, rm-serv
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -297,13 +298,26 @@ def disable_dropout(module: nn.Module) -> int:
     return n
 
 
-def enable_checkpointing(backbone: nn.Module, use_reentrant: bool = False) -> None:
-    """Activation checkpointing of every decoder layer (transformers v5 renamed the method)."""
+def enable_checkpointing(backbone: nn.Module, use_reentrant: bool = False,
+                         mark: Callable[[torch.Tensor], None] | None = None) -> None:
+    """Activation checkpointing of every decoder layer (transformers v5 renamed the method). mark: called
+    with each layer's input as the checkpoint receives it, after the layer's forward pre-hooks (ZeRO-3's
+    replace it), before the checkpoint saves it (the activation offload's hooks look for it there)."""
     kwargs = {"use_reentrant": use_reentrant}
     if hasattr(backbone, "activation_checkpointing_enable"):
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if mark is not None:
+        for m in backbone.modules():
+            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
+                m._gradient_checkpointing_func = functools.partial(_marked, m._gradient_checkpointing_func, mark)
+
+
+def _marked(checkpoint: Callable, mark: Callable, function: Callable, *args, **kwargs):
+    if args and torch.is_tensor(args[0]):
+        mark(args[0])
+    return checkpoint(function, *args, **kwargs)
 
 
 def build_backbone(path: str, dtype: torch.dtype, random_init: bool = False,

@@ -35,7 +35,8 @@ OPTIONAL = {
     "matplotlib": "the evaluation pictures only (pip install 'rm_trainer[eval]'); reports work without them",
     "wandb": "a logging sink some teams use; never required",
 }
-DEEPSPEED_HOME = ("rm_trainer.train.engine", "rm_trainer.train.sequence_parallel")  # the groups, Ulysses attention
+# the engine; the groups and Ulysses attention; the tiled MLP and the activation offload
+DEEPSPEED_HOME = ("rm_trainer.train.engine", "rm_trainer.train.sequence_parallel", "rm_trainer.train.long_context")
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
 
 

@@ -183,11 +183,16 @@ class Engine:
     """The DeepSpeed engine behind the few methods the loop's owners call. The step, the evaluator, the
     checkpointer and the logger see only this class: an FSDP2 engine would implement the same methods."""
 
-    def __init__(self, ds_engine):
+    def __init__(self, ds_engine, offload=None):  # offload: long_context.ActivationOffload, or None
         self.ds = ds_engine
+        self.offload = offload
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         return self.ds(*args, **kwargs)
+
+    def micro_step(self):
+        """Around one micro-batch's forward AND backward (--offload_activations: see ActivationOffload)."""
+        return contextlib.nullcontext() if self.offload is None else self.offload.micro_step()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)  # DeepSpeed scales by 1/grad_accum and reduces across ranks
@@ -298,7 +303,7 @@ def _recorded(obj, name: str, failures: list[BaseException]):
 
 
 def initialize(model: torch.nn.Module, ds_config: dict, optimizer=None, lr_scheduler=None,
-               leaf_modules: list[type] | None = None) -> Engine:
+               leaf_modules: list[type] | None = None, offload=None) -> Engine:
     """leaf_modules (ZeRO-3): module classes whose parameters are gathered all at once on entry, e.g. an
     MoE block, so that ranks whose tokens reach different experts gather the same parameters."""
     import deepspeed
@@ -312,7 +317,7 @@ def initialize(model: torch.nn.Module, ds_config: dict, optimizer=None, lr_sched
                                            lr_scheduler=lr_scheduler,
                                            model_parameters=None if optimizer else
                                            [p for p in model.parameters() if p.requires_grad])
-    return Engine(engine)
+    return Engine(engine, offload)
 
 
 def to_universal(src: Path, dst: Path, log: Path) -> None:

@@ -41,6 +41,7 @@ class Estimate:
     full_model_states_gpu_gib: float | None = None  # LoRA: what full fine-tuning would need
     active_params: int | None = None  # MoE: the parameters one token goes through
     sequence_parallel: int = 1  # each rank's activations are those of T / N tokens
+    activations_cpu_gib: float | None = None  # --offload_activations: pinned host memory per GPU
 
 
 def count_params(model_path: str, lora: dict | None = None) -> tuple[int, int, str, dict]:
@@ -72,14 +73,16 @@ def count_params(model_path: str, lora: dict | None = None) -> tuple[int, int, s
 
 
 def activation_bytes(cfg: dict, micro_pairs: int, seq_len: int, dtype: str, checkpointing: bool,
-                     tiled_mlp: bool = False) -> int:
+                     tiled_mlp: bool = False, offload: bool = False) -> tuple[int, int]:
     """The 2B concatenated forward. With checkpointing: one saved layer input per layer
     (L * 2B * T * H * bytes) plus one layer's full activations while it is recomputed. Without: all
     layers' activations. Per token, a Llama-style layer keeps ~(8H + 4*kv + 4I) values in the compute
     dtype (norm outputs, q/k/v, rotated q/k, attention output, gate/up/act/product) plus two fp32 norm
     copies (8H bytes); sdpa/flash attention keep no T x T scores. An MoE layer keeps its top-k experts'
     MLP activations instead (see below). tiled_mlp (dense): the MLP's 4*I values exist for one shard of
-    ~H tokens at a time instead of every token. An approximation, not DeepSpeed's."""
+    ~H tokens at a time instead of every token. offload (with checkpointing): the saved layer inputs wait
+    in host memory, except the last layer's and up to two whose copies are in flight (DeepSpeed's keep-last
+    1 and stash 2). Returns (device bytes, host bytes). An approximation, not DeepSpeed's."""
     b = DTYPE_BYTES[dtype]
     H = cfg.get("hidden_size") or cfg.get("n_embd")
     L = cfg.get("num_hidden_layers") or cfg.get("n_layer")
@@ -98,15 +101,16 @@ def activation_bytes(cfg: dict, micro_pairs: int, seq_len: int, dtype: str, chec
     if tiled_mlp and not experts:
         per_layer_token -= b * 4 * I
         mlp_shard = b * 4 * I * min(H, tokens)
-    if checkpointing:
-        return L * tokens * H * b + tokens * per_layer_token + mlp_shard
-    return L * (tokens * per_layer_token + mlp_shard)
+    if not checkpointing:
+        return L * (tokens * per_layer_token + mlp_shard), 0
+    on_device = min(L, 3) if offload else L
+    return on_device * tokens * H * b + tokens * per_layer_token + mlp_shard, (L - on_device) * tokens * H * b
 
 
 def estimate(model_path: str, ds_cfg: dict, world_size: int, gpus_per_node: int | None = None,
              micro_pairs: int | None = None, seq_len: int | None = None, dtype: str = "bf16",
              checkpointing: bool = False, gpu_memory_gb: float | None = None, lora: dict | None = None,
-             sequence_parallel: int = 1, tiled_mlp: bool = False) -> Estimate:
+             sequence_parallel: int = 1, tiled_mlp: bool = False, offload_activations: bool = False) -> Estimate:
     """lora: the model config section (a dict with lora_r ...): model states are then DeepSpeed's figure for
     the trainable parameters plus the frozen weights in the training dtype (sharded under ZeRO-3).
     sequence_parallel N: a rank holds T / N tokens of every row (Ulysses' all-to-all trades them for
@@ -128,15 +132,16 @@ def estimate(model_path: str, ds_cfg: dict, world_size: int, gpus_per_node: int 
         frozen = (total - cfg["hidden_size"]) * DTYPE_BYTES[dtype]  # every base weight, in the training dtype
         cpu, gpu = model_states_memory(stage, trainable, largest, gpn, nodes, off_opt, off_par)
         gpu += frozen // world_size if stage == 3 and not off_par else frozen
-    act = None
+    act = host = None
     if micro_pairs and seq_len:
-        act = activation_bytes(cfg, micro_pairs, -(-seq_len // sequence_parallel), dtype, checkpointing, tiled_mlp)
+        act, host = activation_bytes(cfg, micro_pairs, -(-seq_len // sequence_parallel), dtype, checkpointing,
+                                     tiled_mlp, offload_activations)
     total_gpu = (gpu + act) if act is not None else None
     fits = None if gpu_memory_gb is None or total_gpu is None else total_gpu / GiB <= gpu_memory_gb
     return Estimate(total, largest, name, stage, world_size, gpn, off_opt, off_par, round(gpu / GiB, 2),
                     round(cpu / GiB, 2), None if act is None else round(act / GiB, 2),
                     None if total_gpu is None else round(total_gpu / GiB, 2), gpu_memory_gb, fits, trainable, full_gpu,
-                    cfg.get("active_params"), sequence_parallel)
+                    cfg.get("active_params"), sequence_parallel, round(host / GiB, 2) if host else None)
 
 
 def estimate_run(cfg: RunConfig, ds_cfg: dict, flags: dict) -> Estimate:
@@ -147,7 +152,8 @@ def estimate_run(cfg: RunConfig, ds_cfg: dict, flags: dict) -> Estimate:
     world = flags.get("world_size") or world_size_from_env()
     return estimate(cfg.model.path, ds_cfg, world, flags.get("gpus_per_node"), cfg.train.micro_batch_size,
                     cfg.data.max_len, cfg.train.dtype, cfg.model.gradient_checkpointing, flags.get("gpu_memory_gb"),
-                    cfg.model.model_dump(), cfg.train.sequence_parallel, cfg.model.tiled_mlp)
+                    cfg.model.model_dump(), cfg.train.sequence_parallel, cfg.model.tiled_mlp,
+                    cfg.model.offload_activations)
 
 
 def _count(n: int) -> str:
@@ -173,6 +179,9 @@ def report(e: Estimate) -> str:
         sp = f", 1/{e.sequence_parallel} of each row per rank" if e.sequence_parallel > 1 else ""
         lines.append(f"  activations (2B forward{sp}): {e.activations_gpu_gib:.2f} GiB; total per GPU "
                      f"{e.total_gpu_gib:.2f} GiB (+ framework buffers and fragmentation)")
+    if e.activations_cpu_gib is not None:
+        lines.append(f"  offloaded layer inputs: {e.activations_cpu_gib:.2f} GiB of pinned CPU memory per GPU "
+                     f"({e.activations_cpu_gib * e.gpus_per_node:.2f} GiB per node), copied on a side stream")
     if e.fits is not None:
         verdict = "FITS" if e.fits else "DOES NOT FIT"
         lines.append(f"  {verdict} in {e.gpu_memory_gb:g} GB per GPU")

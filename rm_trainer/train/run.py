@@ -22,7 +22,7 @@ from rm_trainer.data.tokenize import load_tokenizer
 from rm_trainer.errors import ConfigError, DataError
 from rm_trainer.lora import apply_lora, trainable_summary
 from rm_trainer.model import DTYPES, RewardModel, build_backbone, check_packing, disable_dropout, enable_checkpointing
-from rm_trainer.train import engine, sequence_parallel
+from rm_trainer.train import engine, long_context, sequence_parallel
 from rm_trainer.train.best import read_best
 from rm_trainer.train.checkpointer import (
     EXIT_PREEMPTED,
@@ -142,7 +142,8 @@ def train(plan: Plan) -> dict:
     finally:
         log.close()
         ckpt.close()
-    return finish(cfg, rt, out, total, evaluator, guard.total, log)
+    offload = eng.offload.totals if eng.offload else None  # counts of this rank's hooks
+    return finish(cfg, rt, out, total, evaluator, guard.total, log, offload)
 
 
 def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime, packing: bool) -> PairSampler:
@@ -195,7 +196,7 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, t
     z3 = engine.zero3_context(ds_cfg)
     backbone, head = build_backbone(cfg.model.path, DTYPES[t.dtype], cfg.model.random_init,
                                     cfg.model.attn_implementation)
-    tiled = sequence_parallel.tile_mlps(backbone) if cfg.model.tiled_mlp else 0
+    tiled = long_context.tile_mlps(backbone) if cfg.model.tiled_mlp else 0
     if cfg.model.tiled_mlp and rt.is_main:
         print(f"[rm_trainer] tiled MLP (DeepSpeed's TiledMLP) in {tiled} layers", flush=True)
     seq = None  # --sequence_parallel N: DeepSpeed's groups, and its Ulysses attention in place of the backbone's
@@ -205,8 +206,9 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, t
         disable_dropout(backbone)
     if cfg.model.lora_r:  # after disable_dropout: an explicit lora_dropout is kept
         backbone = apply_lora(backbone, cfg.model.model_dump(), t.seed)
-    if cfg.model.gradient_checkpointing:
-        enable_checkpointing(backbone)
+    offload = long_context.ActivationOffload() if cfg.model.offload_activations else None
+    if cfg.model.gradient_checkpointing:  # --offload_activations: each layer's checkpointed input is marked
+        enable_checkpointing(backbone, mark=offload.mark if offload else None)
     model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed, reward_path=cfg.model.reward_path, head=head,
                         tie_rate=tie_rate(train_ds) if t.tie_loss == "davidson" else None, seq=seq)
     if moe.routing(backbone.config):  # an MoE backbone: the router's load-balancing loss, and leaf blocks
@@ -220,7 +222,7 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, t
         print(f"[rm_trainer] LoRA: {json.dumps(trainable_summary(model))}", flush=True)
     optimizer = None if "optimizer" in ds_cfg else build_optimizer(model, t)
     scheduler = None if "scheduler" in ds_cfg else scheduler_factory(t, total)
-    eng = engine.initialize(model, ds_cfg, optimizer, scheduler, moe.leaf_module_classes(model))
+    eng = engine.initialize(model, ds_cfg, optimizer, scheduler, moe.leaf_module_classes(model), offload)
     del z3
     eng.train()
     return eng, backbone
@@ -246,13 +248,20 @@ def make_logger(plan: Plan, rt: engine.Runtime, record, done: int, total: int) -
 
 
 def finish(cfg: RunConfig, rt: engine.Runtime, out: Path, total: int, evaluator: Evaluator, skipped: int,
-           log: MetricsLogger) -> dict:
+           log: MetricsLogger, offload: dict | None = None) -> dict:
     """End of run. Every rank leaves the process group first; then rank 0 alone writes the held-out
     evaluation's report (OUT/eval/), consolidates, verifies and exports (minutes for a big model) with no
     collective pending, so no rank can time out waiting."""
     engine.leave_process_group()
     sequence_parallel.teardown()  # --sequence_parallel: transformers' attention back for scoring alone
     result = {"steps": total, "eval": evaluator.last, "skipped_steps": skipped}
+    if offload is not None:  # --offload_activations, this process's micro steps (rank 0's)
+        result["activation_offload"] = offload
+        if rt.is_main:
+            print(f"[rm_trainer] activation offload on rank 0: {offload['inputs']} checkpointed layer inputs, "
+                  f"{offload['offloaded']} of them moved to CPU ({offload['offloaded_bytes'] / 2**30:.3f} GiB), "
+                  f"{offload['kept']} kept on the device (the last layer's, or tensors already on the CPU)",
+                  flush=True)
     if rt.is_main and evaluator.report is not None:  # each response scored on its own, as rm-eval does
         from rm_trainer.eval import report
 

@@ -239,37 +239,3 @@ def teardown() -> None:
         ALL_ATTENTION_FUNCTIONS[attn] = fn
     _replaced.clear()
     mpu._release_sequence_parallel_groups()
-
-
-def tile_mlps(backbone: torch.nn.Module) -> int:
-    """--tiled_mlp: every gated MLP (gate_proj, up_proj, down_proj, act_fn: Llama, Qwen, Mistral) runs through
-    DeepSpeed's TiledMLP, in shards of about H tokens, recomputing each shard in the backward: the
-    [tokens, intermediate] activations of a whole row never exist at once (the largest part of a layer's
-    recompute peak under activation checkpointing, 4 x I values per token). Returns how many were tiled."""
-    import types
-
-    n = 0
-    for m in backbone.modules():
-        if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            m.forward = types.MethodType(_tiled_mlp_forward, m)
-            n += 1
-    return n
-
-
-def _gated_mlp(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-def _tiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
-
-    rows = x.shape[-2]
-    shards = torch.tensor([-(-rows // x.shape[-1]), -rows], device=x.device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        # every rank the same number of shards (under ZeRO-3 each shard's recompute gathers the weights, a
-        # collective): the most any rank wants, but no more than the fewest rows any rank has
-        dist.all_reduce(shards, op=dist.ReduceOp.MAX)
-    n = max(1, min(int(shards[0]), -int(shards[1])))
-    # every parameter the MLP trains (its weights, or LoRA's adapters on them): DeepSpeed holds their gradient
-    # reduction back until the last shard's backward
-    return TiledMLP.apply(_gated_mlp, self, x, n, list(self.parameters()))

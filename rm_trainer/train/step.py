@@ -109,16 +109,18 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
     aux_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (router aux loss, micro-batches with one)
     tokens = slots = 0
     for b in micro_batches:
-        rewards = score_batch(eng, b, device)
-        margin = b["margin"].to(device) if "margin" in b else None
-        tie = b["tie"].to(device) if "tie" in b else None  # --tie_key: tied pairs take the tie loss
-        log_nu = eng.tie_log_nu()  # --tie_loss davidson: its learned theta, else None (the soft tie loss)
-        loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale, center=center, tie=tie, log_nu=log_nu)
-        aux = eng.aux_loss()  # MoE: coef x the router's load-balancing loss of this forward
-        if aux is not None:
-            loss = loss + aux
-            aux_sum += torch.stack([aux.detach().double(), aux_sum.new_ones(())])
-        eng.backward(loss)  # scaled by 1/grad_accum and reduced across ranks
+        with eng.micro_step():  # --offload_activations: checkpointed layer inputs wait on the CPU
+            rewards = score_batch(eng, b, device)
+            margin = b["margin"].to(device) if "margin" in b else None
+            tie = b["tie"].to(device) if "tie" in b else None  # --tie_key: tied pairs take the tie loss
+            log_nu = eng.tie_log_nu()  # --tie_loss davidson: its learned theta, else None (the soft tie loss)
+            loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale, center=center, tie=tie,
+                           log_nu=log_nu)
+            aux = eng.aux_loss()  # MoE: coef x the router's load-balancing loss of this forward
+            if aux is not None:
+                loss = loss + aux
+                aux_sum += torch.stack([aux.detach().double(), aux_sum.new_ones(())])
+            eng.backward(loss)  # scaled by 1/grad_accum and reduced across ranks
         # At the accumulation boundary this applies the update, unless the all-reduced gradient norm is
         # non-finite (a NaN loss anywhere makes it so): the engine then skips it on every rank together
         # (no weight or Adam change) and counts it (eng.skipped()).

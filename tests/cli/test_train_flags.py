@@ -94,3 +94,11 @@ def test_the_davidson_tie_loss_needs_a_tie_column(paths):
         load_run_config(paths + ["--tie_loss", "davidson"])
     with pytest.raises(ConfigError, match="tie_loss"):
         load_run_config(paths + ["--tie_key", "tie", "--tie_loss", "bradley"])
+
+
+def test_activation_offload_needs_checkpointing(paths):
+    cfg, _ = load_run_config(paths + ["--gradient_checkpointing", "--offload_activations"])
+    assert cfg.model.offload_activations and cfg.model.gradient_checkpointing
+    with pytest.raises(ConfigError, match=r"model.offload_activations moves the checkpointed layer inputs to CPU: "
+                                          r"it needs model.gradient_checkpointing \(--gradient_checkpointing\)"):
+        load_run_config(paths + ["--offload_activations"])

@@ -41,21 +41,27 @@ def test_llama3_8b_on_8_gpus_matches_deepspeed_numbers(llama3_8b):
 
 
 def test_activation_estimate_formula():
-    cfg = {"hidden_size": 8, "num_hidden_layers": 3, "intermediate_size": 16, "num_attention_heads": 2}
+    cfg = {"hidden_size": 8, "num_hidden_layers": 5, "intermediate_size": 16, "num_attention_heads": 2}
     tokens = 2 * 2 * 5
     per_layer = 2 * (8 * 8 + 4 * 8 + 4 * 16) + 8 * 8
-    assert activation_bytes(cfg, 2, 5, "bf16", True) == 3 * tokens * 8 * 2 + tokens * per_layer
-    assert activation_bytes(cfg, 2, 5, "bf16", False) == 3 * tokens * per_layer
+    assert activation_bytes(cfg, 2, 5, "bf16", True) == (5 * tokens * 8 * 2 + tokens * per_layer, 0)
+    assert activation_bytes(cfg, 2, 5, "bf16", False) == (5 * tokens * per_layer, 0)
     # --tiled_mlp: the MLP's 4 x I values for one shard of H (= 8) tokens instead of all 20
     tiled = per_layer - 2 * 4 * 16
-    want = 3 * tokens * 8 * 2 + tokens * tiled + 2 * 4 * 16 * 8
-    assert activation_bytes(cfg, 2, 5, "bf16", True, tiled_mlp=True) == want
+    want = 5 * tokens * 8 * 2 + tokens * tiled + 2 * 4 * 16 * 8
+    assert activation_bytes(cfg, 2, 5, "bf16", True, tiled_mlp=True) == (want, 0)
+    # --offload_activations: 3 of the 5 saved layer inputs on the device (the last, two copies in flight),
+    # 2 in host memory; the total is unchanged, and without checkpointing there is nothing to offload
+    device, host = activation_bytes(cfg, 2, 5, "bf16", True, offload=True)
+    assert (device, host) == (3 * tokens * 8 * 2 + tokens * per_layer, 2 * tokens * 8 * 2)
+    assert device + host == activation_bytes(cfg, 2, 5, "bf16", True)[0]
+    assert activation_bytes(cfg, 2, 5, "bf16", False, offload=True) == (5 * tokens * per_layer, 0)
     # MoE (Qwen3-MoE's names): top-2 of 8 experts of width 4 replace the dense MLP of width 16
     moe = cfg | {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 4}
     per_layer = 2 * (8 * 8 + 4 * 8 + 4 * 2 * 4 + 2 * 2 * 8 + 8) + 8 * 8 + 4 * 8
-    assert activation_bytes(moe, 2, 5, "bf16", False) == 3 * tokens * per_layer
+    assert activation_bytes(moe, 2, 5, "bf16", False) == (5 * tokens * per_layer, 0)
     mixtral = cfg | {"num_local_experts": 8, "num_experts_per_tok": 2}  # experts of intermediate_size
-    assert activation_bytes(mixtral, 2, 5, "bf16", False) == 3 * tokens * (
+    assert activation_bytes(mixtral, 2, 5, "bf16", False)[0] == 5 * tokens * (
         2 * (8 * 8 + 4 * 8 + 4 * 2 * 16 + 2 * 2 * 8 + 8) + 8 * 8 + 4 * 8)
 
 
@@ -90,6 +96,12 @@ def test_sequence_parallel_counts_activations_at_t_over_n(llama3_8b, demo_assets
     assert sp4.activations_gpu_gib == at_16k.activations_gpu_gib == pytest.approx(one.activations_gpu_gib / 4, rel=1e-3)
     assert sp4.model_states_gpu_gib == one.model_states_gpu_gib
     assert "1/4 of each row per rank" in report(sp4)
+    # --offload_activations: 29 of the 32 saved layer inputs (2 x 64K tokens x 4096 x bf16: 1 GiB each) wait
+    # in host memory
+    off = estimate(llama3_8b, z3, seq_len=65536, offload_activations=True, **kw)
+    assert off.activations_cpu_gib == round(29 * 2 * 65536 * 4096 * 2 / GiB, 2) == 29.0
+    assert off.activations_gpu_gib + off.activations_cpu_gib == pytest.approx(one.activations_gpu_gib, abs=0.02)
+    assert "29.00 GiB of pinned CPU memory per GPU (232.00 GiB per node)" in report(off)
     p = subprocess.run([sys.executable, "launch/train_reward.py", "--model", llama3_8b, "--tokenizer",
                         demo_assets["model"], "--data", demo_assets["train"], "--output_dir", str(tmp_path / "o"),
                         "--ds_config", "ds_configs/zero3.json", "--dry-run", "--world_size", "8", "--max_len",

@@ -8,7 +8,7 @@
   (its weights within Adam's drift on near-zero gradients, 1e-3), and so does the first step's gradient
   norm. Padded
   under ZeRO-3, packed under ZeRO-2, and a Qwen2 backbone with grouped KV heads packed under ZeRO-3 (at N=2
-  also with activation checkpointing and DeepSpeed's tiled MLP).
+  also with activation checkpointing, DeepSpeed's tiled MLP and its activation offload hooks).
 - 4 ranks = 2 data-parallel groups x 2 sequence ranks against 2 data-parallel ranks, the same way.
 - Kill -9 mid-run at N=2 and resume: bit-exact. A different N on resume, and impossible combinations,
   exit 2 naming the numbers.
@@ -108,8 +108,10 @@ def test_two_sequence_ranks_train_like_one_rank(tmp_path, demo_assets, tiny_pret
         "packed_z2": (tiny_pretrained, "zero2", {"packing": True, "pack_len": 64}),
         "qwen2_packed_z3": (qwen2, "zero3", {"packing": True, "pack_len": 64, "tokenizer": tiny_pretrained}),
     }
-    # the long-context setup on the Qwen2 run at N=2: activation checkpointing and DeepSpeed's tiled MLP too
-    long_context = {"qwen2_packed_z3": {"gradient_checkpointing": True, "tiled_mlp": True}}
+    # the long-context setup on the Qwen2 run at N=2: activation checkpointing, DeepSpeed's tiled MLP and its
+    # activation offload hooks (which keep CPU tensors where they are: here they only count the inputs)
+    long_context = {"qwen2_packed_z3": {"gradient_checkpointing": True, "tiled_mlp": True,
+                                        "offload_activations": True}}
     for name, (model, ds, flags) in cases.items():
         one, two = tmp_path / f"{name}_one", tmp_path / f"{name}_two"
         train(one, train_args(model, demo_assets["train"], demo_assets["test"], "zero2", **COMMON | flags),
@@ -120,6 +122,13 @@ def test_two_sequence_ranks_train_like_one_rank(tmp_path, demo_assets, tiny_pret
         if flags["packing"]:  # the start-up check passes through the sequence-parallel engine
             assert "packing off" not in log
         assert ("tiled MLP (DeepSpeed's TiledMLP) in 2 layers" in log) == (name in long_context)
+        offload = json.loads((two / "final_metrics.json").read_text()).get("activation_offload")
+        if name in long_context:  # each of the 8 steps' one forward: the inputs of the 2 checkpointed layers
+            # every input reached DeepSpeed's hooks, under ZeRO-3 too (kept: CPU tensors stay where they are)
+            assert offload == {"inputs": 16, "offloaded": 0, "offloaded_bytes": 0, "kept": 16}, offload
+            assert "activation offload on rank 0: 16 checkpointed layer inputs, 0 of them moved to CPU" in log
+        else:
+            assert offload is None
         assert_same_training(one, two, name)
         a, b = load_artifact(one), load_artifact(two)
         # the reward function: reward.pt's rewards on the probe pairs (re-scored at consolidation)

@@ -4,6 +4,7 @@ mean, the guard aborts."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -35,6 +36,9 @@ class StubEngine:
 
     def tie_log_nu(self):  # no Davidson tie model
         return None
+
+    def micro_step(self):  # no activation offload
+        return contextlib.nullcontext()
 
     def lr(self):
         return 1e-3
