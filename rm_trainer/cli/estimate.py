@@ -41,15 +41,13 @@ def _estimate(argv: list[str], as_json: bool) -> int:
     cfg, flags = load_run_config(argv, model_only=True)  # a config error is reported before torch loads
     for n in flags.pop("notes", []):
         note(PROG, n)
-    from rm_trainer.train.ds_config import resolve_ds_config
     from rm_trainer.train.engine import world_size_from_env
     from rm_trainer.train.estimate import estimate_run, report
-    from rm_trainer.train.sequence_parallel import check
+    from rm_trainer.train.sequence_parallel import resolve
 
     world = flags.setdefault("world_size", world_size_from_env())
     backbone = json.loads((Path(cfg.model.path) / "config.json").read_text())
-    check(cfg, world, backbone)  # --sequence_parallel N: heads, world and lengths divisible by N
-    ds_cfg, cfg = resolve_ds_config(cfg, world // cfg.train.sequence_parallel, backbone.get("hidden_size"))
+    ds_cfg, cfg = resolve(cfg, world, backbone)  # as rm-train resolves it; --sequence_parallel N checked
     e = estimate_run(cfg, ds_cfg, flags)
     print(json.dumps(asdict(e), indent=2) if as_json else report(e))
     return 0

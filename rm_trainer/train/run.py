@@ -32,7 +32,7 @@ from rm_trainer.train.checkpointer import (
     make_probe,
     run_record,
 )
-from rm_trainer.train.ds_config import fill_scheduler_steps, resolve_ds_config
+from rm_trainer.train.ds_config import fill_scheduler_steps
 from rm_trainer.train.elastic import ensure_universal
 from rm_trainer.train.evaluator import Evaluator
 from rm_trainer.train.logger import MetricsLogger
@@ -56,19 +56,15 @@ def prepare(cfg: RunConfig, world: int | None = None) -> Plan:
     cfg = resolve_model(cfg)
     backbone = json.loads((Path(cfg.model.path) / "config.json").read_text())
     world = world or engine.world_size_from_env()
-    hidden, n = backbone.get("hidden_size"), cfg.train.sequence_parallel
-    sequence_parallel.check(cfg, world, backbone)
-    # DeepSpeed's batch arithmetic is over the data-parallel groups: world / N
-    ds_cfg, cfg = resolve_ds_config(cfg, world // n, hidden, cuda=torch.cuda.is_available())
-    if n > 1:
-        ds_cfg["sequence_parallel_size"] = n  # DeepSpeed checks train_batch_size against world / N with it
+    # --sequence_parallel N checked; DeepSpeed's batch arithmetic over the data-parallel groups: world / N
+    ds_cfg, cfg = sequence_parallel.resolve(cfg, world, backbone, cuda=torch.cuda.is_available())
     if os.environ.get("RANK", "0") != "0":
         return Plan(cfg, ds_cfg, None)
     # one rank checks (the launcher stops the others if it fails); train() gives them its plan
     stage = zero_stage(ds_cfg)
     resume_from, resumed_cfg, moved = check_resume(cfg, world, stage)
     if resumed_cfg is not cfg:  # elastic: grad_accum recomputed to keep the checkpoint's global batch
-        ds_cfg, cfg = resolve_ds_config(resumed_cfg, world // n, hidden, cuda=torch.cuda.is_available())
+        ds_cfg, cfg = sequence_parallel.resolve(resumed_cfg, world, backbone, cuda=torch.cuda.is_available())
     if moved:
         ds_cfg["checkpoint"] = ds_cfg.get("checkpoint", {}) | {"load_universal": True}
     return Plan(cfg, ds_cfg, resume_from, moved)

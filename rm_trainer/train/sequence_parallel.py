@@ -81,6 +81,21 @@ def check(cfg, world: int, backbone: dict) -> None:
         raise ConfigError(found)
 
 
+def resolve(cfg, world: int, backbone: dict, cuda: bool = False) -> tuple[dict, object]:
+    """The checks above, then the DeepSpeed config (ds_config.resolve_ds_config) of a run on `world` ranks:
+    its batch arithmetic is over the world / N data-parallel groups, and its "sequence_parallel_size" key
+    makes DeepSpeed check train_batch_size against them. Shared by rm-train (and --dry-run) and
+    rm-estimate. Returns (DeepSpeed dict, run config)."""
+    from rm_trainer.train.ds_config import resolve_ds_config
+
+    check(cfg, world, backbone)
+    n = cfg.train.sequence_parallel
+    ds_cfg, cfg = resolve_ds_config(cfg, world // n, backbone.get("hidden_size"), cuda=cuda)
+    if n > 1:
+        ds_cfg["sequence_parallel_size"] = n
+    return ds_cfg, cfg
+
+
 class _SumOverGroup(torch.autograd.Function):
     """All-reduce (sum) over the sequence group. Its backward is the sum of the group's upstream gradients,
     which are equal (every rank of the group computes the same loss from the same sums): N x the local one,
