@@ -57,13 +57,18 @@ def pair_fields(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 def pack(rows: list[dict[str, Any]], pad_id: int, pack_len: int | None) -> dict[str, torch.Tensor]:
-    """Pack the 2B sequences of `rows` ([chosen_0..chosen_B-1, rejected_0..]) into rows of at most
-    pack_len tokens (the fewest rows, filled evenly; None: all in one row, as flash-attention's varlen path
-    wants when it reads the sequence boundaries from position_ids). Each sequence's position_ids restart
-    at 0, so the model keeps the sequences apart (see model.RewardModel.forward); the tail of a row that
-    is not full is padding with positions of its own. `last` holds (row, column) of each sequence's final token, where
-    its reward is read, in [chosen; rejected] order."""
+    """Pack the 2B sequences of `rows` ([chosen_0..chosen_B-1, rejected_0..]) as pack_sequences does;
+    `last` is then in [chosen; rejected] order."""
     seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    return pack_sequences(seqs, pad_id, pack_len) | pair_fields(rows)
+
+
+def pack_sequences(seqs: list[list[int]], pad_id: int, pack_len: int | None) -> dict[str, torch.Tensor]:
+    """Pack sequences into rows of at most pack_len tokens (the fewest rows, filled evenly; None: all in
+    one row, as flash-attention's varlen path wants when it reads the sequence boundaries from
+    position_ids). Each sequence's position_ids restart at 0, so the model keeps the sequences apart (see
+    model.RewardModel.forward); the tail of a row that is not full is padding with positions of its own.
+    `last` holds (row, column) of each sequence's final token, where its reward is read, in seqs' order."""
     total = sum(len(x) for x in seqs)
     pack_len = pack_len or total
     assert max(len(x) for x in seqs) <= pack_len, f"a sequence is longer than pack_len={pack_len}"
@@ -82,11 +87,8 @@ def pack(rows: list[dict[str, Any]], pad_id: int, pack_len: int | None) -> dict[
         pos[row, col:col + n] = torch.arange(n)
     for row, used in enumerate(fill):
         pos[row, used:] = torch.arange(L - used)  # padding: a segment of its own, never attended to
-    batch = {
-        "input_ids": ids, "position_ids": pos,
-        "last": torch.tensor([(row, col + len(seqs[i]) - 1) for i, (row, col) in enumerate(place)]),
-    }
-    return batch | pair_fields(rows)
+    return {"input_ids": ids, "position_ids": pos,
+            "last": torch.tensor([(row, col + len(seqs[i]) - 1) for i, (row, col) in enumerate(place)])}
 
 
 def _spread(seqs: list[list[int]], n_rows: int, cap: int):

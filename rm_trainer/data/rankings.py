@@ -1,0 +1,190 @@
+"""K-wise ranking rows (`--objective ranking`): one prompt, K >= 2 responses, a rating for each.
+
+Two layouts are read, decided once per source from its first row:
+
+- `ranking`: {"prompt": ..., "responses": [text, ...], "scores": [number, ...]} (higher is better), or
+  "ranks" in place of "scores" (1 is best; equal ranks tie). The prompt is text or {role, content}
+  messages.
+- `ultrafeedback`: UltraFeedback's own rows, {"instruction": text, "completions": [{"response": text,
+  "overall_score": number, "fine-grained_score": number, ...}, ...]}, rated by one of the completions'
+  score fields (`overall_score` by default).
+
+Each response is encoded on its own, exactly as score_texts encodes (prompt, response) for scoring
+(tokenize.encode): the reward the ranking loss trains is the one every scoring path reads. A row is
+kept as K sequences that each run through the backbone once per step, with the row's scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rm_trainer.data import read
+from rm_trainer.data.batching import pack_sequences, pad_right
+from rm_trainer.data.formats import row_location, skip_hint
+from rm_trainer.data.tokenize import encode_item, special_prefix
+from rm_trainer.errors import DataError
+
+UF_SCORES = ("overall_score", "fine-grained_score")
+
+
+@dataclass(frozen=True)
+class RankingKeys:
+    prompt: str = "prompt"
+    responses: str = "responses"
+    scores: str = "scores"
+    ranks: str = "ranks"
+    uf_score: str = "overall_score"  # which score of an UltraFeedback completion rates it
+
+
+def detect_ranking_format(row: Any, keys: RankingKeys) -> str:
+    """ultrafeedback when the row has UltraFeedback's completions; ranking otherwise."""
+    if isinstance(row, dict) and "completions" in row and keys.responses not in row:
+        return "ultrafeedback"
+    return "ranking"
+
+
+def _kind(v: Any) -> str:
+    """How a problem names a value of the wrong type: 'missing', or 'a list'."""
+    return "missing" if v is None else f"a {type(v).__name__}"
+
+
+def _number_problem(v: Any, field: str) -> str | None:
+    if read.finite_number(v):
+        return None
+    what = repr(v) if isinstance(v, float | str) else _kind(v)
+    return f"field {field} is {what}; expected a finite number"
+
+
+def _prompt_problem(p: Any, field: str) -> str | None:
+    if isinstance(p, str):
+        return None
+    if isinstance(p, list) and p and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                         and isinstance(m.get("content"), str) for m in p):
+        return None
+    return f"field {field!r} is {_kind(p)}; expected text or a list of {{role, content}} messages"
+
+
+def _ranking_problem(row: dict, keys: RankingKeys) -> str | None:
+    responses = row.get(keys.responses)
+    if not isinstance(responses, list):
+        return f"field {keys.responses!r} is {_kind(responses)}; expected a list of response texts"
+    for i, r in enumerate(responses):
+        if not isinstance(r, str):
+            return f"field {keys.responses}[{i}] is {_kind(r)}; expected text"
+    field = keys.scores if keys.scores in row else keys.ranks if keys.ranks in row else None
+    if field is None:
+        return f"fields {keys.scores!r} and {keys.ranks!r} are both missing; give one number per response"
+    values = row[field]
+    if not isinstance(values, list):
+        return f"field {field!r} is a {type(values).__name__}; expected a list of numbers, one per response"
+    if len(values) != len(responses):
+        return f"field {field!r} has {len(values)} values for {len(responses)} responses; give one per response"
+    for i, v in enumerate(values):
+        if (p := _number_problem(v, f"{field}[{i}]")) is not None:
+            return p
+    return None
+
+
+def _ultrafeedback_problem(row: dict, keys: RankingKeys) -> str | None:
+    completions = row.get("completions")
+    if not isinstance(completions, list):
+        return f"field 'completions' is {_kind(completions)}; expected UltraFeedback's list of completions"
+    for i, c in enumerate(completions):
+        if not isinstance(c, dict):
+            return f"field completions[{i}] is a {type(c).__name__}; expected an object with a response and scores"
+        if not isinstance(c.get("response"), str):
+            return f"field completions[{i}].response is {_kind(c.get('response'))}; expected text"
+        if (p := _number_problem(c.get(keys.uf_score), f"completions[{i}].{keys.uf_score}")) is not None:
+            return p
+    return None
+
+
+def ranking_problem(row: Any, fmt: str, keys: RankingKeys) -> str | None:
+    """What is wrong with one row of a `fmt` source, naming the field; None if it is usable."""
+    if not isinstance(row, dict):
+        return f"each row must be a JSON object, got {type(row).__name__}"
+    prompt_field = "instruction" if fmt == "ultrafeedback" else keys.prompt
+    problem = _prompt_problem(row.get(prompt_field), prompt_field)
+    problem = problem or (_ultrafeedback_problem(row, keys) if fmt == "ultrafeedback" else _ranking_problem(row, keys))
+    if problem is None and len(ranking_texts(row, fmt, keys)[1]) < 2:
+        n = len(ranking_texts(row, fmt, keys)[1])
+        problem = f"{n} response{'s' if n != 1 else ''}; a ranking needs at least 2"
+    return problem
+
+
+def ranking_texts(row: dict, fmt: str, keys: RankingKeys) -> tuple[Any, list[str], list[float]]:
+    """(prompt, responses, scores; higher is better) of a row without a ranking_problem."""
+    if fmt == "ultrafeedback":
+        completions = row["completions"]
+        return (row["instruction"], [c["response"] for c in completions],
+                [float(c[keys.uf_score]) for c in completions])
+    if keys.scores in row:
+        return row[keys.prompt], list(row[keys.responses]), [float(v) for v in row[keys.scores]]
+    return row[keys.prompt], list(row[keys.responses]), [-float(v) for v in row[keys.ranks]]
+
+
+def ranking_status(responses: list[str], scores: list[float]) -> str:
+    """A drop reason for a well-formed row that teaches nothing, or "" for a row that is used."""
+    if any(not r.strip() for r in responses):
+        return "empty_response"
+    if len(set(scores)) == 1:
+        return "all_responses_tied"
+    return ""
+
+
+RANKING_COLUMNS = ("ids", "scores", "status", "source", "tokens")
+
+
+def encode_ranking(tok, prompt: Any, responses: list[str], max_len: int, prefix: list[int]) -> list[list[int]]:
+    """Each response as score_texts encodes (prompt, response): a messages prompt takes the response as the
+    assistant's turn, rendered with the chat template."""
+    if isinstance(prompt, str):
+        return [encode_item(tok, (prompt, r), max_len, prefix) for r in responses]
+    return [encode_item(tok, (prompt, [{"role": "assistant", "content": r}]), max_len, prefix) for r in responses]
+
+
+def tokenize_rankings(ds, fmt: str, tok, max_len: int, on_error: str, keys: RankingKeys = RankingKeys(),
+                      source_id: int = 0, path: str = "", num_proc: int | None = None):
+    """One datasets.map over a ranking source: each row checked against the source's layout (a malformed
+    one raises DataError naming file:line and field, unless on_error is skip, which counts it as
+    "malformed"), then each response encoded. Every row gets a status (a drop reason or ""), so nothing
+    is lost uncounted. Columns: ids (K id lists), scores (K), status, source, tokens (all K lengths)."""
+    prefix = special_prefix(tok)
+
+    def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in RANKING_COLUMNS}
+        for i, vals in zip(indices, zip(*batch.values(), strict=True), strict=True):
+            row = dict(zip(batch, vals, strict=True))
+            problem = ranking_problem(row, fmt, keys)
+            if problem and on_error == "error":
+                raise DataError(f"{row_location(path, i)}: {problem}" + skip_hint())
+            ids, scores, status = [], [], "malformed"
+            if not problem:
+                prompt, responses, scores = ranking_texts(row, fmt, keys)
+                status = ranking_status(responses, scores)
+                ids = encode_ranking(tok, prompt, responses, max_len, prefix)
+            for k, v in zip(RANKING_COLUMNS, (ids, scores, status, source_id, sum(map(len, ids))), strict=True):
+                out[k].append(v)
+        return out
+
+    return ds.map(fn, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
+                  num_proc=num_proc if num_proc and num_proc > 1 else None, desc=f"tokenizing {path or 'rankings'}",
+                  load_from_cache_file=False)
+
+
+def collate_rankings(rows: list[dict[str, Any]], pad_id: int, pack_len: int | None = None,
+                     packing: bool = False) -> dict[str, torch.Tensor]:
+    """A micro-batch of ranking rows ({"ids": [K lists], "scores": [K]}) as one forward over their S
+    responses, each once: padded (`input_ids` (S, T), `lens`) or packed (`input_ids`, `position_ids`,
+    `last`, as data.batching.pack_sequences), with `group` (S,) the row of each response (0..B-1) and
+    `scores` (S,)."""
+    seqs = [ids for r in rows for ids in r["ids"]]
+    group = torch.cat([torch.full((len(r["ids"]),), i, dtype=torch.long) for i, r in enumerate(rows)])
+    scores = torch.tensor([float(s) for r in rows for s in r["scores"]], dtype=torch.float32)
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    if packing:
+        return pack_sequences(seqs, pad_id, pack_len) | {"lens": lens, "group": group, "scores": scores}
+    return {"input_ids": pad_right(seqs, pad_id), "lens": lens, "group": group, "scores": scores}
