@@ -84,14 +84,17 @@ class DataConfig(Section):
     test_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held out from train (seeded) when there is "
                                  "no test_path")
     sources: list[SourceConfig] | None = Field(None, description="a mixture: several sources with weights")
-    format: Literal["auto", "hh", "prompt", "conversational"] = Field(
-        "auto", description="the rows' shape; auto decides once per source, from its first row")
+    format: Literal["auto", "hh", "prompt", "conversational", "ranking", "ultrafeedback"] = Field(
+        "auto", description="the rows' shape; auto decides once per source, from its first row (ranking and "
+        "ultrafeedback: --objective ranking)")
     prompt_key: str = Field("prompt", description="column of the prompt (explicit and conversational rows)")
     chosen_key: str = Field("chosen", description="column of the preferred response (or full text / messages)")
     rejected_key: str = Field("rejected", description="column of the other response")
     margin_key: str | None = Field(None, description="optional column: loss = -log sigma(r_c - r_r - margin)")
     tie_key: str | None = Field(None, description="optional column: true (or a preference strength of 0) marks "
                                 "a tied pair, trained with the soft tie loss instead of being dropped")
+    ranking_score: str = Field("overall_score", description="--objective ranking on UltraFeedback rows: which "
+                               "score of each completion rates it (overall_score or fine-grained_score)")
     chat_template: str | None = Field(None, description="Jinja file, for tokenizers without a chat template")
     max_len: int = Field(512, ge=8, description="tokens per sequence (prompt + response + EOS)")
     on_error: Literal["error", "skip"] = Field("error", description="malformed rows: stop, or count and skip")
@@ -161,6 +164,13 @@ class TrainConfig(Section):
                                    "size and the attention heads (docs/long-context.md)")
     center_rewards_coefficient: float = Field(0.0, ge=0, description="adds c * mean((r_c + r_r)^2) to the loss "
                                               "(TRL's name and formula): rewards centred near 0; 0.01 is usual")
+    objective: Literal["pairs", "ranking"] = Field(
+        "pairs", description="pairs: Bradley-Terry on (chosen, rejected); ranking: rows of one prompt, K >= 2 "
+        "responses and a score each (or UltraFeedback's completions), each response one forward per step "
+        "(docs/objectives.md)")
+    ranking_loss: Literal["pairs", "plackett_luce"] = Field(
+        "pairs", description="--objective ranking: pairs = BT over every ordered pair with different scores, "
+        "averaged per prompt; plackett_luce = the likelihood of the whole order, ties grouped")
     tie_loss: Literal["soft", "davidson"] = Field(
         "soft", description="tied pairs (data.tie_key): soft = BT against 1/2; davidson = the Davidson model, a "
         "tie as a third outcome with one learned parameter nu (left out of reward.pt)")
@@ -225,6 +235,19 @@ class RunConfig(Section):
         if self.model.offload_activations and not self.model.gradient_checkpointing:
             problems.append("model.offload_activations moves the checkpointed layer inputs to CPU: it needs "
                             "model.gradient_checkpointing (--gradient_checkpointing)")
+        ranking_format = self.data.format in ("ranking", "ultrafeedback")
+        if self.data.format != "auto" and ranking_format != (self.train.objective == "ranking"):
+            problems.append(f"data.format {self.data.format} holds "
+                            f"{'rankings' if ranking_format else 'pairs'}, and train.objective is "
+                            f"{self.train.objective}: set --objective {'ranking' if ranking_format else 'pairs'}, "
+                            "or data.format auto")
+        if self.train.objective == "ranking":
+            extra = [f for f, v in (("data.tie_key", self.data.tie_key), ("data.margin_key", self.data.margin_key),
+                                    ("train.center_rewards_coefficient", self.train.center_rewards_coefficient))
+                     if v]
+            if extra:
+                problems.append(f"train.objective ranking reads scores per response (equal scores tie): "
+                                f"{', '.join(extra)} apply to pairs; unset them")
         if self.output.lora_export and not self.model.lora_r:
             problems.append("output.lora_export needs LoRA: set model.lora_r (--lora_r 8)")
         if self.model.lora_target is not None and not self.model.lora_target:

@@ -2,8 +2,8 @@
 
 A ranking batch is flat: S response sequences, each run through the backbone once, with `group` (S,) the
 index of the prompt each belongs to (0..G-1) and `scores` (S,) its rating (higher is better; equal
-scores are tied). The losses never build more than the batch's ordered pairs (P floats) or, for
-Plackett-Luce, an S x S mask of the same prompt's responses: S is a micro-batch's responses, not tokens.
+scores are tied). The losses work on S x S masks of the same prompt's responses (S is a micro-batch's
+responses, not tokens), never on index lists, so nothing waits for the device; G comes from the host.
 
 - `pairs` (the default): Bradley-Terry over every ordered pair (i, j) of one prompt with s_i > s_j,
   softplus(-(r_i - r_j)); a prompt's pairs are averaged, so each prompt counts once however many
@@ -26,34 +26,28 @@ import torch.nn.functional as F
 RANKING_LOSSES = ("pairs", "plackett_luce")
 
 
-def ordered_pairs(group: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(better, worse, weight): the indices of every ordered pair of one prompt's responses with different
-    scores, and 1 / (that prompt's pair count) for each. A prompt whose responses all tie has no pair."""
+def ordered_pairs(group: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S) float: 1 / (its prompt's pair count) where i and j answer the same prompt and s_i > s_j,
+    else 0 (a prompt whose responses all tie has no pair); (S,) float: how many such pairs each prompt has,
+    at each of its responses. Dense masks, no nonzero(): nothing waits for the device."""
     same = group[:, None] == group[None, :]
-    better, worse = torch.nonzero(same & (scores[:, None] > scores[None, :]), as_tuple=True)
-    per_group = torch.zeros(int(group.max()) + 1 if group.numel() else 0, dtype=torch.float32, device=group.device)
-    per_group.index_add_(0, group[better], torch.ones_like(better, dtype=torch.float32))
-    return better, worse, 1.0 / per_group[group[better]]
-
-
-def _groups(group: torch.Tensor) -> int:
-    return int(group.max()) + 1 if group.numel() else 0
+    better = same & (scores[:, None] > scores[None, :])
+    n_pairs = torch.zeros_like(scores, dtype=torch.float32).index_add_(0, group, better.sum(1).float())[group]
+    return better.float() / n_pairs.clamp_min(1)[:, None], n_pairs
 
 
 def _fp32_at_least(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _reduce(total: torch.Tensor, groups: int, scale: float | None) -> torch.Tensor:
-    return total / max(groups, 1) if scale is None else total * scale
+def _reduce(per_prompt_sum: torch.Tensor, groups: int, scale: float | None) -> torch.Tensor:
+    return per_prompt_sum / max(groups, 1) if scale is None else per_prompt_sum * scale
 
 
-def ranking_pairs_loss(rewards: torch.Tensor, group: torch.Tensor, scores: torch.Tensor,
-                       scale: float | None = None) -> torch.Tensor:
-    """The plain autograd reference of `pairs` (module docstring)."""
-    better, worse, w = ordered_pairs(group, scores)
-    r = _fp32_at_least(rewards)
-    return _reduce((w * F.softplus(-(r[better] - r[worse]))).sum(), _groups(group), scale)
+def _pair_terms(r: torch.Tensor, group: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """(S,) the weighted pair losses sum_j W_ij softplus(-(r_i - r_j)) of each better response i."""
+    w, _ = ordered_pairs(group, scores)
+    return (w.to(r.dtype) * F.softplus(-(r[:, None] - r[None, :]))).sum(1)
 
 
 def _risk_sets(group: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,103 +59,124 @@ def _risk_sets(group: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor,
     return at_or_below, beats
 
 
-def plackett_luce_loss(rewards: torch.Tensor, group: torch.Tensor, scores: torch.Tensor,
-                       scale: float | None = None) -> torch.Tensor:
-    """The plain autograd reference of `plackett_luce` (module docstring)."""
+def _pl_terms(r: torch.Tensor, group: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) each response's Plackett-Luce term (0 on its prompt's last level), and the log-sum-exps."""
     choice, counts = _risk_sets(group, scores)
-    r = _fp32_at_least(rewards)
     lse = torch.logsumexp(r[None, :].masked_fill(~choice, float("-inf")), 1)
-    return _reduce(torch.where(counts, lse - r, 0.0).sum(), _groups(group), scale)
+    return torch.where(counts, lse - r, 0.0), lse
+
+
+def per_prompt_losses(rewards: torch.Tensor, group: torch.Tensor, scores: torch.Tensor, groups: int,
+                      loss: str = "pairs") -> torch.Tensor:
+    """(G,) each prompt's loss: its pairs' mean BT loss, or its Plackett-Luce negative log-likelihood."""
+    r = _fp32_at_least(rewards)
+    terms = _pair_terms(r, group, scores) if loss == "pairs" else _pl_terms(r, group, scores)[0]
+    return torch.zeros(groups, dtype=r.dtype, device=r.device).index_add_(0, group, terms)
+
+
+def ranking_pairs_loss(rewards: torch.Tensor, group: torch.Tensor, scores: torch.Tensor, groups: int,
+                       scale: float | None = None) -> torch.Tensor:
+    """The plain autograd reference of `pairs` (module docstring) over `groups` prompts."""
+    return _reduce(_pair_terms(_fp32_at_least(rewards), group, scores).sum(), groups, scale)
+
+
+def plackett_luce_loss(rewards: torch.Tensor, group: torch.Tensor, scores: torch.Tensor, groups: int,
+                       scale: float | None = None) -> torch.Tensor:
+    """The plain autograd reference of `plackett_luce` (module docstring) over `groups` prompts."""
+    return _reduce(_pl_terms(_fp32_at_least(rewards), group, scores)[0].sum(), groups, scale)
 
 
 class _FusedPairs(torch.autograd.Function):
-    """`pairs` with the closed-form backward: per pair z = r_i - r_j, d/dz softplus(-z) = -sigma(-z);
-    saves z and the pair indices (P values each)."""
+    """`pairs` with the closed-form backward: with W the pair weights and Z_ij = r_i - r_j,
+    d/dZ softplus(-Z) = -sigma(-Z); dL/dr_i = sum_j G_ij - sum_j G_ji for G = -W sigma(-Z) x coef.
+    Saves the rewards, the prompt index and the scores (S values each)."""
 
     @staticmethod
-    def forward(ctx, rewards, group, scores, scale):
-        better, worse, w = ordered_pairs(group, scores)
+    def forward(ctx, rewards, group, scores, groups, scale):
         r = rewards.float()
-        z = r[better] - r[worse]
-        coef = w / max(_groups(group), 1) if scale is None else w * scale
-        ctx.save_for_backward(z, better, worse, coef)
-        ctx.in_dtype, ctx.n = rewards.dtype, rewards.shape[0]
-        return (coef * F.softplus(-z)).sum()
+        ctx.save_for_backward(r, group, scores)
+        ctx.in_dtype, ctx.coef = rewards.dtype, 1 / max(groups, 1) if scale is None else scale
+        return _pair_terms(r, group, scores).sum() * ctx.coef
 
     @staticmethod
     def backward(ctx, grad):
-        z, better, worse, coef = ctx.saved_tensors
-        g = -torch.sigmoid(-z) * coef * grad
-        out = torch.zeros(ctx.n, dtype=torch.float32, device=z.device)
-        out.index_add_(0, better, g).index_add_(0, worse, -g)
-        return out.to(ctx.in_dtype), None, None, None
+        r, group, scores = ctx.saved_tensors
+        w, _ = ordered_pairs(group, scores)
+        g = -w * torch.sigmoid(-(r[:, None] - r[None, :])) * (ctx.coef * grad)
+        return (g.sum(1) - g.sum(0)).to(ctx.in_dtype), None, None, None, None
 
 
 class _FusedPlackettLuce(torch.autograd.Function):
     """`plackett_luce` with the closed-form backward: for a counted term i with choice set C_i,
-    d/dr_j (lse_i - r_i) = softmax over C_i at j, minus [j = i]. Saves the rewards and the scores (S
-    values each); the S x S choice sets are rebuilt in the backward."""
+    d/dr_j (lse_i - r_i) = softmax over C_i at j, minus [j = i]. Saves the rewards, the prompt index, the
+    scores and the log-sum-exps (S values each); the S x S choice sets are rebuilt in the backward."""
 
     @staticmethod
-    def forward(ctx, rewards, group, scores, scale):
-        choice, counts = _risk_sets(group, scores)
+    def forward(ctx, rewards, group, scores, groups, scale):
         r = rewards.float()
-        lse = torch.logsumexp(r[None, :].masked_fill(~choice, float("-inf")), 1)
-        coef = counts.float() / max(_groups(group), 1) if scale is None else counts.float() * scale
-        ctx.save_for_backward(r, group, scores, lse, coef)
-        ctx.in_dtype = rewards.dtype
-        return (coef * (lse - r)).sum()
+        terms, lse = _pl_terms(r, group, scores)
+        ctx.save_for_backward(r, group, scores, lse)
+        ctx.in_dtype, ctx.coef = rewards.dtype, 1 / max(groups, 1) if scale is None else scale
+        return terms.sum() * ctx.coef
 
     @staticmethod
     def backward(ctx, grad):
-        r, group, scores, lse, coef = ctx.saved_tensors
-        choice, _ = _risk_sets(group, scores)
+        r, group, scores, lse = ctx.saved_tensors
+        choice, counts = _risk_sets(group, scores)
+        c = counts.float() * (ctx.coef * grad)
         soft = torch.where(choice, torch.exp(r[None, :] - lse[:, None]), 0.0)  # row i: softmax over C_i
-        g = (coef[:, None] * soft).sum(0) - coef
-        return (g * grad).to(ctx.in_dtype), None, None, None
+        return ((c[:, None] * soft).sum(0) - c).to(ctx.in_dtype), None, None, None, None
 
 
-def fused_ranking_loss(rewards: torch.Tensor, group: torch.Tensor, scores: torch.Tensor, loss: str = "pairs",
-                       scale: float | None = None) -> torch.Tensor:
-    """The ranking loss of one micro-batch's S rewards (one forward, each response once)."""
+def fused_ranking_loss(rewards: torch.Tensor, group: torch.Tensor, scores: torch.Tensor, groups: int,
+                       loss: str = "pairs", scale: float | None = None) -> torch.Tensor:
+    """The ranking loss of one micro-batch's S rewards (one forward, each response once) over its `groups`
+    prompts (a host int: nothing here waits for the device)."""
     assert rewards.dim() == 1 and rewards.shape == group.shape == scores.shape, (rewards.shape, group.shape)
     fn = {"pairs": _FusedPairs, "plackett_luce": _FusedPlackettLuce}[loss]
-    return fn.apply(rewards, group, scores.float(), scale)
+    return fn.apply(rewards, group, scores.float(), groups, scale)
 
 
-RANKING_FIELDS = ("prompts", "loss", "pairs", "correct_pairs", "top1", "responses")
+RANKING_FIELDS = ("prompts", "loss", "pairs", "correct_pairs", "top1", "responses", "reward_sum", "reward_sq")
 
 
-def ranking_sums(rewards: torch.Tensor, group: torch.Tensor, scores: torch.Tensor, loss: str = "pairs"
-                 ) -> torch.Tensor:
-    """float64 sums for exact aggregation over micro-batches and ranks: [prompts, loss sum (the prompt
-    losses of `loss`), ordered pairs with different scores, those the rewards order the same way, prompts
-    whose highest reward is on a best-scored response (its top level; a tie for the highest reward
-    counts as wrong), responses]."""
-    r = rewards.detach().double()
-    G = _groups(group)
-    ref = ranking_pairs_loss if loss == "pairs" else plackett_luce_loss
-    better, worse, _ = ordered_pairs(group, scores)
+def ranking_sums(rewards: torch.Tensor, group: torch.Tensor, scores: torch.Tensor, groups: int,
+                 loss: str = "pairs", weight: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 sums (RANKING_FIELDS) for exact aggregation over micro-batches and ranks: prompts, the sum of
+    their `loss` losses, ordered pairs with different scores and those the rewards order the same way,
+    prompts whose highest reward is on a best-scored response (its top level; a tie for the highest
+    reward counts as wrong), responses, and the rewards' sum and sum of squares (the normalisation
+    statistics). weight (G,), 0 or 1 per prompt: 0 leaves a filler prompt out (evaluation). On the device."""
+    r, G = rewards.detach().double(), groups
+    w = torch.ones(G, dtype=torch.float64, device=r.device) if weight is None else weight.to(r)
+    pair_w, _ = ordered_pairs(group, scores)
+    is_pair = (pair_w > 0).double() * w[group][:, None]
     top_r = torch.full((G,), float("-inf"), dtype=torch.float64, device=r.device).scatter_reduce(0, group, r, "amax")
     top_s = torch.full((G,), float("-inf"), dtype=scores.dtype, device=r.device).scatter_reduce(0, group, scores,
                                                                                                "amax")
     is_top = r == top_r[group]
-    n_top = torch.zeros(G, dtype=torch.float64, device=r.device).index_add_(0, group, is_top.double())
-    hit = torch.zeros(G, dtype=torch.float64, device=r.device).index_add_(
-        0, group, (is_top & (scores == top_s[group])).double())
+    zeros = torch.zeros(G, dtype=torch.float64, device=r.device)
+    n_top = zeros.index_add(0, group, is_top.double())
+    hit = zeros.index_add(0, group, (is_top & (scores == top_s[group])).double())
+    wr = w[group]
     return torch.stack([
-        torch.tensor(float(G), dtype=torch.float64, device=r.device),
-        ref(r, group, scores, scale=1.0).double(),
-        torch.tensor(float(better.numel()), dtype=torch.float64, device=r.device),
-        (r[better] > r[worse]).double().sum(),
-        ((n_top == 1) & (hit == 1)).double().sum(),
-        torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device),
+        w.sum(),
+        (per_prompt_losses(r, group, scores, G, loss) * w).sum(),
+        is_pair.sum(),
+        (is_pair * (r[:, None] > r[None, :]).double()).sum(),
+        (((n_top == 1) & (hit == 1)).double() * w).sum(),
+        wr.sum(),
+        (r * wr).sum(),
+        (r * r * wr).sum(),
     ])
 
 
 def ranking_metrics(sums: torch.Tensor) -> dict[str, float]:
-    """Per-prompt loss, pairwise accuracy over all ordered pairs, and the top-1 rate."""
+    """Per-prompt loss, pairwise accuracy over all ordered pairs, the top-1 rate, and the mean and std of
+    every response's reward."""
     s = [float(x) for x in sums]
     assert s[0] > 0, "metrics over zero prompts"
+    mean = s[6] / s[5]
     return {"loss": s[1] / s[0], "acc": s[3] / s[2] if s[2] else float("nan"), "top1": s[4] / s[0],
-            "prompts": int(s[0]), "pairs": int(s[2]), "responses_per_prompt": s[5] / s[0]}
+            "reward_mean": mean, "reward_std": max(s[7] / s[5] - mean * mean, 0.0) ** 0.5,
+            "prompts": int(s[0]), "pairs": int(s[2]), "responses": int(s[5]), "responses_per_prompt": s[5] / s[0]}

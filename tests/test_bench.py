@@ -164,3 +164,16 @@ def test_long_context_bench_measures_both_sizes_and_the_8b_table(tmp_path):
     assert need["16384"] == 1 and need["131072"] >= 2 and need["131072"] >= need["65536"]
     row = r["table_8b"]["rows"][0]
     assert row["activations_gib_tiled_mlp"] < row["activations_gib"]
+
+
+def test_objectives_bench_counts_a_third_of_the_split_s_sequences(tmp_path):
+    """bench/objectives.py --smoke: four responses per row run 4 sequences, their six pairs 12; the epoch
+    takes fewer seconds (the timed ratio is the benchmark's to report, not this test's)."""
+    out = tmp_path / "obj.json"
+    p = subprocess.run([sys.executable, "bench/objectives.py", "--smoke", "--output", str(out)], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert (r["ranking"]["sequences_per_row"], r["pair_split"]["sequences_per_row"]) == (4.0, 12.0)
+    assert r["sequences_ratio_split_over_ranking"] == 3.0
+    assert r["ranking"]["steps_per_epoch"] == r["pair_split"]["steps_per_epoch"] == 4

@@ -135,13 +135,16 @@ class PairSampler:
     """
 
     def __init__(self, n: int, micro: int, accum: int, world: int, rank: int, seed: int, mode: str = "random",
-                 packing: bool = False, chosen_len=None, rejected_len=None):
+                 packing: bool = False, chosen_len=None, rejected_len=None, longest=None, tokens=None):
         self.n, self.micro, self.accum, self.world, self.rank, self.seed = n, micro, accum, world, rank, seed
         self.mode, self.packing = mode, packing
         self.global_batch = micro * accum * world
         self.steps_per_epoch = n // self.global_batch
         self._perm: tuple[int, torch.Tensor] | None = None
-        if mode == "grouped" or packing:
+        if longest is not None:  # rows of more than two sequences (rankings): their longest and their total
+            self.longest, self.tokens = np.asarray(longest), np.asarray(tokens)
+            assert len(self.longest) == len(self.tokens) == n, "grouping and packing need every row's token counts"
+        elif mode == "grouped" or packing:
             c, r = np.asarray(chosen_len), np.asarray(rejected_len)
             assert len(c) == len(r) == n, "grouping and packing need every pair's token counts"
             self.longest, self.tokens = np.maximum(c, r), c + r
@@ -172,13 +175,18 @@ class PairSampler:
 
 
 def get_preference_iterator(dataset, sampler: PairSampler, pad_id: int, done: int, total_steps: int,
-                            pack_len: int | None = None) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+                            pack_len: int | None = None, collate_fn=None
+                            ) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
     """Yield (step, [micro-batch, ...]) for optimizer steps done+1 .. total_steps (1-based: step s is
     the s-th update, drawn from the sampler's global batch s - 1), right-padded, or packed into rows of
-    pack_len tokens when the sampler packs."""
+    pack_len tokens when the sampler packs. collate_fn(rows, pad_id, pack_len, packing): another row kind's
+    batches (data.rankings.collate_rankings)."""
     for step in range(done + 1, total_steps + 1):
         rows = [_rows(dataset, idx) for idx in sampler.micro_batches(step - 1)]
-        yield step, [pack(r, pad_id, pack_len) if sampler.packing else collate(r, pad_id) for r in rows]
+        if collate_fn is not None:
+            yield step, [collate_fn(r, pad_id, pack_len, sampler.packing) for r in rows]
+        else:
+            yield step, [pack(r, pad_id, pack_len) if sampler.packing else collate(r, pad_id) for r in rows]
 
 
 def _rows(dataset, idx: list[int]) -> list[dict[str, Any]]:

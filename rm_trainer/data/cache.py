@@ -34,7 +34,8 @@ from rm_trainer import disk
 from rm_trainer.data.sources import prepare_sources
 from rm_trainer.errors import DataError, UserError
 
-CODE = ("formats.py", "truncation.py", "tokenize.py", "sources.py", "cache.py")  # what turns a row into token ids
+# what turns a row into token ids
+CODE = ("formats.py", "truncation.py", "tokenize.py", "sources.py", "cache.py", "rankings.py")
 READY_KEY = "rm_trainer/data_cache"
 
 
@@ -50,7 +51,7 @@ def data_identity(cfg) -> dict[str, Any]:
                                                "margin_key", "tie_key", "on_error")}
         | {"sources": [[s.name, s.weight, s.test_fraction] for s in d.sources or []]},
         "seed": cfg.train.seed,
-    }
+    } | ({"objective": "ranking", "ranking_score": d.ranking_score} if cfg.train.objective == "ranking" else {})
 
 
 def fingerprint(paths: list[str | None], tokenizer_dir: str | None) -> str:

@@ -137,20 +137,43 @@ def is_tie(row: dict, keys: PairKeys) -> bool:
     return t is True or (t is not None and not isinstance(t, bool) and float(t) == 0.0)
 
 
+class PairLayout:
+    """How load_source reads preference pairs: the source's format, decided once from its first rows, each
+    row's problem, and the columns every source needs. (data.rankings.RankingLayout: the same for rankings.)"""
+
+    def __init__(self, keys: PairKeys) -> None:
+        self.keys = keys
+
+    def decide(self, first_rows: list[Any], fmt: str) -> str:
+        return decide_format(first_rows, self.keys, fmt)
+
+    def problem(self, row: Any, fmt: str) -> str | None:
+        return row_problem(row, fmt, self.keys)
+
+    def check_columns(self, ds, path: str) -> None:
+        for k in (self.keys.chosen, self.keys.rejected):
+            if k not in ds.column_names:
+                raise DataError(f"{path}: no {k!r} field in any row (found fields: {', '.join(ds.column_names)}); "
+                                "set data.chosen_key / data.rejected_key / data.prompt_key to your column names")
+
+
 def load_source(path: str, fmt: str, keys: PairKeys, on_error: str, cache_dir: str | None = None,
-                what: str = "--data"):
+                what: str = "--data", layout=None):
     """One source as a datasets.Dataset, its format (decided once, from its first rows), and how many
     rows were already found malformed (only when `datasets` cannot read a JSON file and read.py reads it
     instead; every other row is checked during tokenization, against that format). Every file goes
-    through data/read.py, so a file of any bytes is read or refused with a DataError naming it."""
+    through data/read.py, so a file of any bytes is read or refused with a DataError naming it. layout:
+    PairLayout(keys) unless given (data.rankings.RankingLayout for --objective ranking)."""
     import datasets
+
+    layout = layout or PairLayout(keys)
 
     if not Path(path).exists() and not Path(path).is_symlink() and looks_like_hub_name(path):
         try:  # a hub dataset, where the network allows
             ds = datasets.load_dataset(path, split="train", cache_dir=cache_dir)
         except (OSError, ValueError, FileNotFoundError) as e:
             raise DataError(f"{what} {path}: no such file, and not a hub dataset that can be loaded ({e})") from None
-        return _checked(ds, path, keys, fmt), fmt if fmt != "auto" else _first_format(ds, keys), 0
+        return _checked(ds, path, layout), fmt if fmt != "auto" else _first_format(ds, layout), 0
     p = read.check_file(path, what, folder_ok=True)
     if p.is_dir():
         ds = _load_folder(path, what)
@@ -165,14 +188,14 @@ def load_source(path: str, fmt: str, keys: PairKeys, on_error: str, cache_dir: s
             raise DataError(f"{path}: not a readable parquet file ({read.parquet_problem(path)})")
         if ds is None:
             parsed = read.json_records(path)
-            fmt = decide_format([obj for _, obj in parsed[0][:100]], keys, fmt)
-            ds, bad = read.from_records(path, lambda row: row_problem(row, fmt, keys), on_error, parsed, skip_hint())
+            fmt = layout.decide([obj for _, obj in parsed[0][:100]], fmt)
+            ds, bad = read.from_records(path, lambda row: layout.problem(row, fmt), on_error, parsed, skip_hint())
             return ds, fmt, bad
-    return _checked(ds, path, keys, fmt), _first_format(ds, keys) if fmt == "auto" else fmt, 0
+    return _checked(ds, path, layout), _first_format(ds, layout) if fmt == "auto" else fmt, 0
 
 
-def _first_format(ds, keys: PairKeys) -> str:
-    return decide_format(list(ds.select(range(min(100, len(ds))))), keys, "auto")
+def _first_format(ds, layout) -> str:
+    return layout.decide(list(ds.select(range(min(100, len(ds))))), "auto")
 
 
 def _load_folder(path: str, what: str):
@@ -204,13 +227,10 @@ def _load_arrow(path: str, what: str, cache_dir: str | None):
     return ds
 
 
-def _checked(ds, path: str, keys: PairKeys, fmt: str):
+def _checked(ds, path: str, layout):
     if len(ds) == 0:
         raise DataError(f"{path}: contains no rows")
-    for k in (keys.chosen, keys.rejected):
-        if k not in ds.column_names:
-            raise DataError(f"{path}: no {k!r} field in any row (found fields: {', '.join(ds.column_names)}); "
-                            "set data.chosen_key / data.rejected_key / data.prompt_key to your column names")
+    layout.check_columns(ds, path)
     return ds
 
 

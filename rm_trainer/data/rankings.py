@@ -16,6 +16,7 @@ kept as K sequences that each run through the backbone once per step, with the r
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,33 @@ def detect_ranking_format(row: Any, keys: RankingKeys) -> str:
     if isinstance(row, dict) and "completions" in row and keys.responses not in row:
         return "ultrafeedback"
     return "ranking"
+
+
+class RankingLayout:
+    """formats.load_source's view of ranking sources (formats.PairLayout is the pairs' one)."""
+
+    def __init__(self, keys: RankingKeys) -> None:
+        self.keys = keys
+
+    def decide(self, first_rows: list[Any], fmt: str) -> str:
+        if fmt in LAYOUTS:
+            return fmt
+        return detect_ranking_format(next((r for r in first_rows if isinstance(r, dict)), None), self.keys)
+
+    def problem(self, row: Any, fmt: str) -> str | None:
+        return ranking_problem(row, fmt, self.keys)
+
+    def check_columns(self, ds, path: str) -> None:
+        cols = set(ds.column_names)
+        if self.keys.responses in cols or "completions" in cols:
+            return
+        held = "preference pairs (chosen/rejected)" if {"chosen", "rejected"} <= cols else "no rankings"
+        raise DataError(f"{path}: holds {held}: no {self.keys.responses!r} or 'completions' field (found fields: "
+                        f"{', '.join(sorted(cols))}); train.objective ranking reads rows of a prompt, K responses "
+                        "and their scores (docs/objectives.md); pairs train with --objective pairs")
+
+
+LAYOUTS = ("ranking", "ultrafeedback")
 
 
 def _kind(v: Any) -> str:
@@ -135,7 +163,8 @@ def ranking_status(responses: list[str], scores: list[float]) -> str:
     return ""
 
 
-RANKING_COLUMNS = ("ids", "scores", "status", "source", "tokens")
+RANKING_COLUMNS = ("ids", "scores", "status", "source", "tokens", "longest")
+DROP_REASONS = ("malformed", "empty_response", "all_responses_tied")
 
 
 def encode_ranking(tok, prompt: Any, responses: list[str], max_len: int, prefix: list[int]) -> list[list[int]]:
@@ -151,7 +180,8 @@ def tokenize_rankings(ds, fmt: str, tok, max_len: int, on_error: str, keys: Rank
     """One datasets.map over a ranking source: each row checked against the source's layout (a malformed
     one raises DataError naming file:line and field, unless on_error is skip, which counts it as
     "malformed"), then each response encoded. Every row gets a status (a drop reason or ""), so nothing
-    is lost uncounted. Columns: ids (K id lists), scores (K), status, source, tokens (all K lengths)."""
+    is lost uncounted. Columns: ids (K id lists), scores (K), status, source, tokens (all K lengths) and
+    longest (the longest response's)."""
     prefix = special_prefix(tok)
 
     def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -166,7 +196,8 @@ def tokenize_rankings(ds, fmt: str, tok, max_len: int, on_error: str, keys: Rank
                 prompt, responses, scores = ranking_texts(row, fmt, keys)
                 status = ranking_status(responses, scores)
                 ids = encode_ranking(tok, prompt, responses, max_len, prefix)
-            for k, v in zip(RANKING_COLUMNS, (ids, scores, status, source_id, sum(map(len, ids))), strict=True):
+            values = (ids, scores, status, source_id, sum(map(len, ids)), max(map(len, ids), default=0))
+            for k, v in zip(RANKING_COLUMNS, values, strict=True):
                 out[k].append(v)
         return out
 
@@ -175,16 +206,41 @@ def tokenize_rankings(ds, fmt: str, tok, max_len: int, on_error: str, keys: Rank
                   load_from_cache_file=False)
 
 
+def split_report(tokd, idx, max_len: int, malformed_before: int = 0):
+    """(rows kept, their report) of one split (`idx`: its rows of the tokenized source): counts by status,
+    responses per row, and the longest response's token lengths, from whole columns read once."""
+    import numpy as np
+
+    status = np.asarray(tokd.data.column("status").to_numpy(zero_copy_only=False))[idx]
+    counts = Counter(status.tolist())
+    counts["malformed"] += malformed_before
+    real = idx[status != "malformed"]
+    longest = np.asarray(tokd.data.column("longest").to_numpy())[real]
+    k = np.asarray([len(x) for x in tokd.select(real)["scores"]]) if len(real) else np.zeros(0)
+    rep = {"rows": len(idx) + malformed_before, "used": sum(v for r, v in counts.items() if r not in DROP_REASONS),
+           "dropped": {r: counts.get(r, 0) for r in DROP_REASONS}, "kept_with_note": {}}
+    if len(real):
+        rep["responses_per_row"] = {"min": int(k.min()), "mean": round(float(k.mean()), 3), "max": int(k.max())}
+        rep["token_length_percentiles"] = {"longest_response": {f"p{q}": int(np.percentile(longest, q))
+                                                                for q in (50, 90, 99)} | {"max": int(longest.max())}}
+        rep["fraction_truncated_at_max_len"] = round(float((longest >= max_len).mean()), 4)
+    keep = idx[~np.isin(status, DROP_REASONS)]
+    return tokd.remove_columns(["status"]).select(keep), rep
+
+
 def collate_rankings(rows: list[dict[str, Any]], pad_id: int, pack_len: int | None = None,
                      packing: bool = False) -> dict[str, torch.Tensor]:
     """A micro-batch of ranking rows ({"ids": [K lists], "scores": [K]}) as one forward over their S
     responses, each once: padded (`input_ids` (S, T), `lens`) or packed (`input_ids`, `position_ids`,
-    `last`, as data.batching.pack_sequences), with `group` (S,) the row of each response (0..B-1) and
-    `scores` (S,)."""
+    `last`, as data.batching.pack_sequences), with `group` (S,) the row of each response (0..B-1),
+    `scores` (S,), `prompts` (B, on the host) and each row's `source`."""
     seqs = [ids for r in rows for ids in r["ids"]]
     group = torch.cat([torch.full((len(r["ids"]),), i, dtype=torch.long) for i, r in enumerate(rows)])
     scores = torch.tensor([float(s) for r in rows for s in r["scores"]], dtype=torch.float32)
-    lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    fields = {"lens": torch.tensor([len(s) for s in seqs], dtype=torch.long), "group": group, "scores": scores,
+              "prompts": torch.tensor(len(rows))}  # a host value: the loss's G, read without a device sync
+    if "source" in rows[0]:
+        fields["source"] = torch.tensor([r["source"] for r in rows], dtype=torch.long)
     if packing:
-        return pack_sequences(seqs, pad_id, pack_len) | {"lens": lens, "group": group, "scores": scores}
-    return {"input_ids": pad_right(seqs, pad_id), "lens": lens, "group": group, "scores": scores}
+        return pack_sequences(seqs, pad_id, pack_len) | fields
+    return {"input_ids": pad_right(seqs, pad_id)} | fields

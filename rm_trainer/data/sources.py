@@ -79,8 +79,9 @@ def _mix(ds, weight: float, seed: int):
 def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, dict, list[str]]:
     """(train dataset, test dataset or None, report, source names). One process, no process group.
     work_dir: where `datasets` may write its intermediate arrow files (default: its home cache)."""
-    import datasets
 
+    if cfg.train.objective == "ranking":
+        return _prepare_rankings(cfg, tok, work_dir)
     d = cfg.data
     keys = PairKeys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key, d.tie_key)
     trains, tests, report, names = [], [], {}, []
@@ -108,12 +109,55 @@ def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, di
             te, report[name]["test"] = split_report(test_tokd, test_cols, test_idx, keys, d.max_len,
                                                     test_bad, held_out=True)
             tests.append(te)
-    _check_drops(report, d.max_drop_fraction)
+    return _combine(trains, tests, report, names, d.max_drop_fraction, "pairs")
+
+
+def _prepare_rankings(cfg, tok, work_dir: str | None) -> tuple[Any, Any, dict, list[str]]:
+    """prepare_sources for --objective ranking: the same sources, splits, mixture and drop accounting,
+    over ranking rows (data.rankings)."""
+
+    from rm_trainer.data import rankings
+
+    d = cfg.data
+    keys = rankings.RankingKeys(prompt=d.prompt_key, uf_score=d.ranking_score)
+    layout = rankings.RankingLayout(keys)
+    trains, tests, report, names = [], [], {}, []
+
+    def read(path: str, field: str, i: int):
+        ds, fmt, bad = load_source(path, d.format, None, d.on_error, work_dir, field, layout=layout)
+        return rankings.tokenize_rankings(ds, fmt, tok, d.max_len, d.on_error, keys, i, path, d.num_proc), fmt, bad
+
+    for i, src in enumerate(d.source_list()):
+        name = src.name or Path(src.path).stem
+        names.append(name)
+        what = f"data.sources[{i}]." if d.sources else "data."
+        tokd, fmt, bad = read(src.path, what + ("path" if d.sources else "train_path"), i)
+        frac = d.test_fraction if src.test_fraction is None else src.test_fraction
+        train_idx, test_idx = split_indices(len(tokd), 0 if src.test_path else frac, cfg.train.seed + i)
+        tr, rep = rankings.split_report(tokd, train_idx, d.max_len, bad)
+        report[name] = {"path": src.path, "weight": src.weight, "format": fmt, "train": rep}
+        trains.append(_mix(tr, src.weight, cfg.train.seed + i) if src.weight != 1 else tr)
+        test_tokd, test_bad = tokd, 0
+        if src.test_path:
+            test_tokd, _, test_bad = read(src.test_path, what + "test_path", i)
+            test_idx = np.arange(len(test_tokd))
+        if len(test_idx):
+            te, report[name]["test"] = rankings.split_report(test_tokd, test_idx, d.max_len, test_bad)
+            tests.append(te)
+    return _combine(trains, tests, report, names, d.max_drop_fraction, "rows")
+
+
+def _combine(trains: list, tests: list, report: dict, names: list[str], max_drop: float, unit: str):
+    """The sources' splits as one train and one test dataset, after the drop check; report["_total"] counts
+    their `unit` (pairs, or ranking rows)."""
+    import datasets
+
+    _check_drops(report, max_drop)
     train = datasets.concatenate_datasets(trains) if len(trains) > 1 else trains[0]
     test = (datasets.concatenate_datasets(tests) if len(tests) > 1 else tests[0]) if tests else None
     if len(train) == 0:
-        raise DataError(f"no usable training pairs in any source: {json.dumps(report)}")
-    report["_total"] = {"train_pairs": len(train), "test_pairs": len(test) if test is not None else 0}
+        raise DataError(f"no usable training {unit} in any source: {json.dumps(report)}")
+    report["_total"] = {f"train_{unit}": len(train), f"test_{unit}": len(test) if test is not None else 0}
     return train, test, report, names
 
 
@@ -131,6 +175,21 @@ def _check_drops(report: dict, limit: float) -> None:
                          f"{limit:g}): " + "; ".join(problems) + ". Check the column names (data.chosen_key, "
                          "data.rejected_key, data.prompt_key), max_len and data.on_error; the full report: "
                          + json.dumps(report))
+
+
+def objective_line(cfg, report: dict) -> str:
+    """The objective, and the sequences one micro-batch's forward runs (per rank, per micro step)."""
+    t = cfg.train
+    if t.objective == "pairs":
+        return (f"objective pairs (Bradley-Terry): each forward runs {2 * t.micro_batch_size} sequences "
+                f"(chosen and rejected of {t.micro_batch_size} pairs), {t.grad_accum} per step and rank")
+    k = [r["train"]["responses_per_row"]["mean"] for n, r in report.items()
+         if not n.startswith("_") and "responses_per_row" in r["train"]]
+    k_mean = sum(k) / len(k) if k else 2.0
+    return (f"objective ranking ({t.ranking_loss} loss): each response one sequence, each forward about "
+            f"{t.micro_batch_size * k_mean:.1f} sequences ({t.micro_batch_size} rows of {k_mean:.2f} responses), "
+            f"{t.grad_accum} per step and rank; splitting the rows into pairs would run "
+            f"{t.micro_batch_size * k_mean * (k_mean - 1):.1f}")
 
 
 def dry_run_report(cfg, tok) -> str:
@@ -155,7 +214,8 @@ def dry_run_report(cfg, tok) -> str:
             if "token_length_percentiles" in r:
                 lines.append(f"  token lengths {r['token_length_percentiles']}; "
                              f"{r['fraction_truncated_at_max_len']:.1%} of pairs exceed max_len={cfg.data.max_len}")
-    ids = ex["chosen_ids"]
-    lines.append("example (chosen), the reward is read at the marked token:")
+    lines.append(objective_line(cfg, report))
+    ids = ex["ids"][0] if "ids" in ex else ex["chosen_ids"]
+    lines.append(f"example ({'first response' if 'ids' in ex else 'chosen'}), the reward is read at the marked token:")
     lines.append("  " + tok.decode(ids[:-1]) + " \u27e6" + tok.decode(ids[-1:]) + "\u27e7")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import torch
 from rm_trainer import disk
 from rm_trainer.artifact import checkpoint_files as ckpt
 from rm_trainer.config import RunConfig
-from rm_trainer.data.batching import collate
+from rm_trainer.data.batching import collate, pad_right
 from rm_trainer.data.cache import data_identity
 from rm_trainer.errors import ConfigError
 from rm_trainer.train import elastic, engine
@@ -46,7 +46,8 @@ def resume_keys(cfg: RunConfig, world: int, zero_stage: int) -> dict:
                    "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
                    "global_batch": t.micro_batch_size * t.grad_accum * (world // t.sequence_parallel),
                    "batching": [t.batching, t.packing, cfg.pack_len],
-                   "objective": {"tie_loss": t.tie_loss}} | data_identity(cfg)
+                   "objective": {"tie_loss": t.tie_loss} | ({"objective": "ranking", "ranking_loss": t.ranking_loss}
+                                                            if t.objective == "ranking" else {})} | data_identity(cfg)
 
 
 def base_fingerprint(path: str) -> str:
@@ -97,6 +98,9 @@ def check_sequence_parallel(target: Path, then: int, now: int, moved: dict) -> N
 def make_probe(ds, pad_id: int) -> dict[str, torch.Tensor]:
     """A few held-out pairs that every checkpoint scores with the live engine; consolidation must
     reproduce those rewards from the merged weights alone."""
+    if "ids" in ds.column_names:  # ranking rows: their first responses, as many sequences as the pairs give
+        seqs = [ids for i in range(min(PROBE_PAIRS, len(ds))) for ids in ds[i]["ids"]][:2 * PROBE_PAIRS]
+        return {"input_ids": pad_right(seqs, pad_id), "seq_lengths": torch.tensor([len(x) for x in seqs])}
     b = collate([ds[i] for i in range(min(PROBE_PAIRS, len(ds)))], pad_id)
     return {"input_ids": torch.cat([b["chosen_ids"], b["rejected_ids"]]),
             "seq_lengths": torch.cat([b["chosen_len"], b["rejected_len"]])}

@@ -18,6 +18,7 @@ from rm_trainer.artifact.consolidate import consolidate
 from rm_trainer.config import RunConfig
 from rm_trainer.data.batching import PairSampler, get_preference_iterator
 from rm_trainer.data.cache import load_data
+from rm_trainer.data.rankings import collate_rankings
 from rm_trainer.data.tokenize import load_tokenizer
 from rm_trainer.errors import ConfigError, DataError
 from rm_trainer.lora import apply_lora, trainable_summary
@@ -107,7 +108,9 @@ def train(plan: Plan) -> dict:
     loss_scale = rt.dp_world * t.grad_accum / global_batch if packing else None
 
     # ---- owners: evaluation, checkpoints (and resume), the non-finite guard, logging
-    evaluator = Evaluator(test_ds, t.eval_every, cfg.eval_batch_size, rt, tok.pad_token_id, sources)
+    ranking = t.objective == "ranking"  # rows of K responses: each once per step (data.rankings)
+    evaluator = Evaluator(test_ds, t.eval_every, cfg.eval_batch_size, rt, tok.pad_token_id, sources,
+                          t.ranking_loss if ranking else None)
     record = run_record(cfg, backbone, tok, rt.world_size, rt.is_main, zero_stage(plan.ds_cfg))
     probe = make_probe(test_ds if test_ds else train_ds, tok.pad_token_id)
     ckpt = Checkpointer(cfg, rt, tok, record, probe, evaluator.reward_stats)
@@ -120,10 +123,11 @@ def train(plan: Plan) -> dict:
     try:
         if t.eval_at_start and done == 0 and test_ds is not None:  # e.g. the model this run continues from
             log.eval(0, evaluator.run(eng, 0), evaluator.pairs)
-        batches = get_preference_iterator(train_ds, sampler, tok.pad_token_id, done, total, cfg.pack_len)
+        batches = get_preference_iterator(train_ds, sampler, tok.pad_token_id, done, total, cfg.pack_len,
+                                          collate_rankings if ranking else None)
         for step, micro_batches in batches:
             rec = train_step(eng, step, micro_batches, rt.device, cfg.model.reward_path == "fused", bool(stop),
-                             loss_scale, t.center_rewards_coefficient, rt.counts)
+                             loss_scale, t.center_rewards_coefficient, rt.counts, t.ranking_loss)
             guard.check(rec)
             log.train_step(rec, eng.grad_norm, guard.total)
             evaluated = evaluator.due(step, total)
@@ -145,8 +149,9 @@ def train(plan: Plan) -> dict:
 def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime, packing: bool) -> PairSampler:
     t = cfg.train
     lengths = {}
-    if t.batching == "grouped" or packing:  # token counts of every pair, read as two arrow columns
-        lengths = {k: train_ds.data.column(k).to_numpy() for k in ("chosen_len", "rejected_len")}
+    names = ("longest", "tokens") if t.objective == "ranking" else ("chosen_len", "rejected_len")
+    if t.batching == "grouped" or packing:  # token counts of every row, read as two arrow columns
+        lengths = {k: train_ds.data.column(k).to_numpy() for k in names}
     return PairSampler(len(train_ds), t.micro_batch_size, t.grad_accum, rt.dp_world, rt.dp_rank, t.seed,
                        t.batching, packing, **lengths)
 

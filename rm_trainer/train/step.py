@@ -17,10 +17,12 @@ import torch
 
 from rm_trainer.data.batching import token_slots
 from rm_trainer.loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, metrics_from_sums, pair_sums
+from rm_trainer.objectives import RANKING_FIELDS, fused_ranking_loss, ranking_metrics, ranking_sums
 from rm_trainer.train import engine
 
-# after the pair sums in a step's stats: tokens, slots, router loss sum and count, Davidson theta (if any)
-TOKENS, SLOTS, AUX, AUX_N, THETA = N_SUMS, N_SUMS + 1, N_SUMS + 2, N_SUMS + 3, N_SUMS + 4
+# after the pair sums in a step's stats: tokens, slots, router loss sum and count, Davidson theta (if any);
+# a ranking step's follow its objectives.RANKING_FIELDS the same way (StepRecord.metrics)
+TOKENS, SLOTS = N_SUMS, N_SUMS + 1
 
 
 class StopFlag:
@@ -41,9 +43,12 @@ class StopFlag:
 
 def score_batch(eng, b: dict, device: torch.device) -> torch.Tensor:
     """Rewards (2B,) = [chosen; rejected] from ONE forward: both halves share every ZeRO-3 weight
-    gather and kernel launch. Padded batches (data.batching.collate) or packed ones (data.batching.pack)."""
-    if "input_ids" in b:
+    gather and kernel launch. Padded batches (data.batching.collate) or packed ones (data.batching.pack).
+    A ranking batch (data.rankings.collate_rankings): (S,), each of its S responses once."""
+    if "position_ids" in b:
         return eng(b["input_ids"].to(device), None, b["position_ids"].to(device), b["last"].to(device))
+    if "lens" in b:
+        return eng(b["input_ids"].to(device), b["lens"].to(device))
     ids = torch.cat([b["chosen_ids"], b["rejected_ids"]]).to(device)
     lens = torch.cat([b["chosen_len"], b["rejected_len"]]).to(device)
     return eng(ids, lens)
@@ -58,6 +63,26 @@ def loss_fn(rewards: torch.Tensor, fused: bool, margin: torch.Tensor | None = No
     return bradley_terry_loss(rewards[:B], rewards[B:], margin, scale, center, tie, log_nu)
 
 
+def batch_loss(b: dict, rewards: torch.Tensor, device: torch.device, fused: bool, scale: float | None,
+               center: float, log_nu: torch.Tensor | None, ranking_loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, its statistics' sums on the device) of one micro-batch: the BT loss of its pairs, or (a
+    ranking batch, --objective ranking) the ranking loss over each prompt's responses."""
+    if "group" in b:
+        group, scores, G = b["group"].to(device), b["scores"].to(device), int(b["prompts"])
+        loss = fused_ranking_loss(rewards, group, scores, G, ranking_loss, scale)
+        return loss, ranking_sums(rewards, group, scores, G, ranking_loss)
+    margin = b["margin"].to(device) if "margin" in b else None
+    tie = b["tie"].to(device) if "tie" in b else None  # --tie_key: tied pairs take the tie loss
+    loss = loss_fn(rewards, fused=fused, margin=margin, scale=scale, center=center, tie=tie, log_nu=log_nu)
+    B = b["chosen_len"].shape[0]
+    return loss, pair_sums(rewards[:B], rewards[B:], tie=tie, log_nu=log_nu)
+
+
+def batch_tokens(b: dict) -> int:
+    """Real tokens of a batch (host tensors from collate)."""
+    return int(b["lens"].sum()) if "lens" in b else int(b["chosen_len"].sum() + b["rejected_len"].sum())
+
+
 @dataclass
 class StepRecord:
     """What one optimizer step did. `stats` is on the device, already summed over ranks:
@@ -70,6 +95,7 @@ class StepRecord:
     stop_votes: int
     lr: float
     started: float  # host clock when the step began (the logger times windows of steps from it)
+    ranking: bool = False  # stats hold objectives.RANKING_FIELDS in place of the pair sums
 
     @property
     def stop(self) -> bool:
@@ -79,20 +105,25 @@ class StepRecord:
         """Per-pair means and throughput (`seconds`: the step's wall time). Moves the statistics to the
         host (unless `values` already holds them): a CPU-GPU sync point, so only when a line is logged."""
         v = self.stats.tolist() if values is None else values
-        m = metrics_from_sums(torch.tensor(v[:N_SUMS], dtype=torch.float64))
+        n = len(RANKING_FIELDS) if self.ranking else N_SUMS  # where tokens, slots and aux follow the sums
+        sums = torch.tensor(v[:n], dtype=torch.float64)
+        m = ranking_metrics(sums) if self.ranking else metrics_from_sums(sums)
         finite = {k: (x if math.isfinite(x) else None) for k, x in m.items()
-                  if k in ("acc", "margin", "reward_mean", "reward_std", "tie_gap")}
+                  if k in ("acc", "margin", "reward_mean", "reward_std", "tie_gap", "top1")}
         # MoE: the router loss, a mean over micro-batches and ranks (absent: a dense backbone)
-        aux = {"router_aux_loss": v[AUX] / v[AUX_N]} if len(v) > AUX_N and v[AUX_N] else {}
-        if len(v) > THETA:  # --tie_loss davidson: the learned nu this step used
-            aux["tie_nu"] = math.exp(v[THETA])
-        return {"loss": m["loss"], **finite, **aux, "lr": self.lr, "pairs_per_s": m["pairs"] / seconds,
-                "tokens_per_s": v[TOKENS] / seconds, "padding_efficiency": v[TOKENS] / v[SLOTS]}
+        aux = {"router_aux_loss": v[n + 2] / v[n + 3]} if len(v) > n + 3 and v[n + 3] else {}
+        if len(v) > n + 4:  # --tie_loss davidson: the learned nu this step used
+            aux["tie_nu"] = math.exp(v[n + 4])
+        # sequences: what the step's forwards ran (all ranks): 2 per pair, or each ranked response once
+        seqs = {"sequences": m["responses"], "prompts_per_s": m["prompts"] / seconds} if self.ranking else {
+            "sequences": 2 * m["pairs"]}
+        return {"loss": m["loss"], **finite, **aux, "lr": self.lr, "pairs_per_s": m["pairs"] / seconds, **seqs,
+                "tokens_per_s": v[n] / seconds, "padding_efficiency": v[n] / v[n + 1]}
 
 
 def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, fused: bool,
                stop_requested: bool, loss_scale: float | None = None, center: float = 0.0,
-               counts: bool = True) -> StepRecord:
+               counts: bool = True, ranking_loss: str = "pairs") -> StepRecord:
     """grad_accum micro-batches -> one optimizer update (DeepSpeed applies it at the last micro step).
     Nothing here waits for the GPU.
 
@@ -101,21 +132,19 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
     global pairs: after DeepSpeed's 1/accum and its average over ranks, the update minimises the mean
     over the global batch's pairs, exactly as with equal micro-batches. `center` (reward centering) is a
     per-pair term, so the same weighting applies to it. The logged loss is the BT part alone. counts False
-    (a sequence group's ranks after its first, which hold the same rewards): statistics left out of the sum."""
+    (a sequence group's ranks after its first, which hold the same rewards): statistics left out of the sum.
+    Ranking batches (--objective ranking, `ranking_loss`) weigh prompts as this weighs pairs."""
     started = time.perf_counter()
     lr = eng.lr()
     skipped_before = eng.skipped()
-    sums = torch.zeros(N_SUMS, dtype=torch.float64, device=device)
+    sums = None
     aux_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (router aux loss, micro-batches with one)
     tokens = slots = 0
     for b in micro_batches:
         with eng.micro_step():  # --offload_activations: checkpointed layer inputs wait on the CPU
             rewards = score_batch(eng, b, device)
-            margin = b["margin"].to(device) if "margin" in b else None
-            tie = b["tie"].to(device) if "tie" in b else None  # --tie_key: tied pairs take the tie loss
             log_nu = eng.tie_log_nu()  # --tie_loss davidson: its learned theta, else None (the soft tie loss)
-            loss = loss_fn(rewards, fused=fused, margin=margin, scale=loss_scale, center=center, tie=tie,
-                           log_nu=log_nu)
+            loss, s = batch_loss(b, rewards, device, fused, loss_scale, center, log_nu, ranking_loss)
             aux = eng.aux_loss()  # MoE: coef x the router's load-balancing loss of this forward
             if aux is not None:
                 loss = loss + aux
@@ -125,9 +154,8 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
         # non-finite (a NaN loss anywhere makes it so): the engine then skips it on every rank together
         # (no weight or Adam change) and counts it (eng.skipped()).
         eng.step()
-        B = b["chosen_len"].shape[0]
-        sums += pair_sums(rewards[:B], rewards[B:], tie=tie, log_nu=log_nu)  # on the device: no sync here
-        tokens += int(b["chosen_len"].sum() + b["rejected_len"].sum())  # host tensors from collate
+        sums = s if sums is None else sums + s  # on the device: no sync here
+        tokens += batch_tokens(b)
         slots += token_slots(b)
     stats = torch.cat([sums, torch.tensor([tokens, slots], dtype=torch.float64, device=device), aux_sum])
     if not counts:
@@ -138,7 +166,8 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
     # Stop votes travel as host integers (gloo), so every rank agrees on stopping at this step without
     # waiting for the GPU; a signal seen by any rank stops them all here.
     stop_votes = engine.host_sum(int(stop_requested))
-    return StepRecord(step, stats, eng.skipped() > skipped_before, stop_votes, lr, started)
+    return StepRecord(step, stats, eng.skipped() > skipped_before, stop_votes, lr, started,
+                      "group" in micro_batches[0])
 
 
 class SkipGuard:

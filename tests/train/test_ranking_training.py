@@ -1,0 +1,139 @@
+"""K-wise rankings in real runs (--objective ranking):
+
+- rows of K = 2 are the pairs: a 2-rank ranking run on the demo's pairs written as rankings has the loss
+  trace of the pairs run (1e-6 relative), and the same held-out accuracy;
+- K = 4 rows run 4 sequences each per step where the pair split runs 12 (counted from the logged
+  `sequences`), and a 2-rank ZeRO-3 run learns the ranking (held-out pairwise accuracy and top-1);
+- killed with kill -9 and resumed, a ranking run is bit-exact;
+- a bad row stops the run naming file:line:field, and a pairs file given to a ranking run is named."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, kill_then_resume, metrics, run_env, same_artifact_weights, train, train_args
+
+from rm_trainer import load_reward_model
+from rm_trainer.demo import TOPICS, _response, make_pairs
+
+pytestmark = pytest.mark.slow
+
+
+def write(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def as_rankings(pairs: list[dict]) -> list[dict]:
+    """Each pair as a ranking of its two responses, in a seeded order (the better one not always first)."""
+    rng = random.Random(0)
+    out = []
+    for p in pairs:
+        first = rng.random() < 0.5
+        responses = [p["chosen"], p["rejected"]] if first else [p["rejected"], p["chosen"]]
+        out.append({"prompt": p["prompt"], "responses": responses, "scores": [1, 0] if first else [0, 1]})
+    return out
+
+
+def rankings(n: int, seed: int, k: int = 4) -> list[dict]:
+    """Rows of k responses to one prompt, the score of each its count of helpful words (0..3)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        levels = rng.sample(range(4), k)
+        rows.append({"prompt": f"Human: tell me about {rng.choice(TOPICS)} please Assistant:",
+                     "responses": [_response(rng, g, 3 - g) for g in levels], "scores": levels})
+    return rows
+
+
+def split_into_pairs(rows: list[dict]) -> list[dict]:
+    """What a trainer without rankings does: every ordered pair with different scores, as its own row."""
+    return [{"prompt": r["prompt"], "chosen": r["responses"][i], "rejected": r["responses"][j]}
+            for r in rows for i, j in itertools.permutations(range(len(r["responses"])), 2)
+            if r["scores"][i] > r["scores"][j]]
+
+
+COMMON = {"dtype": "fp32", "lr": 1e-3, "warmup_steps": 1, "max_len": 64, "seed": 7}
+
+
+def test_rankings_of_two_train_exactly_like_their_pairs(tmp_path, tiny_pretrained):
+    pairs, test = make_pairs(128, 3), make_pairs(32, 4)
+    runs = {}
+    for name, rows, test_rows, objective in (("pairs", pairs, test, "pairs"),
+                                             ("ranking", as_rankings(pairs), as_rankings(test), "ranking")):
+        runs[name] = out = tmp_path / name
+        train(out, train_args(tiny_pretrained, write(tmp_path / f"{name}.jsonl", rows),
+                              write(tmp_path / f"{name}_test.jsonl", test_rows), "zero2", **COMMON, max_steps=8,
+                              micro_batch_size=4, eval_every=8, objective=objective, hf_export=False),
+              launcher="torchrun")
+    a, b = metrics(runs["pairs"]), metrics(runs["ranking"])
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]), (x["loss"], y["loss"])
+        assert x["acc"] == y["acc"] and y["sequences"] == x["sequences"] == 16
+    ea, eb = metrics(runs["pairs"], "eval")[-1], metrics(runs["ranking"], "eval")[-1]
+    assert ea["acc"] == eb["acc"] and abs(ea["loss"] - eb["loss"]) <= 1e-6 * ea["loss"]
+    assert eb["prompts"] == 32 and eb["responses"] == 64
+
+
+def test_four_responses_run_once_each_and_the_ranking_is_learned(tmp_path, tiny_pretrained):
+    rows, test = rankings(96, 1), rankings(32, 2)
+    data, held_out = write(tmp_path / "train.jsonl", rows), write(tmp_path / "test.jsonl", test)
+    ranked = tmp_path / "ranked"
+    train(ranked, train_args(tiny_pretrained, data, held_out, "zero3", **COMMON, max_steps=24, micro_batch_size=2,
+                             eval_every=24, objective="ranking", ranking_loss="plackett_luce"))
+    split = tmp_path / "split"  # the same rows split into pairs: 6 pairs, 12 sequences, per row
+    train(split, train_args(tiny_pretrained, write(tmp_path / "pairs.jsonl", split_into_pairs(rows[:16])), None,
+                            "zero2", **COMMON, max_steps=2, micro_batch_size=12, test_fraction=0, hf_export=False),
+          launcher="python", nprocs=1)
+    # per row and step: the ranking's 4 rows a step (2 per rank) run 4 sequences each; the split's 12 pairs a
+    # step are 2 rows' worth (6 pairs each), and run 12 sequences per row
+    assert {r["sequences"] / 4 for r in metrics(ranked)} == {4.0}
+    assert {r["sequences"] / 2 for r in metrics(split)} == {12.0}
+    e = metrics(ranked, "eval")[-1]
+    assert e["prompts"] == 32 and e["responses"] == 32 * 4
+    assert e["acc"] >= 0.9 and e["top1"] >= 0.8, e
+    # reward.pt scores each response on its own, as the ranking trained it: its order matches the scores
+    model = load_reward_model(ranked / "reward.pt")
+    r = model.score_texts([(x["prompt"], y) for x in test for y in x["responses"]]).view(len(test), 4)
+    right = sum(int((r[i, a] > r[i, b]) == (x["scores"][a] > x["scores"][b]))
+                for i, x in enumerate(test) for a, b in itertools.combinations(range(4), 2))
+    assert right / (32 * 6) == pytest.approx(e["acc"], abs=1 / (32 * 6))
+
+
+def test_a_killed_ranking_run_resumes_bit_exact(tmp_path, tiny_pretrained):
+    args = train_args(tiny_pretrained, write(tmp_path / "train.jsonl", rankings(48, 5, k=3)), None, "zero2",
+                      **COMMON, max_steps=8, micro_batch_size=2, save_every=2, test_fraction=0,
+                      objective="ranking", hf_export=False)
+    a, b = tmp_path / "uninterrupted", tmp_path / "killed"
+    train(a, args)
+    kill_then_resume(b, args, "6.0", [2, 4])  # killed in step 6, resumed from step_4
+    assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]  # exact float equality
+    assert same_artifact_weights(a, b)
+
+
+def dry_run(tmp_path, model, data) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/train_reward.py", "--model", model, "--data", data,
+                           "--output_dir", str(tmp_path / "o"), "--objective", "ranking", "--dry-run"],
+                          cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_bad_rows_and_pairs_files_are_named(tmp_path, tiny_pretrained):
+    rows = rankings(6, 1)
+    rows[3]["scores"] = rows[3]["scores"][:3]
+    p = dry_run(tmp_path, tiny_pretrained, write(tmp_path / "bad.jsonl", rows))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"{tmp_path / 'bad.jsonl'}:4: field 'scores' has 3 values for 4 responses" in p.stderr
+    p = dry_run(tmp_path, tiny_pretrained, write(tmp_path / "pairs.jsonl", make_pairs(8, 1)))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "holds preference pairs (chosen/rejected)" in p.stderr and "--objective pairs" in p.stderr, p.stderr
+    good = dry_run(tmp_path, tiny_pretrained, write(tmp_path / "good.jsonl", rankings(40, 1)))
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert "objective ranking (pairs loss): each response one sequence" in good.stdout
+    # 4 rows of 4 responses: 6 pairs per row, 2 sequences each
+    assert "splitting the rows into pairs would run 48.0" in good.stdout
