@@ -118,7 +118,8 @@ class TrainConfig(Section):
 
     dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="training precision (fills the DeepSpeed "
                                                     "JSON's \"auto\" bf16/fp16)")
-    micro_batch_size: int = Field(4, ge=1, description="pairs per rank per micro step (2x sequences)")
+    micro_batch_size: int = Field(4, ge=1, description="pairs per rank per micro step (2x sequences); with "
+                                  "--objective ranking, rows (K sequences each)")
     grad_accum: int = Field(1, ge=1, description="micro steps per optimizer step")
     eval_batch_size: int | None = Field(None, ge=1, description="pairs per rank per eval forward; default "
                                         "micro_batch_size")

@@ -17,7 +17,8 @@ from helpers import ROOT, run_env
 PKG = ROOT / "rm_trainer"
 # The stack, bottom first: a module may import its own layer and the layers below it.
 LAYERS = (
-    ("rm_trainer.errors", "rm_trainer.loss", "rm_trainer.objectives", "rm_trainer.demo", "rm_trainer.disk"),
+    ("rm_trainer.errors", "rm_trainer.loss", "rm_trainer.objectives", "rm_trainer.attributes", "rm_trainer.demo",
+     "rm_trainer.disk"),
     ("rm_trainer.config",),
     ("rm_trainer.data",),
     ("rm_trainer.model", "rm_trainer.moe"),
