@@ -10,7 +10,8 @@ and the batch loss is the mean over the N responses, or their sum times `scale` 
 different sizes, as for pairs in train.step). Missing values add nothing and get no gradient. The
 scalar reward that PPO reads is a fixed linear combination of the attributes, r = p @ c (`combine`).
 
-Not wired into rm-train yet (issue 19): the head of K outputs, the data columns and the artifact follow.
+Statistics (regression_sums) are float64 sums, exact over micro-batches and ranks, from which
+regression_metrics gives each attribute's RMSE and Pearson correlation.
 """
 
 from __future__ import annotations
@@ -79,3 +80,37 @@ def combination(names: list[str], spec: dict[str, float] | None) -> torch.Tensor
 def combine(preds: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """The scalar reward (N,) of predicted attributes (N, K), in fp32: what PPO reads."""
     return _fp32(preds) @ coefficients.to(_fp32(preds))
+
+
+ATTRIBUTE_SUMS = ("rated", "sse", "y", "yy", "p", "pp", "py")  # per attribute, after (rows, loss sum)
+
+
+def regression_sums(preds: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 sums for exact aggregation over micro-batches and ranks: [rows, sum of the rows' losses] and
+    per attribute ATTRIBUTE_SUMS over the rows that rate it (count, squared error, and the sums of y, y^2,
+    p, p^2 and p y from which Pearson's r follows). keep (N,) 0/1 leaves filler rows out (evaluation).
+    On the device, no sync."""
+    p = preds.detach().double()
+    y, wm = _prepare(targets.to(p.device), None, weights, p)
+    k = torch.ones(p.shape[0], dtype=p.dtype, device=p.device) if keep is None else keep.to(p)
+    m = torch.isfinite(targets.to(p.device)).to(p.dtype) * k[:, None]  # rated (whatever its loss weight)
+    per_attr = torch.stack([m.sum(0), (m * (p - y) ** 2).sum(0), (m * y).sum(0), (m * y * y).sum(0),
+                            (m * p).sum(0), (m * p * p).sum(0), (m * p * y).sum(0)], 1)
+    head = torch.stack([k.sum(), ((wm * (p - y) ** 2).sum(1) * k).sum()])
+    return torch.cat([head, per_attr.reshape(-1)])
+
+
+def regression_metrics(sums: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """The mean loss per row, and per attribute its RMSE and Pearson r (NaN where fewer than two rows rate
+    it or either side is constant), keyed rmse/<name> and pearson/<name>."""
+    s = [float(x) for x in sums]
+    assert s[0] > 0, "metrics over zero rows"
+    out: dict[str, float] = {"loss": s[1] / s[0], "rows": int(s[0])}
+    for i, name in enumerate(names):
+        n, sse, sy, syy, sp, spp, spy = s[2 + 7 * i: 9 + 7 * i]
+        out[f"rmse/{name}"] = (sse / n) ** 0.5 if n else float("nan")
+        var_y, var_p = syy - sy * sy / n if n else 0.0, spp - sp * sp / n if n else 0.0
+        ok = n > 1 and var_y > 1e-12 * max(syy, 1e-300) and var_p > 1e-12 * max(spp, 1e-300)
+        out[f"pearson/{name}"] = (spy - sy * sp / n) / (var_y * var_p) ** 0.5 if ok else float("nan")
+    return out

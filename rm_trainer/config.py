@@ -27,6 +27,19 @@ def switch(value):
     return SWITCH_WORDS.get(value.lower(), value) if isinstance(value, str) else value
 
 
+def weight_map(value):
+    """A {name: weight} field also takes the flag form `helpfulness=1,verbosity=-0.3`."""
+    if not isinstance(value, str):
+        return value
+    out = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        name, eq, number = part.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"{part!r} is not name=number (e.g. helpfulness=1,verbosity=-0.3)")
+        out[name.strip()] = number.strip()
+    return out
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -63,6 +76,10 @@ class ModelConfig(Section):
                                           "default every linear layer of the decoder")
     router_aux_loss_coef: float | None = Field(None, ge=0, description="MoE backbones: weight of the router's "
                                                "load-balancing loss; default the model config's own; 0 = off")
+    reward_weights: dict[str, float] | None = Field(
+        None, description="--objective regression: the scalar reward PPO reads, a linear combination of the "
+        "attributes (helpfulness=1,verbosity=-0.3); default the first attribute; saved with the artifact")
+    _weight_maps = field_validator("reward_weights", mode="before")(weight_map)
 
 
 class SourceConfig(Section):
@@ -84,9 +101,9 @@ class DataConfig(Section):
     test_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held out from train (seeded) when there is "
                                  "no test_path")
     sources: list[SourceConfig] | None = Field(None, description="a mixture: several sources with weights")
-    format: Literal["auto", "hh", "prompt", "conversational", "ranking", "ultrafeedback"] = Field(
+    format: Literal["auto", "hh", "prompt", "conversational", "ranking", "ultrafeedback", "rating"] = Field(
         "auto", description="the rows' shape; auto decides once per source, from its first row (ranking and "
-        "ultrafeedback: --objective ranking)")
+        "ultrafeedback: --objective ranking; rating: --objective regression)")
     prompt_key: str = Field("prompt", description="column of the prompt (explicit and conversational rows)")
     chosen_key: str = Field("chosen", description="column of the preferred response (or full text / messages)")
     rejected_key: str = Field("rejected", description="column of the other response")
@@ -95,6 +112,13 @@ class DataConfig(Section):
                                 "a tied pair, trained with the soft tie loss instead of being dropped")
     ranking_score: str = Field("overall_score", description="--objective ranking on UltraFeedback rows: which "
                                "score of each completion rates it (overall_score or fine-grained_score)")
+    attributes: list[str] | None = Field(None, description="--objective regression: the rated attributes, each a "
+                                         "column of numbers (helpfulness,correctness,...); the head has one "
+                                         "output per attribute")
+    response_key: str = Field("response", description="--objective regression: column of the rated response")
+    missing_attributes: Literal["error", "mask"] = Field(
+        "error", description="--objective regression: a row without one of the attributes (absent or null) is "
+        "an error, or (mask) that attribute is left out of its loss and metrics")
     chat_template: str | None = Field(None, description="Jinja file, for tokenizers without a chat template")
     max_len: int = Field(512, ge=8, description="tokens per sequence (prompt + response + EOS)")
     on_error: Literal["error", "skip"] = Field("error", description="malformed rows: stop, or count and skip")
@@ -165,10 +189,14 @@ class TrainConfig(Section):
                                    "size and the attention heads (docs/long-context.md)")
     center_rewards_coefficient: float = Field(0.0, ge=0, description="adds c * mean((r_c + r_r)^2) to the loss "
                                               "(TRL's name and formula): rewards centred near 0; 0.01 is usual")
-    objective: Literal["pairs", "ranking"] = Field(
+    objective: Literal["pairs", "ranking", "regression"] = Field(
         "pairs", description="pairs: Bradley-Terry on (chosen, rejected); ranking: rows of one prompt, K >= 2 "
-        "responses and a score each (or UltraFeedback's completions), each response one forward per step "
-        "(docs/objectives.md)")
+        "responses and a score each (or UltraFeedback's completions), each response one forward per step; "
+        "regression: rated responses, MSE on each of data.attributes (docs/objectives.md)")
+    attribute_weights: dict[str, float] | None = Field(
+        None, description="--objective regression: each attribute's weight in the loss (helpfulness=2,"
+        "verbosity=0.5); unnamed attributes weigh 1")
+    _weight_maps = field_validator("attribute_weights", mode="before")(weight_map)
     ranking_loss: Literal["pairs", "plackett_luce"] = Field(
         "pairs", description="--objective ranking: pairs = BT over every ordered pair with different scores, "
         "averaged per prompt; plackett_luce = the likelihood of the whole order, ties grouped")
@@ -236,19 +264,7 @@ class RunConfig(Section):
         if self.model.offload_activations and not self.model.gradient_checkpointing:
             problems.append("model.offload_activations moves the checkpointed layer inputs to CPU: it needs "
                             "model.gradient_checkpointing (--gradient_checkpointing)")
-        ranking_format = self.data.format in ("ranking", "ultrafeedback")
-        if self.data.format != "auto" and ranking_format != (self.train.objective == "ranking"):
-            problems.append(f"data.format {self.data.format} holds "
-                            f"{'rankings' if ranking_format else 'pairs'}, and train.objective is "
-                            f"{self.train.objective}: set --objective {'ranking' if ranking_format else 'pairs'}, "
-                            "or data.format auto")
-        if self.train.objective == "ranking":
-            extra = [f for f, v in (("data.tie_key", self.data.tie_key), ("data.margin_key", self.data.margin_key),
-                                    ("train.center_rewards_coefficient", self.train.center_rewards_coefficient))
-                     if v]
-            if extra:
-                problems.append(f"train.objective ranking reads scores per response (equal scores tie): "
-                                f"{', '.join(extra)} apply to pairs; unset them")
+        problems += self._objective_problems()
         if self.output.lora_export and not self.model.lora_r:
             problems.append("output.lora_export needs LoRA: set model.lora_r (--lora_r 8)")
         if self.model.lora_target is not None and not self.model.lora_target:
@@ -256,6 +272,50 @@ class RunConfig(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _objective_problems(self) -> list[str]:
+        """The data format, the pair-only options and the attribute options against train.objective."""
+        d, t, problems = self.data, self.train, []
+        holds = {"ranking": "ranking", "ultrafeedback": "ranking", "rating": "regression"}.get(d.format, "pairs")
+        if d.format != "auto" and holds != t.objective:
+            problems.append(f"data.format {d.format} holds {OBJECTIVE_ROWS[holds]}, and train.objective is "
+                            f"{t.objective}: set --objective {holds}, or data.format auto")
+        if t.objective != "pairs":
+            extra = [f for f, v in (("data.tie_key", d.tie_key), ("data.margin_key", d.margin_key),
+                                    ("train.center_rewards_coefficient", t.center_rewards_coefficient)) if v]
+            if extra:
+                problems.append(f"train.objective {t.objective} reads {OBJECTIVE_ROWS[t.objective]}: "
+                                f"{', '.join(extra)} apply to pairs; unset them")
+        given = [f for f, v in (("data.attributes", d.attributes), ("train.attribute_weights", t.attribute_weights),
+                                ("model.reward_weights", self.model.reward_weights)) if v]
+        if t.objective != "regression":
+            if given:
+                problems.append(f"{', '.join(given)}: rated attributes are read by --objective regression")
+            return problems
+        if not d.attributes:
+            problems.append("train.objective regression needs data.attributes: the rated columns "
+                            "(--attributes helpfulness,correctness)")
+            return problems
+        if len(set(d.attributes)) != len(d.attributes):
+            problems.append(f"data.attributes names an attribute twice: {d.attributes}")
+        for field, weights in (("train.attribute_weights", t.attribute_weights),
+                               ("model.reward_weights", self.model.reward_weights)):
+            unknown = sorted(set(weights or {}) - set(d.attributes))
+            if unknown:
+                problems.append(f"{field} names {', '.join(unknown)}, not among data.attributes "
+                                f"({', '.join(d.attributes)})")
+        w = t.attribute_weights or {}
+        if any(v < 0 for v in w.values()) or (w and all(w.get(a, 1.0) == 0 for a in d.attributes)):
+            problems.append("train.attribute_weights must be >= 0, with at least one attribute above 0")
+        if self.model.reward_weights is not None and not any(self.model.reward_weights.values()):
+            problems.append("model.reward_weights are all 0: the reward would be constant")
+        if t.sequence_parallel > 1:
+            problems.append("train.objective regression does not run under train.sequence_parallel yet; use 1")
+        if self.output.hf_export or self.output.lora_export:  # reward.pt carries the attributes already
+            problems.append("train.objective regression: the HF and LoRA-adapter exports of an attribute head are "
+                            "not written yet; pass --no-hf_export (and leave output.lora_export off): reward.pt "
+                            "holds the attributes and their reward weights")
+        return problems
 
     @property
     def eval_batch_size(self) -> int:
@@ -271,6 +331,8 @@ class RunConfig(Section):
 
 
 SECTIONS = ("model", "data", "train", "output")
+OBJECTIVE_ROWS = {"pairs": "preference pairs", "ranking": "rankings (scores per response; equal scores tie)",
+                  "regression": "rated responses (a number per attribute)"}
 
 
 def explicitly_set(cfg: RunConfig) -> set[str]:

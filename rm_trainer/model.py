@@ -16,9 +16,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from rm_trainer import moe
+from rm_trainer.attributes import combination, combine
 from rm_trainer.data.batching import pad_right, token_budget_batches
 from rm_trainer.data.tokenize import encode_item, special_prefix
-from rm_trainer.errors import ConfigError
+from rm_trainer.errors import ConfigError, UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -107,14 +108,18 @@ class RewardModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, head_init_std: float | None = None, seed: int = 0,
                  reward_path: str = "fused", head: torch.Tensor | None = None, tie_rate: float | None = None,
-                 seq=None):
+                 seq=None, attributes: list[str] | None = None):
         super().__init__()
         assert reward_path in REWARD_PATHS, reward_path
         self.backbone = backbone
         hidden = backbone.config.hidden_size
         dtype = next(backbone.parameters()).dtype
+        # --objective regression: one output per attribute, (N, K) per forward; else the scalar reward (N,)
+        self.attributes = list(attributes) if attributes else None
+        # (K,): the scalar reward of the attributes (set_reward_weights; default the first)
+        self.combination = combination(self.attributes, None) if self.attributes else None
         # Same dtype as the backbone: ZeRO-3 flattens all parameters into one dtype.
-        self.score = ScoreHead(hidden, 1, bias=False, dtype=dtype)
+        self.score = ScoreHead(hidden, len(self.attributes or [0]), bias=False, dtype=dtype)
         # Seeded generator: every rank (and every world size) starts from the same head.
         g = torch.Generator().manual_seed(seed)
         std = head_init_std or 1.0 / math.sqrt(hidden + 1)
@@ -155,6 +160,14 @@ class RewardModel(nn.Module):
             self.aux_loss = self.aux_coef * moe.load_balancing_loss(self.backbone, out.router_logits, mask)
         return out.last_hidden_state
 
+    def set_reward_weights(self, spec: dict[str, float] | None) -> None:
+        """The scalar reward of an attribute head: sum_k spec[name_k] x attribute_k (default the first)."""
+        self.combination = combination(self.attributes, spec)
+
+    def reward_of(self, out: torch.Tensor) -> torch.Tensor:
+        """The scalar reward (N,) of a forward's output: itself, or an attribute head's combination."""
+        return out if self.attributes is None else combine(out, self.combination)
+
     def set_normalization(self, mean: float, std: float) -> None:
         self.normalization = (float(mean), max(float(std), 1e-6))
 
@@ -180,10 +193,11 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, seq_lengths: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, last: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Rewards in fp32, one per sequence. Right-padded rows (B, T): read at seq_lengths - 1. Packed rows
-        (data.batching.pack): several sequences per row, position_ids restarting at 0 for each, rewards read
-        at `last` = (row, column) of every sequence's final token. Left-padded rows (score_sequences
-        with padding_side="left"): attention_mask and position_ids given, `last` = (row, T - 1)."""
+        """Rewards in fp32, one per sequence ((N, K) attributes with `attributes`). Right-padded rows (B, T):
+        read at seq_lengths - 1. Packed rows (data.batching.pack): several sequences per row, position_ids
+        restarting at 0 for each, rewards read at `last` = (row, column) of every sequence's final token.
+        Left-padded rows (score_sequences with padding_side="left"): attention_mask and position_ids given,
+        `last` = (row, T - 1)."""
         if self.seq is not None:  # sequence parallel: this rank's columns; `last` global (row, column)
             input_ids, position_ids, last, cols = self.seq.split(input_ids, seq_lengths, position_ids, last)
             pick = lambda x: self.seq.pick(x, last, cols)  # noqa: E731
@@ -193,8 +207,7 @@ class RewardModel(nn.Module):
             pick = lambda x: x[last[:, 0].to(x.device), last[:, 1].to(x.device)]  # noqa: E731
         if self.reward_path == "plain":
             hidden = self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths, last)
-            per_token = self.score(hidden).squeeze(-1)
-            r = pick(per_token).float()
+            r = pick(self.score(hidden)).float()
         else:
             if self.final_norm_name is None:
                 rows = pick(self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths, last))
@@ -202,7 +215,8 @@ class RewardModel(nn.Module):
                 with bypass(self.backbone, self.final_norm_name) as norm:
                     h = self._run_backbone(input_ids, position_ids, attention_mask, seq_lengths, last)
                 rows = norm(pick(h))  # (N, H): the only rows that carry a reward
-            r = self.score(rows.float()).squeeze(-1)
+            r = self.score(rows.float())
+        r = r if self.attributes else r.squeeze(-1)
         if self.seq is not None:  # each reward from the rank holding its last token: one [sequences] all-reduce
             r = self.seq.reduce(r, last, cols)
         if self.normalization is not None:
@@ -212,29 +226,36 @@ class RewardModel(nn.Module):
         return r
 
     @torch.no_grad()
-    def score_texts(self, texts: list, max_batch_tokens: int = 16384) -> torch.Tensor:
+    def score_texts(self, texts: list, max_batch_tokens: int = 16384, attributes: bool = False):
         """Rewards (fp32, on the CPU, in input order) for texts, tokenized exactly as in training. Each item is
         a full text, a (prompt, response) pair (reproduces training tokenization bit for bit), a
         conversation (a list of {role, content} messages, rendered with the chat template the model was
         trained with), or a (prompt, response messages) pair. See data.tokenize.encode_item. Batched as `rm-score`
         batches: sorted by length, at most max_batch_tokens padded tokens per forward.
 
+        An attribute head (--objective regression) returns its combined reward (what PPO reads), or with
+        attributes=True (rewards (N,), attributes (N, K) in the order of `.attributes`).
+
         Needs `.tokenizer`, `.max_len` and `.pad_token_id`, which `load_reward_model` attaches."""
+        if attributes and self.attributes is None:
+            raise UserError("attributes=True: this reward model has one scalar output, no attributes")
         prefix = special_prefix(self.tokenizer)
-        return score_sequences(self, [encode_item(self.tokenizer, t, self.max_len, prefix) for t in texts],
-                               max_batch_tokens)
+        out = score_sequences(self, [encode_item(self.tokenizer, t, self.max_len, prefix) for t in texts],
+                              max_batch_tokens, attributes=attributes)
+        return (self.reward_of(out), out) if attributes else out
 
 
 @torch.no_grad()
 def score_sequences(model, seqs: list[list[int]], max_batch_tokens: int, sort: bool = True,
-                    padding_side: str = "right", on_forward=None) -> torch.Tensor:
-    """fp32 rewards of token-id sequences, in input order. padding_side="left" pads in front, with an
+                    padding_side: str = "right", on_forward=None, attributes: bool = False) -> torch.Tensor:
+    """fp32 rewards of token-id sequences, in input order (an attribute head's combined reward; with
+    attributes=True its (N, K) attributes). padding_side="left" pads in front, with an
     attention mask and position ids that start at each sequence's first token (what HF pipelines do);
     the rewards agree with right padding to fp32 rounding. on_forward(rows, seconds) is told of every
     forward (rm-serve's metrics)."""
     assert padding_side in ("right", "left"), padding_side
     device = model.score.weight.device
-    out = torch.empty(len(seqs), dtype=torch.float32)
+    out = torch.empty(len(seqs), *([len(model.attributes)] if attributes else []), dtype=torch.float32)
     for batch in token_budget_batches([len(s) for s in seqs], max_batch_tokens, sort):
         started = time.perf_counter()
         lens = torch.tensor([len(seqs[i]) for i in batch])
@@ -251,6 +272,7 @@ def score_sequences(model, seqs: list[list[int]], max_batch_tokens: int, sort: b
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             last = torch.stack([torch.arange(len(batch)), torch.full((len(batch),), T - 1)], 1)
             r = model(ids.to(device), None, pos.to(device), last.to(device), mask.to(device))
+        r = r if attributes else model.reward_of(r)
         out[torch.tensor(batch)] = r.float().cpu()  # a device-host sync per batch
         if on_forward is not None:
             on_forward(len(batch), time.perf_counter() - started)

@@ -20,8 +20,13 @@ train.step), as for pairs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from rm_trainer.attributes import ATTRIBUTE_SUMS, regression_metrics
+from rm_trainer.loss import N_SUMS, metrics_from_sums
 
 RANKING_LOSSES = ("pairs", "plackett_luce")
 
@@ -180,3 +185,35 @@ def ranking_metrics(sums: torch.Tensor) -> dict[str, float]:
     return {"loss": s[1] / s[0], "acc": s[3] / s[2] if s[2] else float("nan"), "top1": s[4] / s[0],
             "reward_mean": mean, "reward_std": max(s[7] / s[5] - mean * mean, 0.0) ** 0.5,
             "prompts": int(s[0]), "pairs": int(s[2]), "responses": int(s[5]), "responses_per_prompt": s[5] / s[0]}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a run trains (train.objective) with its options: the loss of a micro-batch follows from it, and
+    so do the width of a step's statistics and the metrics read from them."""
+
+    kind: str = "pairs"  # pairs | ranking | regression
+    ranking_loss: str = "pairs"
+    attributes: tuple[str, ...] = ()  # regression: the head's outputs, in order
+    attribute_weights: tuple[float, ...] | None = None  # regression: each attribute's weight in the loss
+
+    @classmethod
+    def of(cls, cfg) -> Objective:
+        t, names = cfg.train, tuple(cfg.data.attributes or ())
+        w = t.attribute_weights
+        return cls(t.objective, t.ranking_loss, names, tuple(float(w.get(a, 1.0)) for a in names) if w else None)
+
+    def weights(self, device: torch.device) -> torch.Tensor | None:
+        return None if self.attribute_weights is None else torch.tensor(self.attribute_weights, device=device)
+
+    def sums_width(self) -> int:
+        """How many of a step's statistics are the objective's sums (tokens and the rest follow them)."""
+        return {"pairs": N_SUMS, "ranking": len(RANKING_FIELDS)}.get(
+            self.kind, 2 + len(ATTRIBUTE_SUMS) * len(self.attributes))
+
+    def metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        if self.kind == "ranking":
+            return ranking_metrics(sums)
+        if self.kind == "regression":
+            return regression_metrics(sums, list(self.attributes))
+        return metrics_from_sums(sums)

@@ -9,7 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rm_trainer.attributes import combination, combine, fused_regression_loss, regression_loss
+from rm_trainer.attributes import (
+    combination,
+    combine,
+    fused_regression_loss,
+    regression_loss,
+    regression_metrics,
+    regression_sums,
+)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,3 +86,50 @@ def test_the_reward_combines_the_attributes():
     assert r.dtype == torch.float32 and r.tolist() == pytest.approx([3.0 - 1.2, 1.0])
     with pytest.raises(ValueError, match="reward weights name coherence, not among the attributes"):
         combination(names, {"coherence": 1.0})
+
+
+# ---------------------------------------------------------------- statistics: RMSE and Pearson from exact sums
+
+
+def direct(preds: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[float, float]:
+    """(RMSE, Pearson r) of attribute k over the rows that rate it, computed directly in float64."""
+    m = torch.isfinite(targets[:, k])
+    p, y = preds[m, k].double(), targets[m, k].double()
+    pc, yc = p - p.mean(), y - y.mean()
+    return float(((p - y) ** 2).mean().sqrt()), float((pc * yc).sum() / (pc.norm() * yc.norm()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(3, 24), k=st.integers(1, 4), seed=st.integers(0, 10**6), missing=st.sampled_from([0, 0.3]),
+       cut=st.integers(1, 23))
+def test_metrics_from_sums_equal_the_direct_ones_and_sums_add_over_micro_batches(n, k, seed, missing, cut):
+    preds, targets, weights = batch(n, k, seed, missing)
+    cut = min(cut, n - 1)
+    whole = regression_sums(preds, targets, weights)
+    parts = regression_sums(preds[:cut], targets[:cut], weights) + regression_sums(preds[cut:], targets[cut:], weights)
+    assert torch.allclose(whole, parts, rtol=1e-12, atol=1e-12 * float(whole.abs().max()))
+    names = [f"a{i}" for i in range(k)]
+    m = regression_metrics(whole, names)
+    assert m["rows"] == n
+    assert m["loss"] == pytest.approx(regression_loss(preds, targets, None, weights).item(), rel=1e-5)
+    for i, name in enumerate(names):
+        rated = torch.isfinite(targets[:, i])
+        ys = targets[rated, i]
+        if rated.sum() < 2 or float(ys.max() - ys.min()) == 0:
+            assert m[f"pearson/{name}"] != m[f"pearson/{name}"]  # NaN: undefined on fewer than 2 or constant
+            continue
+        rmse, r = direct(preds, targets, i)
+        assert m[f"rmse/{name}"] == pytest.approx(rmse, rel=1e-9)
+        assert m[f"pearson/{name}"] == pytest.approx(r, rel=1e-9, abs=1e-12)
+
+
+def test_filler_rows_and_weights_leave_the_statistics_as_they_should():
+    preds = torch.tensor([[1.0, 2.0], [3.0, 0.0], [9.0, 9.0]])
+    targets = torch.tensor([[1.5, float("nan")], [2.0, 1.0], [0.0, 0.0]])
+    keep = torch.tensor([1.0, 1.0, 0.0])  # the third row is filler (evaluation): counted nowhere
+    s = regression_sums(preds, targets, torch.tensor([2.0, 0.0]), keep)
+    m = regression_metrics(s, ["h", "v"])
+    assert m["rows"] == 2 and m["loss"] == pytest.approx((2 * 0.25 + 2 * 1.0) / 2)  # weight 0: v out of the loss
+    assert m["rmse/h"] == pytest.approx(((0.25 + 1.0) / 2) ** 0.5) and m["rmse/v"] == pytest.approx(1.0)  # still rated
+    assert m["pearson/h"] == pytest.approx(1.0)  # two rated points, both rising: r = 1
+    assert m["pearson/v"] != m["pearson/v"]  # one rated point: undefined

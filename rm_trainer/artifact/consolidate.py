@@ -26,6 +26,7 @@ from rm_trainer import disk, lora
 from rm_trainer.artifact.checkpoint_files import LATEST, META_FILE, TOKENIZER_DIR, CheckpointRecord, verify_manifest
 from rm_trainer.artifact.format import (
     FORMAT,
+    attributes_of,
     check_state_dict,
     fp32_compute,
     model_from_state,
@@ -87,7 +88,7 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
         report["lora_layers_merged"] = lora.merge_lora(state, lora_cfg, meta.backbone_config)
     elif lora_out is not None:
         raise UserError(f"{ckpt / tag}: not a LoRA run (model.lora_r is 0); there is no adapter to export")
-    check_state_dict(state, meta.backbone_config, f"{ckpt / tag}")
+    check_state_dict(state, meta.backbone_config, f"{ckpt / tag}", attributes_of(meta.run_config))
     artifact = artifact_dict(meta, state, ckpt / tag / TOKENIZER_DIR) | ({"tie_model": ties} if ties else {})
     out_path = Path(out_path)
     size = sum(v.numel() * v.element_size() for v in state.values())
@@ -119,7 +120,7 @@ def artifact_dict(meta: CheckpointRecord, state: dict[str, torch.Tensor], tokeni
         "run_config": json.dumps(meta.run_config),
         "probe": {k: torch.tensor(v) for k, v in meta.probe.items()},
         "reward_stats": meta.reward_stats or {},
-    }
+    } | ({"attributes": attributes_of(meta.run_config)} if attributes_of(meta.run_config) else {})
 
 
 def tie_model(state: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -139,7 +140,8 @@ def probe_tolerance(dtype: str) -> float:
 def verify_loaded(art: dict, where: str) -> dict[str, float]:
     """Re-score the probe batch with the artifact's own tensors (computed in fp32) and compare with the
     rewards the live engine gave when the checkpoint was written."""
-    model = model_from_state(json.loads(art["backbone_config"]), art["state_dict"], DTYPES[art["dtype"]])
+    model = model_from_state(json.loads(art["backbone_config"]), art["state_dict"], DTYPES[art["dtype"]],
+                             art.get("attributes"))
     probe = art["probe"]
     with torch.no_grad(), fp32_compute(model):
         got = model(probe["input_ids"], probe["seq_lengths"])

@@ -9,6 +9,8 @@
     probe             input_ids, seq_lengths and the live engine's rewards (verification)
     reward_stats      held-out reward mean/std/pairs/step ({} without a test set)
     tie_model         only with --tie_loss davidson: {"loss": "davidson", "nu": the learned tie parameter}
+    attributes        only with --objective regression: {"names": [K attribute names, the head's outputs in
+                      order], "reward_weights": {name: weight} (model.reward_weights, {} = the first)}
 
 Only tensors, strings and numbers: it loads with `torch.load(weights_only=True)`, so it is safe to load
 from anywhere. Loading memory-maps the file into a model built on the meta device (no random init of
@@ -56,11 +58,21 @@ def shipped_tokenizer(files: dict[str, torch.Tensor]):
     return tok, scoring_tokenizer(tok)
 
 
-def check_state_dict(state: dict[str, torch.Tensor], backbone_config: dict, where: str) -> None:
+def attributes_of(run_config: dict) -> dict | None:
+    """reward.pt's `attributes` entry of a run (its resolved config), or None for a scalar reward."""
+    if run_config.get("train", {}).get("objective") != "regression":
+        return None
+    return {"names": list(run_config["data"]["attributes"]),
+            "reward_weights": dict(run_config["model"].get("reward_weights") or {})}
+
+
+def check_state_dict(state: dict[str, torch.Tensor], backbone_config: dict, where: str,
+                     attributes: dict | None = None) -> None:
     """Every expected tensor present, none empty (a ZeRO-3 save can produce empty ones), shapes as the
     model config says. The expected shapes come from the model built on the meta device (no memory)."""
     with torch.device("meta"):
-        expected = RewardModel(backbone_from_config_dict(backbone_config, torch.float32)).state_dict()
+        expected = RewardModel(backbone_from_config_dict(backbone_config, torch.float32),
+                               attributes=(attributes or {}).get("names")).state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     for k, v in state.items():
@@ -72,13 +84,18 @@ def check_state_dict(state: dict[str, torch.Tensor], backbone_config: dict, wher
         raise CheckpointError(f"{where}: consolidated weights do not match the model: {'; '.join(problems[:10])}")
 
 
-def model_from_state(backbone_config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype) -> RewardModel:
+def model_from_state(backbone_config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                     attributes: dict | None = None) -> RewardModel:
     """A RewardModel whose parameters ARE the given tensors (cast only where `dtype` differs): built on
-    the meta device (buffers such as rotary frequencies are computed for real), then assigned."""
+    the meta device (buffers such as rotary frequencies are computed for real), then assigned.
+    `attributes` (reward.pt's entry): an attribute head, with its reward weights."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        model = RewardModel(backbone_from_config_dict(backbone_config, dtype))
+        model = RewardModel(backbone_from_config_dict(backbone_config, dtype),
+                            attributes=(attributes or {}).get("names"))
+    if attributes:
+        model.set_reward_weights(attributes["reward_weights"])
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
 

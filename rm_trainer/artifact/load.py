@@ -33,13 +33,16 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
         return _load_hf_folder(Path(path), device, dtype, normalize)
     art = read_artifact(path)
     dtype = dtype or DTYPES[art["dtype"]]
-    model = model_from_state(json.loads(art["backbone_config"]), art["state_dict"], dtype)
+    model = model_from_state(json.loads(art["backbone_config"]), art["state_dict"], dtype, art.get("attributes"))
     model.tokenizer = shipped_tokenizer(art["tokenizer_files"])[0]  # tokenizer(text) gives training's ids
     model.max_len = int(art["max_len"])
     model.pad_token_id = int(art["pad_token_id"])
     model.tie_model = art.get("tie_model")  # --tie_loss davidson: {"loss", "nu"} (rm-eval's P(tie)); else None
     stats = art.get("reward_stats") or {}
     if normalize:
+        if model.attributes:
+            raise UserError(f"{path}: an attribute head (--objective regression) keeps its attributes' own scale; "
+                            "it has no held-out reward statistics to normalise by")
         if "mean" not in stats:
             raise UserError(f"{path}: has no held-out reward statistics (trained without a test set)")
         model.set_normalization(stats["mean"], stats["std"])

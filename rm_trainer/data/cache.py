@@ -35,7 +35,7 @@ from rm_trainer.data.sources import prepare_sources
 from rm_trainer.errors import DataError, UserError
 
 # what turns a row into token ids
-CODE = ("formats.py", "truncation.py", "tokenize.py", "sources.py", "cache.py", "rankings.py")
+CODE = ("formats.py", "truncation.py", "tokenize.py", "sources.py", "cache.py", "rankings.py", "ratings.py")
 READY_KEY = "rm_trainer/data_cache"
 
 
@@ -51,7 +51,9 @@ def data_identity(cfg) -> dict[str, Any]:
                                                "margin_key", "tie_key", "on_error")}
         | {"sources": [[s.name, s.weight, s.test_fraction] for s in d.sources or []]},
         "seed": cfg.train.seed,
-    } | ({"objective": "ranking", "ranking_score": d.ranking_score} if cfg.train.objective == "ranking" else {})
+    } | ({"objective": "ranking", "ranking_score": d.ranking_score} if cfg.train.objective == "ranking" else {}) | (
+        {"objective": "regression", "attributes": d.attributes, "response_key": d.response_key,
+         "missing_attributes": d.missing_attributes} if cfg.train.objective == "regression" else {})
 
 
 def fingerprint(paths: list[str | None], tokenizer_dir: str | None) -> str:

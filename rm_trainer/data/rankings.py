@@ -74,7 +74,7 @@ class RankingLayout:
 LAYOUTS = ("ranking", "ultrafeedback")
 
 
-def _kind(v: Any) -> str:
+def kind_of(v: Any) -> str:
     """How a problem names a value of the wrong type: 'missing', or 'a list'."""
     return "missing" if v is None else f"a {type(v).__name__}"
 
@@ -82,26 +82,26 @@ def _kind(v: Any) -> str:
 def _number_problem(v: Any, field: str) -> str | None:
     if read.finite_number(v):
         return None
-    what = repr(v) if isinstance(v, float | str) else _kind(v)
+    what = repr(v) if isinstance(v, float | str) else kind_of(v)
     return f"field {field} is {what}; expected a finite number"
 
 
-def _prompt_problem(p: Any, field: str) -> str | None:
+def prompt_problem(p: Any, field: str) -> str | None:
     if isinstance(p, str):
         return None
     if isinstance(p, list) and p and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                          and isinstance(m.get("content"), str) for m in p):
         return None
-    return f"field {field!r} is {_kind(p)}; expected text or a list of {{role, content}} messages"
+    return f"field {field!r} is {kind_of(p)}; expected text or a list of {{role, content}} messages"
 
 
 def _ranking_problem(row: dict, keys: RankingKeys) -> str | None:
     responses = row.get(keys.responses)
     if not isinstance(responses, list):
-        return f"field {keys.responses!r} is {_kind(responses)}; expected a list of response texts"
+        return f"field {keys.responses!r} is {kind_of(responses)}; expected a list of response texts"
     for i, r in enumerate(responses):
         if not isinstance(r, str):
-            return f"field {keys.responses}[{i}] is {_kind(r)}; expected text"
+            return f"field {keys.responses}[{i}] is {kind_of(r)}; expected text"
     field = keys.scores if keys.scores in row else keys.ranks if keys.ranks in row else None
     if field is None:
         return f"fields {keys.scores!r} and {keys.ranks!r} are both missing; give one number per response"
@@ -119,12 +119,12 @@ def _ranking_problem(row: dict, keys: RankingKeys) -> str | None:
 def _ultrafeedback_problem(row: dict, keys: RankingKeys) -> str | None:
     completions = row.get("completions")
     if not isinstance(completions, list):
-        return f"field 'completions' is {_kind(completions)}; expected UltraFeedback's list of completions"
+        return f"field 'completions' is {kind_of(completions)}; expected UltraFeedback's list of completions"
     for i, c in enumerate(completions):
         if not isinstance(c, dict):
             return f"field completions[{i}] is a {type(c).__name__}; expected an object with a response and scores"
         if not isinstance(c.get("response"), str):
-            return f"field completions[{i}].response is {_kind(c.get('response'))}; expected text"
+            return f"field completions[{i}].response is {kind_of(c.get('response'))}; expected text"
         if (p := _number_problem(c.get(keys.uf_score), f"completions[{i}].{keys.uf_score}")) is not None:
             return p
     return None
@@ -135,7 +135,7 @@ def ranking_problem(row: Any, fmt: str, keys: RankingKeys) -> str | None:
     if not isinstance(row, dict):
         return f"each row must be a JSON object, got {type(row).__name__}"
     prompt_field = "instruction" if fmt == "ultrafeedback" else keys.prompt
-    problem = _prompt_problem(row.get(prompt_field), prompt_field)
+    problem = prompt_problem(row.get(prompt_field), prompt_field)
     problem = problem or (_ultrafeedback_problem(row, keys) if fmt == "ultrafeedback" else _ranking_problem(row, keys))
     if problem is None and len(ranking_texts(row, fmt, keys)[1]) < 2:
         n = len(ranking_texts(row, fmt, keys)[1])

@@ -80,8 +80,8 @@ def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, di
     """(train dataset, test dataset or None, report, source names). One process, no process group.
     work_dir: where `datasets` may write its intermediate arrow files (default: its home cache)."""
 
-    if cfg.train.objective == "ranking":
-        return _prepare_rankings(cfg, tok, work_dir)
+    if cfg.train.objective != "pairs":
+        return _prepare_rows(cfg, tok, work_dir)
     d = cfg.data
     keys = PairKeys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key, d.tie_key)
     trains, tests, report, names = [], [], {}, []
@@ -112,20 +112,35 @@ def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, di
     return _combine(trains, tests, report, names, d.max_drop_fraction, "pairs")
 
 
-def _prepare_rankings(cfg, tok, work_dir: str | None) -> tuple[Any, Any, dict, list[str]]:
-    """prepare_sources for --objective ranking: the same sources, splits, mixture and drop accounting,
-    over ranking rows (data.rankings)."""
-
-    from rm_trainer.data import rankings
+def _row_kind(cfg, tok):
+    """(layout, tokenize(ds, fmt, i, path), split_report(tokd, idx, malformed_before)) of the rows of
+    --objective ranking (data.rankings) or regression (data.ratings)."""
+    from rm_trainer.data import rankings, ratings
 
     d = cfg.data
-    keys = rankings.RankingKeys(prompt=d.prompt_key, uf_score=d.ranking_score)
-    layout = rankings.RankingLayout(keys)
+    if cfg.train.objective == "ranking":
+        keys = rankings.RankingKeys(prompt=d.prompt_key, uf_score=d.ranking_score)
+        return (rankings.RankingLayout(keys),
+                lambda ds, fmt, i, path: rankings.tokenize_rankings(ds, fmt, tok, d.max_len, d.on_error, keys, i, path,
+                                                                    d.num_proc),
+                lambda tokd, idx, bad: rankings.split_report(tokd, idx, d.max_len, bad))
+    keys = ratings.RatingKeys(tuple(d.attributes), d.prompt_key, d.response_key, d.missing_attributes == "mask")
+    return (ratings.RatingLayout(keys),
+            lambda ds, fmt, i, path: ratings.tokenize_ratings(ds, tok, d.max_len, d.on_error, keys, i, path,
+                                                              d.num_proc),
+            lambda tokd, idx, bad: ratings.split_report(tokd, idx, d.max_len, bad, keys.attributes))
+
+
+def _prepare_rows(cfg, tok, work_dir: str | None) -> tuple[Any, Any, dict, list[str]]:
+    """prepare_sources for --objective ranking or regression: the same sources, splits, mixture and drop
+    accounting, over ranking rows (data.rankings) or rated responses (data.ratings)."""
+    d = cfg.data
+    layout, tokenize, rows_report = _row_kind(cfg, tok)
     trains, tests, report, names = [], [], {}, []
 
     def read(path: str, field: str, i: int):
         ds, fmt, bad = load_source(path, d.format, None, d.on_error, work_dir, field, layout=layout)
-        return rankings.tokenize_rankings(ds, fmt, tok, d.max_len, d.on_error, keys, i, path, d.num_proc), fmt, bad
+        return tokenize(ds, fmt, i, path), fmt, bad
 
     for i, src in enumerate(d.source_list()):
         name = src.name or Path(src.path).stem
@@ -134,7 +149,7 @@ def _prepare_rankings(cfg, tok, work_dir: str | None) -> tuple[Any, Any, dict, l
         tokd, fmt, bad = read(src.path, what + ("path" if d.sources else "train_path"), i)
         frac = d.test_fraction if src.test_fraction is None else src.test_fraction
         train_idx, test_idx = split_indices(len(tokd), 0 if src.test_path else frac, cfg.train.seed + i)
-        tr, rep = rankings.split_report(tokd, train_idx, d.max_len, bad)
+        tr, rep = rows_report(tokd, train_idx, bad)
         report[name] = {"path": src.path, "weight": src.weight, "format": fmt, "train": rep}
         trains.append(_mix(tr, src.weight, cfg.train.seed + i) if src.weight != 1 else tr)
         test_tokd, test_bad = tokd, 0
@@ -142,7 +157,7 @@ def _prepare_rankings(cfg, tok, work_dir: str | None) -> tuple[Any, Any, dict, l
             test_tokd, _, test_bad = read(src.test_path, what + "test_path", i)
             test_idx = np.arange(len(test_tokd))
         if len(test_idx):
-            te, report[name]["test"] = rankings.split_report(test_tokd, test_idx, d.max_len, test_bad)
+            te, report[name]["test"] = rows_report(test_tokd, test_idx, test_bad)
             tests.append(te)
     return _combine(trains, tests, report, names, d.max_drop_fraction, "rows")
 
@@ -183,6 +198,12 @@ def objective_line(cfg, report: dict) -> str:
     if t.objective == "pairs":
         return (f"objective pairs (Bradley-Terry): each forward runs {2 * t.micro_batch_size} sequences "
                 f"(chosen and rejected of {t.micro_batch_size} pairs), {t.grad_accum} per step and rank")
+    if t.objective == "regression":
+        w = t.attribute_weights or {}
+        return (f"objective regression (MSE on {len(cfg.data.attributes)} attributes: "
+                f"{', '.join(f'{a} x{w.get(a, 1.0):g}' for a in cfg.data.attributes)}; missing values "
+                f"{'masked' if cfg.data.missing_attributes == 'mask' else 'refused'}): each forward runs "
+                f"{t.micro_batch_size} sequences, one per rated response, {t.grad_accum} per step and rank")
     k = [r["train"]["responses_per_row"]["mean"] for n, r in report.items()
          if not n.startswith("_") and "responses_per_row" in r["train"]]
     k_mean = sum(k) / len(k) if k else 2.0
@@ -215,7 +236,8 @@ def dry_run_report(cfg, tok) -> str:
                 lines.append(f"  token lengths {r['token_length_percentiles']}; "
                              f"{r['fraction_truncated_at_max_len']:.1%} of pairs exceed max_len={cfg.data.max_len}")
     lines.append(objective_line(cfg, report))
-    ids = ex["ids"][0] if "ids" in ex else ex["chosen_ids"]
-    lines.append(f"example ({'first response' if 'ids' in ex else 'chosen'}), the reward is read at the marked token:")
+    ids = (ex["ids"] if "targets" in ex else ex["ids"][0]) if "ids" in ex else ex["chosen_ids"]
+    which = "rated response" if "targets" in ex else "first response" if "ids" in ex else "chosen"
+    lines.append(f"example ({which}), the reward is read at the marked token:")
     lines.append("  " + tok.decode(ids[:-1]) + " \u27e6" + tok.decode(ids[-1:]) + "\u27e7")
     return "\n".join(lines)

@@ -46,8 +46,18 @@ def resume_keys(cfg: RunConfig, world: int, zero_stage: int) -> dict:
                    "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
                    "global_batch": t.micro_batch_size * t.grad_accum * (world // t.sequence_parallel),
                    "batching": [t.batching, t.packing, cfg.pack_len],
-                   "objective": {"tie_loss": t.tie_loss} | ({"objective": "ranking", "ranking_loss": t.ranking_loss}
-                                                            if t.objective == "ranking" else {})} | data_identity(cfg)
+                   "objective": objective_key(cfg)} | data_identity(cfg)
+
+
+def objective_key(cfg: RunConfig) -> dict:
+    """The objective and what shapes its loss: a resume must train the same one."""
+    t = cfg.train
+    if t.objective == "ranking":
+        return {"tie_loss": t.tie_loss, "objective": "ranking", "ranking_loss": t.ranking_loss}
+    if t.objective == "regression":
+        return {"tie_loss": t.tie_loss, "objective": "regression", "attributes": cfg.data.attributes,
+                "attribute_weights": t.attribute_weights}
+    return {"tie_loss": t.tie_loss}
 
 
 def base_fingerprint(path: str) -> str:
@@ -98,6 +108,9 @@ def check_sequence_parallel(target: Path, then: int, now: int, moved: dict) -> N
 def make_probe(ds, pad_id: int) -> dict[str, torch.Tensor]:
     """A few held-out pairs that every checkpoint scores with the live engine; consolidation must
     reproduce those rewards from the merged weights alone."""
+    if "targets" in ds.column_names:  # rated rows: one sequence each
+        seqs = [ds[i]["ids"] for i in range(min(2 * PROBE_PAIRS, len(ds)))]
+        return {"input_ids": pad_right(seqs, pad_id), "seq_lengths": torch.tensor([len(x) for x in seqs])}
     if "ids" in ds.column_names:  # ranking rows: their first responses, as many sequences as the pairs give
         seqs = [ids for i in range(min(PROBE_PAIRS, len(ds))) for ids in ds[i]["ids"]][:2 * PROBE_PAIRS]
         return {"input_ids": pad_right(seqs, pad_id), "seq_lengths": torch.tensor([len(x) for x in seqs])}

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from rm_trainer.attributes import regression_sums
 from rm_trainer.data.batching import collate, eval_batches
 from rm_trainer.data.rankings import collate_rankings
+from rm_trainer.data.ratings import collate_ratings
 from rm_trainer.data.tokenize import SINGLE
 from rm_trainer.eval import diagnostics
 from rm_trainer.loss import N_SUMS, metrics_from_sums, pair_sums
-from rm_trainer.objectives import RANKING_FIELDS, ranking_metrics, ranking_sums
+from rm_trainer.objectives import Objective, ranking_sums
 from rm_trainer.train import engine
 from rm_trainer.train.step import score_batch
 
@@ -29,10 +31,10 @@ def _lengths(c_ids: list, r_ids: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Evaluator:
     def __init__(self, test, every: int, batch_size: int, rt: engine.Runtime, pad_id: int, sources: list[str],
-                 ranking_loss: str | None = None):
+                 objective: Objective = Objective()):
         self.test, self.every, self.batch_size, self.rt, self.pad_id = test, every, batch_size, rt, pad_id
         self.sources = sources
-        self.ranking_loss = ranking_loss  # --objective ranking: the test rows are rankings
+        self.objective = objective  # ranking or regression: the test rows are rankings or rated responses
         self.last: dict[str, float] = {}
         self.last_step = 0
         self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0: the last eval's (r_chosen, r_rejected)
@@ -55,7 +57,7 @@ class Evaluator:
         return self.test is not None and (step == total or bool(self.every and step % self.every == 0))
 
     def reward_stats(self) -> dict:
-        if not self.last:
+        if not self.last or "reward_mean" not in self.last:  # regression: the attributes keep their scale
             return {}
         return {"mean": self.last["reward_mean"], "std": self.last["reward_std"], "pairs": self.last["pairs"],
                 "step": self.last_step}
@@ -96,8 +98,8 @@ class Evaluator:
     def run(self, eng, step: int, final: bool = False) -> dict[str, float]:
         """Every test pair once, as the loss sees it (pair truncation): the logged metrics. final: the
         end-of-run report (OUT/eval/) reads each response on its own, as rm-eval and score_texts do."""
-        if self.ranking_loss is not None:
-            return self._run_ranking(eng, step)
+        if self.objective.kind != "pairs":
+            return self._run_rows(eng, step)
         sums, per_pair = self._scores(eng, single=False)
         single = self._scores(eng, single=True)[1] if final and self.single_view() else None
         result = metrics_from_sums(sums.sum(0))
@@ -111,29 +113,32 @@ class Evaluator:
         self.last, self.last_step = result, step
         return result
 
-    def _run_ranking(self, eng, step: int) -> dict[str, float]:
-        """Every test ranking once (each response scored once, batch_size rows per forward): pairwise
-        accuracy over all ordered pairs, the top-1 rate and the loss, overall and per source."""
-        rt = self.rt
+    def _run_rows(self, eng, step: int) -> dict[str, float]:
+        """Every test ranking or rated row once (each response scored once, batch_size rows per forward):
+        rankings give pairwise accuracy over all ordered pairs, the top-1 rate and the loss; rated rows each
+        attribute's RMSE and Pearson r and the loss. Overall and per source."""
+        rt, obj = self.rt, self.objective
+        ranking = obj.kind == "ranking"
         eng.eval()
-        sums = torch.zeros(len(self.sources), len(RANKING_FIELDS), dtype=torch.float64)
+        sums = torch.zeros(len(self.sources), obj.sums_width(), dtype=torch.float64)
         with torch.no_grad():
             for idx, w in eval_batches(len(self.test), rt.dp_world, rt.dp_rank, self.batch_size):
-                b = collate_rankings([self.test[i] for i in idx], self.pad_id)
-                rewards = score_batch(eng, b, rt.device).cpu()  # a CPU-GPU sync point, once per eval batch
+                b = (collate_rankings if ranking else collate_ratings)([self.test[i] for i in idx], self.pad_id)
+                out = score_batch(eng, b, rt.device).cpu()  # a CPU-GPU sync point, once per eval batch
                 for s in b["source"].unique().tolist():
                     keep = (b["source"] == s).double() * torch.tensor(w, dtype=torch.float64)
-                    sums[s] += ranking_sums(rewards, b["group"], b["scores"], len(idx), self.ranking_loss, keep)
+                    sums[s] += (ranking_sums(out, b["group"], b["scores"], len(idx), obj.ranking_loss, keep)
+                                if ranking else regression_sums(out, b["targets"], obj.weights(out.device), keep))
         eng.train()
         if not rt.counts:  # a sequence group's later ranks: the same rewards as its first
             sums.zero_()
         sums = engine.all_reduce_sum(sums.to(rt.device)).cpu()
-        result = ranking_metrics(sums.sum(0))
+        result = obj.metrics(sums.sum(0))
         if len(self.sources) > 1:
             for s, name in enumerate(self.sources):
                 if sums[s, 0] > 0:
-                    m = ranking_metrics(sums[s])
-                    result |= {f"{name}/{k}": m[k] for k in ("loss", "acc", "top1")}
+                    m = obj.metrics(sums[s])
+                    result |= {f"{name}/{k}": v for k, v in m.items() if k in ("loss", "acc", "top1") or "/" in k}
         self.last, self.last_step = result, step
         return result
 

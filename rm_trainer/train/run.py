@@ -19,10 +19,12 @@ from rm_trainer.config import RunConfig
 from rm_trainer.data.batching import PairSampler, get_preference_iterator
 from rm_trainer.data.cache import load_data
 from rm_trainer.data.rankings import collate_rankings
+from rm_trainer.data.ratings import collate_ratings
 from rm_trainer.data.tokenize import load_tokenizer
 from rm_trainer.errors import ConfigError, DataError
 from rm_trainer.lora import apply_lora, trainable_summary
 from rm_trainer.model import DTYPES, RewardModel, build_backbone, check_packing, disable_dropout, enable_checkpointing
+from rm_trainer.objectives import Objective
 from rm_trainer.train import engine, long_context, sequence_parallel
 from rm_trainer.train.best import read_best
 from rm_trainer.train.checkpointer import (
@@ -39,6 +41,9 @@ from rm_trainer.train.evaluator import Evaluator
 from rm_trainer.train.logger import MetricsLogger
 from rm_trainer.train.optim import build_optimizer, scheduler_factory, warmup_steps
 from rm_trainer.train.step import SkipGuard, StopFlag, train_step
+
+# train.objective -> the collate of its rows (pairs: data.batching's own)
+ROW_COLLATE = {"ranking": collate_rankings, "regression": collate_ratings}
 
 __all__ = ["EXIT_PREEMPTED", "Plan", "Preempted", "prepare", "train"]
 
@@ -108,9 +113,8 @@ def train(plan: Plan) -> dict:
     loss_scale = rt.dp_world * t.grad_accum / global_batch if packing else None
 
     # ---- owners: evaluation, checkpoints (and resume), the non-finite guard, logging
-    ranking = t.objective == "ranking"  # rows of K responses: each once per step (data.rankings)
-    evaluator = Evaluator(test_ds, t.eval_every, cfg.eval_batch_size, rt, tok.pad_token_id, sources,
-                          t.ranking_loss if ranking else None)
+    objective = Objective.of(cfg)  # rankings (each response once per step) and rated rows: their own batches
+    evaluator = Evaluator(test_ds, t.eval_every, cfg.eval_batch_size, rt, tok.pad_token_id, sources, objective)
     record = run_record(cfg, backbone, tok, rt.world_size, rt.is_main, zero_stage(plan.ds_cfg))
     probe = make_probe(test_ds if test_ds else train_ds, tok.pad_token_id)
     ckpt = Checkpointer(cfg, rt, tok, record, probe, evaluator.reward_stats)
@@ -124,10 +128,10 @@ def train(plan: Plan) -> dict:
         if t.eval_at_start and done == 0 and test_ds is not None:  # e.g. the model this run continues from
             log.eval(0, evaluator.run(eng, 0), evaluator.pairs)
         batches = get_preference_iterator(train_ds, sampler, tok.pad_token_id, done, total, cfg.pack_len,
-                                          collate_rankings if ranking else None)
+                                          ROW_COLLATE.get(t.objective))
         for step, micro_batches in batches:
             rec = train_step(eng, step, micro_batches, rt.device, cfg.model.reward_path == "fused", bool(stop),
-                             loss_scale, t.center_rewards_coefficient, rt.counts, t.ranking_loss)
+                             loss_scale, t.center_rewards_coefficient, rt.counts, objective)
             guard.check(rec)
             log.train_step(rec, eng.grad_norm, guard.total)
             evaluated = evaluator.due(step, total)
@@ -149,7 +153,7 @@ def train(plan: Plan) -> dict:
 def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime, packing: bool) -> PairSampler:
     t = cfg.train
     lengths = {}
-    names = ("longest", "tokens") if t.objective == "ranking" else ("chosen_len", "rejected_len")
+    names = ("longest", "tokens") if t.objective in ROW_COLLATE else ("chosen_len", "rejected_len")
     if t.batching == "grouped" or packing:  # token counts of every row, read as two arrow columns
         lengths = {k: train_ds.data.column(k).to_numpy() for k in names}
     return PairSampler(len(train_ds), t.micro_batch_size, t.grad_accum, rt.dp_world, rt.dp_rank, t.seed,
@@ -211,7 +215,10 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, t
     if cfg.model.gradient_checkpointing:  # --offload_activations: each layer's checkpointed input is marked
         enable_checkpointing(backbone, mark=offload.mark if offload else None)
     model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed, reward_path=cfg.model.reward_path, head=head,
-                        tie_rate=tie_rate(train_ds) if t.tie_loss == "davidson" else None, seq=seq)
+                        tie_rate=tie_rate(train_ds) if t.tie_loss == "davidson" else None, seq=seq,
+                        attributes=cfg.data.attributes if t.objective == "regression" else None)
+    if model.attributes:  # the scalar reward of the attributes (what PPO reads; reward.pt records it too)
+        model.set_reward_weights(cfg.model.reward_weights)
     if moe.routing(backbone.config):  # an MoE backbone: the router's load-balancing loss, and leaf blocks
         model.enable_router_aux(moe.aux_coefficient(backbone.config, cfg.model.router_aux_loss_coef))
         if rt.is_main:

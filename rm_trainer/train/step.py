@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
+from rm_trainer.attributes import fused_regression_loss, regression_loss, regression_sums
 from rm_trainer.data.batching import token_slots
-from rm_trainer.loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, metrics_from_sums, pair_sums
-from rm_trainer.objectives import RANKING_FIELDS, fused_ranking_loss, ranking_metrics, ranking_sums
+from rm_trainer.loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, pair_sums
+from rm_trainer.objectives import Objective, fused_ranking_loss, ranking_sums
 from rm_trainer.train import engine
 
 # after the pair sums in a step's stats: tokens, slots, router loss sum and count, Davidson theta (if any);
-# a ranking step's follow its objectives.RANKING_FIELDS the same way (StepRecord.metrics)
+# a ranking or regression step's follow its own sums the same way (objectives.Objective.sums_width)
 TOKENS, SLOTS = N_SUMS, N_SUMS + 1
 
 
@@ -44,7 +45,8 @@ class StopFlag:
 def score_batch(eng, b: dict, device: torch.device) -> torch.Tensor:
     """Rewards (2B,) = [chosen; rejected] from ONE forward: both halves share every ZeRO-3 weight
     gather and kernel launch. Padded batches (data.batching.collate) or packed ones (data.batching.pack).
-    A ranking batch (data.rankings.collate_rankings): (S,), each of its S responses once."""
+    A ranking batch (data.rankings.collate_rankings): (S,), each of its S responses once. A rating batch
+    (data.ratings.collate_ratings): (N, K), each row's K attributes."""
     if "position_ids" in b:
         return eng(b["input_ids"].to(device), None, b["position_ids"].to(device), b["last"].to(device))
     if "lens" in b:
@@ -64,13 +66,19 @@ def loss_fn(rewards: torch.Tensor, fused: bool, margin: torch.Tensor | None = No
 
 
 def batch_loss(b: dict, rewards: torch.Tensor, device: torch.device, fused: bool, scale: float | None,
-               center: float, log_nu: torch.Tensor | None, ranking_loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+               center: float, log_nu: torch.Tensor | None, objective: Objective
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, its statistics' sums on the device) of one micro-batch: the BT loss of its pairs, or (a
-    ranking batch, --objective ranking) the ranking loss over each prompt's responses."""
+    ranking batch, --objective ranking) the ranking loss over each prompt's responses, or (a rating batch,
+    --objective regression) the masked, weighted MSE of each row's attributes."""
     if "group" in b:
         group, scores, G = b["group"].to(device), b["scores"].to(device), int(b["prompts"])
-        loss = fused_ranking_loss(rewards, group, scores, G, ranking_loss, scale)
-        return loss, ranking_sums(rewards, group, scores, G, ranking_loss)
+        loss = fused_ranking_loss(rewards, group, scores, G, objective.ranking_loss, scale)
+        return loss, ranking_sums(rewards, group, scores, G, objective.ranking_loss)
+    if "targets" in b:
+        targets, weights = b["targets"].to(device), objective.weights(device)
+        loss = (fused_regression_loss if fused else regression_loss)(rewards, targets, None, weights, scale)
+        return loss, regression_sums(rewards, targets, weights)
     margin = b["margin"].to(device) if "margin" in b else None
     tie = b["tie"].to(device) if "tie" in b else None  # --tie_key: tied pairs take the tie loss
     loss = loss_fn(rewards, fused=fused, margin=margin, scale=scale, center=center, tie=tie, log_nu=log_nu)
@@ -95,7 +103,7 @@ class StepRecord:
     stop_votes: int
     lr: float
     started: float  # host clock when the step began (the logger times windows of steps from it)
-    ranking: bool = False  # stats hold objectives.RANKING_FIELDS in place of the pair sums
+    objective: Objective = Objective()  # which sums the stats begin with
 
     @property
     def stop(self) -> bool:
@@ -105,25 +113,27 @@ class StepRecord:
         """Per-pair means and throughput (`seconds`: the step's wall time). Moves the statistics to the
         host (unless `values` already holds them): a CPU-GPU sync point, so only when a line is logged."""
         v = self.stats.tolist() if values is None else values
-        n = len(RANKING_FIELDS) if self.ranking else N_SUMS  # where tokens, slots and aux follow the sums
-        sums = torch.tensor(v[:n], dtype=torch.float64)
-        m = ranking_metrics(sums) if self.ranking else metrics_from_sums(sums)
+        n = self.objective.sums_width()  # where tokens, slots and aux follow the sums
+        m = self.objective.metrics(torch.tensor(v[:n], dtype=torch.float64))
         finite = {k: (x if math.isfinite(x) else None) for k, x in m.items()
-                  if k in ("acc", "margin", "reward_mean", "reward_std", "tie_gap", "top1")}
+                  if k in ("acc", "margin", "reward_mean", "reward_std", "tie_gap", "top1") or "/" in k}
         # MoE: the router loss, a mean over micro-batches and ranks (absent: a dense backbone)
         aux = {"router_aux_loss": v[n + 2] / v[n + 3]} if len(v) > n + 3 and v[n + 3] else {}
         if len(v) > n + 4:  # --tie_loss davidson: the learned nu this step used
             aux["tie_nu"] = math.exp(v[n + 4])
         # sequences: what the step's forwards ran (all ranks): 2 per pair, or each ranked response once
-        seqs = {"sequences": m["responses"], "prompts_per_s": m["prompts"] / seconds} if self.ranking else {
-            "sequences": 2 * m["pairs"]}
-        return {"loss": m["loss"], **finite, **aux, "lr": self.lr, "pairs_per_s": m["pairs"] / seconds, **seqs,
+        kind = self.objective.kind
+        seqs = ({"sequences": m["responses"], "prompts_per_s": m["prompts"] / seconds} if kind == "ranking" else
+                {"sequences": m["rows"], "rows_per_s": m["rows"] / seconds} if kind == "regression" else
+                {"sequences": 2 * m["pairs"]})
+        pairs = {"pairs_per_s": m["pairs"] / seconds} if "pairs" in m else {}
+        return {"loss": m["loss"], **finite, **aux, "lr": self.lr, **pairs, **seqs,
                 "tokens_per_s": v[n] / seconds, "padding_efficiency": v[n] / v[n + 1]}
 
 
 def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, fused: bool,
                stop_requested: bool, loss_scale: float | None = None, center: float = 0.0,
-               counts: bool = True, ranking_loss: str = "pairs") -> StepRecord:
+               counts: bool = True, objective: Objective = Objective()) -> StepRecord:
     """grad_accum micro-batches -> one optimizer update (DeepSpeed applies it at the last micro step).
     Nothing here waits for the GPU.
 
@@ -133,7 +143,7 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
     over the global batch's pairs, exactly as with equal micro-batches. `center` (reward centering) is a
     per-pair term, so the same weighting applies to it. The logged loss is the BT part alone. counts False
     (a sequence group's ranks after its first, which hold the same rewards): statistics left out of the sum.
-    Ranking batches (--objective ranking, `ranking_loss`) weigh prompts as this weighs pairs."""
+    Ranking batches (--objective ranking) weigh prompts, and rating batches rows, as this weighs pairs."""
     started = time.perf_counter()
     lr = eng.lr()
     skipped_before = eng.skipped()
@@ -144,7 +154,7 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
         with eng.micro_step():  # --offload_activations: checkpointed layer inputs wait on the CPU
             rewards = score_batch(eng, b, device)
             log_nu = eng.tie_log_nu()  # --tie_loss davidson: its learned theta, else None (the soft tie loss)
-            loss, s = batch_loss(b, rewards, device, fused, loss_scale, center, log_nu, ranking_loss)
+            loss, s = batch_loss(b, rewards, device, fused, loss_scale, center, log_nu, objective)
             aux = eng.aux_loss()  # MoE: coef x the router's load-balancing loss of this forward
             if aux is not None:
                 loss = loss + aux
@@ -166,8 +176,7 @@ def train_step(eng, step: int, micro_batches: list[dict], device: torch.device, 
     # Stop votes travel as host integers (gloo), so every rank agrees on stopping at this step without
     # waiting for the GPU; a signal seen by any rank stops them all here.
     stop_votes = engine.host_sum(int(stop_requested))
-    return StepRecord(step, stats, eng.skipped() > skipped_before, stop_votes, lr, started,
-                      "group" in micro_batches[0])
+    return StepRecord(step, stats, eng.skipped() > skipped_before, stop_votes, lr, started, objective)
 
 
 class SkipGuard:

@@ -96,6 +96,32 @@ def test_the_davidson_tie_loss_needs_a_tie_column(paths):
         load_run_config(paths + ["--tie_key", "tie", "--tie_loss", "bradley"])
 
 
+def test_regression_flags_parse_and_every_attribute_problem_is_named(paths):
+    reg = paths + ["--objective", "regression", "--attributes", "helpfulness,verbosity", "--no-hf_export"]
+    cfg, _ = load_run_config(reg + ["--reward_weights", "helpfulness=1,verbosity=-0.3", "--attribute_weights",
+                                    "verbosity=0.5", "--missing_attributes", "mask"])
+    assert cfg.data.attributes == ["helpfulness", "verbosity"] and cfg.data.missing_attributes == "mask"
+    assert cfg.model.reward_weights == {"helpfulness": 1.0, "verbosity": -0.3}
+    assert cfg.train.attribute_weights == {"verbosity": 0.5}
+    cases = {
+        r"train.objective regression needs data.attributes": paths + ["--objective", "regression"],
+        r"data.attributes: rated attributes are read by --objective regression": paths + ["--attributes", "a"],
+        r"train.attribute_weights names length, not among data.attributes \(helpfulness, verbosity\)":
+            reg + ["--attribute_weights", "length=1"],
+        r"'helpfulness' is not name=number": reg + ["--reward_weights", "helpfulness"],
+        r"model.reward_weights are all 0": reg + ["--reward_weights", "helpfulness=0"],
+        r"must be >= 0, with at least one attribute above 0": reg + ["--attribute_weights", "verbosity=-1"],
+        r"data.attributes names an attribute twice": paths + ["--objective", "regression", "--attributes", "a,a",
+                                                              "--no-hf_export"],
+        r"data.tie_key apply to pairs": reg + ["--tie_key", "tie"],
+        r"pass --no-hf_export": reg[:-1],
+        r"data.format rating holds rated responses .* set --objective regression": paths + ["--format", "rating"],
+    }
+    for needle, argv in cases.items():
+        with pytest.raises(ConfigError, match=needle):
+            load_run_config(argv)
+
+
 def test_activation_offload_needs_checkpointing(paths):
     cfg, _ = load_run_config(paths + ["--gradient_checkpointing", "--offload_activations"])
     assert cfg.model.offload_activations and cfg.model.gradient_checkpointing
