@@ -78,8 +78,10 @@ def combination(names: list[str], spec: dict[str, float] | None) -> torch.Tensor
 
 
 def combine(preds: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """The scalar reward (N,) of predicted attributes (N, K), in fp32: what PPO reads."""
-    return _fp32(preds) @ coefficients.to(_fp32(preds))
+    """The scalar reward (N,) of predicted attributes (N, K), in fp32: what PPO reads. A sum per row, not a
+    matrix product, so a row's reward has the same bits in any batch."""
+    p = _fp32(preds)
+    return (p * coefficients.to(p)).sum(-1)
 
 
 ATTRIBUTE_SUMS = ("rated", "sse", "y", "yy", "p", "pp", "py")  # per attribute, after (rows, loss sum)

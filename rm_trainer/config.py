@@ -311,10 +311,9 @@ class RunConfig(Section):
             problems.append("model.reward_weights are all 0: the reward would be constant")
         if t.sequence_parallel > 1:
             problems.append("train.objective regression does not run under train.sequence_parallel yet; use 1")
-        if self.output.hf_export or self.output.lora_export:  # reward.pt carries the attributes already
-            problems.append("train.objective regression: the HF and LoRA-adapter exports of an attribute head are "
-                            "not written yet; pass --no-hf_export (and leave output.lora_export off): reward.pt "
-                            "holds the attributes and their reward weights")
+        if self.output.lora_export:  # reward.pt and the HF export carry the attributes
+            problems.append("train.objective regression: the LoRA-adapter export of an attribute head is not "
+                            "written yet; leave output.lora_export off (reward.pt and hf/ hold the merged model)")
         return problems
 
     @property

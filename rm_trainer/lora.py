@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from rm_trainer import moe
+from rm_trainer.backbone import backbone_from_config_dict
 from rm_trainer.errors import ConfigError
-from rm_trainer.model import RewardModel, backbone_from_config_dict
+from rm_trainer.model import RewardModel
 
 ADAPTER = "default"  # peft's adapter name; it appears in the parameter names
 LORA_A, LORA_B, BASE = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight", ".base_layer"

@@ -13,13 +13,13 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig
+from transformers import PretrainedConfig
 
 from rm_trainer import moe
 from rm_trainer.attributes import combination, combine
 from rm_trainer.data.batching import pad_right, token_budget_batches
 from rm_trainer.data.tokenize import encode_item, special_prefix
-from rm_trainer.errors import ConfigError, UserError
+from rm_trainer.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -279,6 +279,16 @@ def score_sequences(model, seqs: list[list[int]], max_batch_tokens: int, sort: b
     return out
 
 
+def score_with_attributes(model, seqs: list[list[int]], max_batch_tokens: int, **kwargs
+                          ) -> tuple[list[float], list[dict[str, float]] | None]:
+    """(rewards, each sequence's {attribute: value}) as score_sequences scores them; None in place of the
+    attributes for a scalar head. The rewards are the same bits either way (combine: a sum per row)."""
+    if not model.attributes:
+        return score_sequences(model, seqs, max_batch_tokens, **kwargs).tolist(), None
+    out = score_sequences(model, seqs, max_batch_tokens, attributes=True, **kwargs)
+    return model.reward_of(out).tolist(), [dict(zip(model.attributes, row, strict=True)) for row in out.tolist()]
+
+
 PACKABLE = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -340,61 +350,3 @@ def _marked(checkpoint: Callable, mark: Callable, function: Callable, *args, **k
     if args and torch.is_tensor(args[0]):
         mark(args[0])
     return checkpoint(function, *args, **kwargs)
-
-
-def build_backbone(path: str, dtype: torch.dtype, random_init: bool = False,
-                   attn_implementation: str | None = None) -> tuple[nn.Module, torch.Tensor | None]:
-    """Load an HF decoder as `AutoModel` (hidden states only), or build it from its config. Returns the
-    backbone and, when `path` is a reward model (an HF *ForSequenceClassification folder with
-    num_labels=1: our hf/ export, or another one with a `score` head), its head weight (1, H) to continue
-    from; None for an SFT folder (the head is then initialised fresh).
-
-    Under ZeRO-3 the engine keeps an HfDeepSpeedConfig alive meanwhile, and transformers then builds
-    every layer already partitioned.
-    """
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    config = AutoConfig.from_pretrained(path)
-    is_rm = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
-    if is_rm and config.num_labels != 1:
-        raise ConfigError([f"model.path {path!r}: a sequence classifier with num_labels={config.num_labels}; a "
-                           "reward model has one output (num_labels=1). Start from its SFT backbone instead"])
-    if random_init:
-        return AutoModel.from_config(config, dtype=dtype, **kwargs), None
-    backbone, info = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
-    if not is_rm:
-        return backbone, None
-    missing = sorted(info["missing_keys"])
-    unexpected = sorted(k for k in info["unexpected_keys"] if k != "score.weight")
-    if missing or unexpected:
-        raise ConfigError([f"model.path {path!r}: the reward model's weights do not map onto "
-                           f"{type(backbone).__name__}: missing {missing[:10] or 'none'}, unexpected "
-                           f"{unexpected[:10] or 'none'} (only a bias-free `score` head may sit beside the "
-                           "backbone)"])
-    return backbone, read_head(path)
-
-
-def read_head(path: str) -> torch.Tensor:
-    """`score.weight` of an HF folder's safetensors (single file or sharded with an index)."""
-    import json as _json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    folder = Path(path)
-    index = folder / "model.safetensors.index.json"
-    name = (_json.loads(index.read_text())["weight_map"].get("score.weight") if index.is_file()
-            else "model.safetensors")
-    if name is None or not (folder / name).is_file():
-        raise ConfigError([f"model.path {path!r}: no score.weight in its safetensors files"])
-    with safe_open(str(folder / name), framework="pt") as f:
-        if "score.weight" not in f.keys():
-            raise ConfigError([f"model.path {path!r}: no score.weight in {name}"])
-        head = f.get_tensor("score.weight")
-    if head.shape[0] != 1:
-        raise ConfigError([f"model.path {path!r}: score.weight has shape {tuple(head.shape)}, expected (1, H)"])
-    return head
-
-
-def backbone_from_config_dict(config: dict, dtype: torch.dtype) -> nn.Module:
-    cfg = AutoConfig.for_model(**config)
-    return AutoModel.from_config(cfg, dtype=dtype)

@@ -21,7 +21,7 @@ LAYERS = (
      "rm_trainer.disk"),
     ("rm_trainer.config",),
     ("rm_trainer.data",),
-    ("rm_trainer.model", "rm_trainer.moe"),
+    ("rm_trainer.model", "rm_trainer.backbone", "rm_trainer.moe"),
     ("rm_trainer.lora",),
     ("rm_trainer.artifact",),
     ("rm_trainer.use",),

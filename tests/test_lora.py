@@ -17,9 +17,10 @@ from helpers import load_artifact, losses, train, train_args
 from test_model import family_model
 
 from rm_trainer import load_reward_model
+from rm_trainer.backbone import backbone_from_config_dict
 from rm_trainer.errors import ConfigError
 from rm_trainer.lora import apply_lora, merge_lora, trainable_summary
-from rm_trainer.model import RewardModel, backbone_from_config_dict
+from rm_trainer.model import RewardModel
 
 LORA = {"lora_r": 4, "lora_alpha": 8}
 

@@ -196,8 +196,8 @@ def test_starting_from_a_reward_model_loads_its_head_and_refuses_what_does_not_f
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
+    from rm_trainer.backbone import build_backbone
     from rm_trainer.errors import ConfigError
-    from rm_trainer.model import build_backbone
 
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                       num_key_value_heads=2, num_labels=1, pad_token_id=0)

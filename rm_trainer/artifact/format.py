@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from rm_trainer.backbone import backbone_from_config_dict
 from rm_trainer.data.scoring_tokenizer import scoring_tokenizer
 from rm_trainer.errors import CheckpointError, UserError
-from rm_trainer.model import RewardModel, backbone_from_config_dict
+from rm_trainer.model import RewardModel
 
 FORMAT = "rm_trainer.reward.v1"
 

@@ -2,7 +2,8 @@
 
     rm-export-hf --model OUT/reward.pt --output_dir OUT/hf [--hf_shard_size 5GB]
 
-The folder has the *ForSequenceClassification architecture, num_labels=1, the head named `score`,
+The folder has the *ForSequenceClassification architecture, num_labels=1 (an attribute head: one label per
+attribute, id2label their names, rm_attributes and rm_reward_weights in the config), the head named `score`,
 pad_token_id set (never EOS), safetensors weights (sharded, with an index, above the shard size), the
 tokenizer that gives training's sequence by itself (EOS appended: data/scoring_tokenizer.py), the held-out
 reward mean/std in the config, and a model card with the standard ways to call it.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from rm_trainer import disk
 from rm_trainer.artifact.format import read_artifact, shipped_tokenizer
+from rm_trainer.attributes import combination
 from rm_trainer.data.tokenize import lead_text, special_prefix
 from rm_trainer.errors import UserError
 
@@ -23,11 +25,11 @@ library_name: transformers
 pipeline_tag: text-classification
 tags: [reward-model, rlhf, rm_trainer]
 ---
-# Reward model (Bradley-Terry), trained with rm_trainer
+# Reward model ({objective}), trained with rm_trainer
 
-A scalar reward head (`score`, Linear(H, 1, bias=False)) on a {base} backbone. The reward of a text is
+A reward head (`score`, Linear(H, {outputs}, bias=False)) on a {base} backbone. The reward of a text is
 the raw logit at its final EOS; higher means more preferred. Use the logit itself: a sigmoid of a single
-reward is not a probability. `sigmoid(r_a - r_b)` is the modelled probability that a is preferred to b.
+reward is not a probability. `sigmoid(r_a - r_b)` is the modelled probability that a is preferred to b.{attributes}
 
 **Pass raw text.** The tokenizer produces training's sequence by itself: `tok(text)` adds {prefix} and the
 final EOS where the reward is read. Do not append EOS yourself. For a conversation, render it with
@@ -123,11 +125,27 @@ def _write_hf(art: dict, out: Path, shard_size: str, final: Path) -> None:
     tok.save_pretrained(out)
     if problems:
         print(f"rm_trainer: HF export {final}: " + "; ".join(problems), flush=True)
+    names = (art.get("attributes") or {}).get("names") or []
     (out / "README.md").write_text(CARD.format(
+        attributes=_attributes_note(art), objective="attribute regression" if names else "Bradley-Terry",
+        outputs=len(names) or 1,
         base=type(hf).__name__.removesuffix("ForSequenceClassification"), path=str(final),
         prefix=f"`{lead_text(tok, prefix_ids)}` first" if prefix_ids else "no special token first",
         problems="".join(f"\n\n**Note:** {p}." for p in problems), mean=round(config.reward_mean, 4),
         std=round(config.reward_std, 4), max_len=art["max_len"], pad=tok.pad_token, pad_id=config.pad_token_id))
+
+
+def _attributes_note(art: dict) -> str:
+    """The model card's paragraph on an attribute head (--objective regression); "" for a scalar reward."""
+    a = art.get("attributes")
+    if not a:
+        return ""
+    c = combination(a["names"], a["reward_weights"]).tolist()
+    terms = " + ".join(f"{w:g} x {n}" for w, n in zip(c, a["names"], strict=True) if w)
+    return (f"\n\n**This head rates {len(a['names'])} attributes** (trained by regression on their ratings): "
+            f"`logits[:, k]` is `{'`, `'.join(a['names'])}` in that order (`config.id2label`). The scalar reward "
+            f"is `{terms}` (`config.rm_reward_weights`); the examples below read `logits[:, 0]`, so combine the "
+            "columns for the reward, and pass `top_k=None` to a pipeline to get every attribute.")
 
 
 def _hf_config(art: dict, tok):
@@ -136,8 +154,14 @@ def _hf_config(art: dict, tok):
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(**json.loads(art["backbone_config"]))
-    config.num_labels = 1
+    attributes = art.get("attributes")  # --objective regression: one output per attribute
+    config.num_labels = len(attributes["names"]) if attributes else 1
     config.problem_type = "regression"
+    if attributes:
+        config.id2label = dict(enumerate(attributes["names"]))
+        config.label2id = {n: i for i, n in enumerate(attributes["names"])}
+        config.rm_attributes = list(attributes["names"])
+        config.rm_reward_weights = combination(attributes["names"], attributes["reward_weights"]).tolist()
     # HF pools at the last token that is not pad_token_id. With pad == eos (common for Llama-3), that
     # would skip our final EOS, where the reward lives; pick another special token as the pad.
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:

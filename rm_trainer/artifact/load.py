@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from rm_trainer.artifact.format import model_from_state, read_artifact, shipped_tokenizer
+from rm_trainer.backbone import build_backbone
 from rm_trainer.data.read import read_text
 from rm_trainer.data.scoring_tokenizer import scoring_tokenizer
 from rm_trainer.errors import UserError
-from rm_trainer.model import DTYPES, RewardModel, build_backbone
+from rm_trainer.model import DTYPES, RewardModel
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
@@ -57,11 +58,17 @@ def _load_hf_folder(path: Path, device, dtype: torch.dtype | None, normalize: bo
         raise UserError(f"{path}: not an rm_trainer hf/ export (its config.json has no rm_max_len, so the "
                         "training max_len is unknown); use the run's reward.pt")
     backbone, head = build_backbone(str(path), dtype or config.dtype)
-    model = RewardModel(backbone, head=head)
+    names = getattr(config, "rm_attributes", None)  # an attribute head: its K outputs and their combination
+    model = RewardModel(backbone, head=head, attributes=names)
+    if names:
+        model.combination = torch.tensor(config.rm_reward_weights, dtype=torch.float32)
     model.tokenizer = AutoTokenizer.from_pretrained(path)
     scoring_tokenizer(model.tokenizer)  # exported that way already; a folder written before is made so too
     model.max_len, model.pad_token_id = int(config.rm_max_len), int(config.pad_token_id)
     if normalize:
+        if names:
+            raise UserError(f"{path}: an attribute head keeps its attributes' own scale; it has no held-out "
+                            "reward statistics to normalise by")
         model.set_normalization(config.reward_mean, config.reward_std)
     return model.to(device).eval()
 

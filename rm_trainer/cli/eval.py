@@ -4,7 +4,10 @@
 
 Pair files are read as training reads them (the same shapes, column-key flags and --chat_template);
 RewardBench 2 files (list-valued chosen/rejected) are scored one chosen against all its rejected. Writes
-metrics.json, report.md, scores.jsonl and the pictures (rm_trainer/eval/files.py, report.py).
+metrics.json, report.md, scores.jsonl and the pictures (rm_trainer/eval/files.py, report.py). An attribute
+head (--objective regression) is scored on pairs by its combined reward; its rating files ({prompt, response,
+<attribute>: number}) give each attribute's RMSE and Pearson r in attributes.json and attribute_scores.jsonl
+(rm_trainer/eval/ratings.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ def parser() -> Parser:
                    help="the pair files' shape (auto: decided from each file's first row)")
     for name in ("prompt", "chosen", "rejected"):
         p.add_argument(f"--{name}_key", default=name, help=f"column of the {name} field in pair files")
+    p.add_argument("--response_key", default="response",
+                   help="an attribute head's rating files: column of the rated response (each attribute is the "
+                        "column of its name); their RMSE and Pearson r per attribute are reported")
     p.add_argument("--tie_key", default=None,
                    help="column marking tied pairs (true, or a strength of 0): left out of the accuracy and "
                         "reported apart, as their mean |r_1 - r_2|")
@@ -58,12 +64,49 @@ def main(argv: list[str] | None = None) -> int:
         opts = EvalOptions(PairKeys(args.prompt_key, args.chosen_key, args.rejected_key, tie=args.tie_key),
                            args.format, args.chat,
                            args.on_error, args.max_batch_tokens, args.padding_side, args.truncation)
-        result, rows, r_c, r_r = evaluate(model_options(args).load(), args.data, opts)
-        result["model"] = str(args.model)
-        print(json.dumps(write(out, result, rows, r_c, r_r)), flush=True)
+        model = model_options(args).load()
+        rated, pairs = split_rated(model, args)
+        summary = {}
+        if rated:  # an attribute head's rating files: per-attribute RMSE and Pearson r
+            summary = write_ratings(out, model, rated, args)
+        if pairs or not rated:  # pairs (and RewardBench): the accuracy of the (combined) reward
+            result, rows, r_c, r_r = evaluate(model, pairs, opts)
+            result["model"] = str(args.model)
+            summary |= write(out, result, rows, r_c, r_r)
+        print(json.dumps(summary), flush=True)
         return 0
 
     return run(PROG, go)
+
+
+def split_rated(model, args) -> tuple[list, list[str]]:
+    """(rating files [(path, rows, refused)], the other files): rating files only for an attribute head."""
+    if not model.attributes:
+        return [], list(args.data)
+    from rm_trainer.data.ratings import RatingKeys
+    from rm_trainer.eval.ratings import rated_rows
+
+    keys = RatingKeys(tuple(model.attributes), args.prompt_key, args.response_key, mask_missing=True)
+    rated, pairs = [], []
+    for path in args.data:
+        got = rated_rows(path, keys, args.on_error)
+        (rated.append((path, *got)) if got is not None else pairs.append(path))
+    return rated, pairs
+
+
+def write_ratings(out: Path, model, rated: list, args) -> dict:
+    """attributes.json and attribute_scores.jsonl into `out`; the summary line's part."""
+    from rm_trainer.data.ratings import RatingKeys
+    from rm_trainer.eval.ratings import evaluate_ratings
+
+    keys = RatingKeys(tuple(model.attributes), args.prompt_key, args.response_key, mask_missing=True)
+    result, rows = evaluate_ratings(model, rated, keys, args.on_error, args.max_batch_tokens, args.padding_side)
+    result["model"] = str(args.model)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attributes.json").write_text(json.dumps(result, indent=1) + "\n")
+    with open(out / "attribute_scores.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return {"rated_rows": result["rows"], "attributes": result["attributes"], "rated_dropped": result["dropped"]}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 from rm_trainer import moe
 from rm_trainer.artifact.consolidate import consolidate
+from rm_trainer.backbone import build_backbone
 from rm_trainer.config import RunConfig
 from rm_trainer.data.batching import PairSampler, get_preference_iterator
 from rm_trainer.data.cache import load_data
@@ -23,7 +24,7 @@ from rm_trainer.data.ratings import collate_ratings
 from rm_trainer.data.tokenize import load_tokenizer
 from rm_trainer.errors import ConfigError, DataError
 from rm_trainer.lora import apply_lora, trainable_summary
-from rm_trainer.model import DTYPES, RewardModel, build_backbone, check_packing, disable_dropout, enable_checkpointing
+from rm_trainer.model import DTYPES, RewardModel, check_packing, disable_dropout, enable_checkpointing
 from rm_trainer.objectives import Objective
 from rm_trainer.train import engine, long_context, sequence_parallel
 from rm_trainer.train.best import read_best

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rm_trainer.data.tokenize import encode_item, special_prefix
-from rm_trainer.model import score_sequences
+from rm_trainer.model import score_with_attributes
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 QUANTILES = (0.5, 0.9, 0.99)
@@ -157,14 +157,16 @@ class Batcher:
             return
         seqs = [s for j in jobs for s in j.seqs]
         try:
-            rewards = score_sequences(self.model, seqs, self.max_batch_tokens, on_forward=self.metrics.forward)
+            rewards, attributes = score_with_attributes(self.model, seqs, self.max_batch_tokens,
+                                                        on_forward=self.metrics.forward)
         except Exception as e:  # noqa: BLE001 - a bug: every waiting request gets a 500 with its traceback logged
             for j in jobs:
                 _resolve(j, error=e)
             return
         with self.metrics.lock:
             self.metrics.batches += 1
-        out, k = rewards.tolist(), 0
-        for j in jobs:
-            _resolve(j, out[k:k + len(j.seqs)])
-            k += len(j.seqs)
+        k = 0
+        for j in jobs:  # (rewards, attributes or None) of the job's own texts
+            n = len(j.seqs)
+            _resolve(j, (rewards[k:k + n], attributes[k:k + n] if attributes is not None else None))
+            k += n

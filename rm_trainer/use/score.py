@@ -1,6 +1,7 @@
 """rm-score: score a file of texts with a trained reward model, for best-of-n, rejection sampling and data
 filtering (rows: see use/rows.py). The output has the same rows in the same order plus `reward` (or
-`rewards` and `best_index`).
+`rewards` and `best_index`); an attribute head's rows also get `attributes` ({name: value}, a list of them
+for `responses`), and its `reward` is the combined reward.
 
 Fast: sequences are sorted by length into batches of at most max_batch_tokens padded tokens
 (model.score_sequences, the same code as score_texts and rm-serve), and the rewards go back to input
@@ -28,7 +29,7 @@ from rm_trainer.data.formats import is_jsonl, row_location
 from rm_trainer.data.read import read_table
 from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.errors import DataError, UserError
-from rm_trainer.model import score_sequences
+from rm_trainer.model import score_with_attributes
 from rm_trainer.use.rows import RowKeys, detect_row_format, row_items, row_problem
 
 
@@ -101,15 +102,20 @@ def score_chunk(model, ds, lo: int, hi: int, fmt: str, opts: ScoreOptions) -> tu
             owners.append(len(rows))
             seqs.append(encode_item(model.tokenizer, item, model.max_len, prefix))
         rows.append(row)
-    rewards = score_sequences(model, seqs, opts.max_batch_tokens).tolist() if seqs else []
+    rewards, attributes = score_with_attributes(model, seqs, opts.max_batch_tokens) if seqs else ([], None)
     per_row: list[list[float]] = [[] for _ in rows]
-    for owner, r in zip(owners, rewards, strict=True):
+    per_row_attrs: list[list[dict]] = [[] for _ in rows]
+    for j, (owner, r) in enumerate(zip(owners, rewards, strict=True)):
         per_row[owner].append(r)
-    for row, rs in zip(rows, per_row, strict=True):
+        if attributes is not None:  # an attribute head: each response's attributes beside its reward
+            per_row_attrs[owner].append(attributes[j])
+    for row, rs, attrs in zip(rows, per_row, per_row_attrs, strict=True):
         if fmt == "responses":
             row["rewards"], row["best_index"] = rs, max(range(len(rs)), key=rs.__getitem__)
         else:
             row["reward"] = rs[0]
+        if attrs:
+            row["attributes"] = attrs if fmt == "responses" else attrs[0]
     return rows, dropped
 
 

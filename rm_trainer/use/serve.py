@@ -10,6 +10,8 @@ Endpoints:
   POST /score       {"rows": [...]}, each row as `rm-score` reads one: {"text"}, {"prompt", "response"},
                     {"prompt", "responses": [...]} (best-of-n) or {"messages": [...]} ->
                     {"results": [{"reward"} | {"rewards", "best_index"}]}
+  An attribute head (--objective regression): the rewards are its combined reward, and each answer also
+  has "attributes", {name: value} per text (a list of them for "responses").
   GET  /health      {"status": "ok", ...} (never needs the key)
   GET  /metrics     Prometheus text: requests by endpoint and code, rows, forwards, rows per forward,
                     latency quantiles, queue depth
@@ -184,20 +186,23 @@ class _Handlers:
             raise _bad(413, f"query: {len(texts)} texts, over the limit of {opts.max_texts} (--max_texts)")
         items = [strip_special(check_text(t, f"query[{i}]", opts.max_chars), self.model.tokenizer)
                  for i, t in enumerate(texts)]
-        rewards = await _answer(self.batcher.submit(items))
-        return web.json_response({"rewards": rewards, "scores": rewards})
+        rewards, attributes = await _answer(self.batcher.submit(items))
+        extra = {"attributes": attributes} if attributes is not None else {}  # an attribute head's, per text
+        return web.json_response({"rewards": rewards, "scores": rewards} | extra)
 
     async def score(self, request):
         from aiohttp import web
 
         items, shape = parse_rows(await _body(request, self.opts), self.opts.max_texts, self.opts.max_chars)
-        rewards = await _answer(self.batcher.submit(items))
+        rewards, attributes = await _answer(self.batcher.submit(items))
         results, k = [], 0
         for fmt, n in shape:
-            rs = rewards[k:k + n]
+            rs, attrs = rewards[k:k + n], attributes[k:k + n] if attributes is not None else None
             k += n
             results.append({"rewards": rs, "best_index": max(range(n), key=rs.__getitem__)}
                            if fmt == "responses" else {"reward": rs[0]})
+            if attrs is not None:
+                results[-1]["attributes"] = attrs if fmt == "responses" else attrs[0]
         return web.json_response({"results": results})
 
     async def health(self, _request):

@@ -354,7 +354,8 @@ def test_check_state_dict_catches_empty_and_misshapen_tensors(demo_assets):
     from transformers import AutoConfig
 
     from rm_trainer.artifact.format import check_state_dict
-    from rm_trainer.model import RewardModel, backbone_from_config_dict
+    from rm_trainer.backbone import backbone_from_config_dict
+    from rm_trainer.model import RewardModel
 
     cfg = AutoConfig.from_pretrained(demo_assets["model"]).to_dict()
     sd = RewardModel(backbone_from_config_dict(cfg, torch.float32)).state_dict()

@@ -97,7 +97,7 @@ def test_the_davidson_tie_loss_needs_a_tie_column(paths):
 
 
 def test_regression_flags_parse_and_every_attribute_problem_is_named(paths):
-    reg = paths + ["--objective", "regression", "--attributes", "helpfulness,verbosity", "--no-hf_export"]
+    reg = paths + ["--objective", "regression", "--attributes", "helpfulness,verbosity"]
     cfg, _ = load_run_config(reg + ["--reward_weights", "helpfulness=1,verbosity=-0.3", "--attribute_weights",
                                     "verbosity=0.5", "--missing_attributes", "mask"])
     assert cfg.data.attributes == ["helpfulness", "verbosity"] and cfg.data.missing_attributes == "mask"
@@ -111,10 +111,9 @@ def test_regression_flags_parse_and_every_attribute_problem_is_named(paths):
         r"'helpfulness' is not name=number": reg + ["--reward_weights", "helpfulness"],
         r"model.reward_weights are all 0": reg + ["--reward_weights", "helpfulness=0"],
         r"must be >= 0, with at least one attribute above 0": reg + ["--attribute_weights", "verbosity=-1"],
-        r"data.attributes names an attribute twice": paths + ["--objective", "regression", "--attributes", "a,a",
-                                                              "--no-hf_export"],
+        r"data.attributes names an attribute twice": paths + ["--objective", "regression", "--attributes", "a,a"],
         r"data.tie_key apply to pairs": reg + ["--tie_key", "tie"],
-        r"pass --no-hf_export": reg[:-1],
+        r"the LoRA-adapter export of an attribute head": reg + ["--lora_r", "8", "--lora_export"],
         r"data.format rating holds rated responses .* set --objective regression": paths + ["--format", "rating"],
     }
     for needle, argv in cases.items():

@@ -3,12 +3,15 @@
 - on a generated task with known attribute functions (helpfulness = helpful words, verbosity = length), a
   2-rank ZeRO-3 run reaches Pearson >= 0.9 on held-out rows for both attributes, and reward.pt scores
   each attribute as the live engine did;
+- reward.pt, the HF folder (plain transformers and load_reward_model), rm-score, rm-serve and rm-eval give
+  the same attributes (1e-5 relative), and OpenRLHF's /get_reward one scalar per text;
 - killed with kill -9 and resumed, a regression run is bit-exact;
 - a bad row (a missing attribute without the mask, a rating that is not a number) stops the run naming
   file:line:field, and a pairs file given to a regression run is named."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import subprocess
@@ -16,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, kill_then_resume, metrics, run_env, same_artifact_weights, train, train_args
+from helpers import AUTH, ROOT, Server, kill_then_resume, metrics, run_env, same_artifact_weights, train, train_args
 
 from rm_trainer import load_reward_model
 from rm_trainer.demo import HELPFUL, NEUTRAL, TOPICS, make_pairs
@@ -58,12 +61,20 @@ COMMON = {"dtype": "fp32", "lr": 1e-3, "warmup_steps": 1, "max_len": 64, "seed":
           "attributes": ATTRIBUTES}
 
 
-def test_a_two_rank_zero3_run_learns_both_attributes(tmp_path, tiny_pretrained):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_pretrained):
+    """A 2-rank ZeRO-3 run on the generated task (10% of the training ratings missing), with its HF export."""
+    tmp = tmp_path_factory.mktemp("regression")
     rows, test = ratings(256, 1, missing=0.1), ratings(64, 2)
-    out = tmp_path / "run"
-    train(out, train_args(tiny_pretrained, write(tmp_path / "train.jsonl", rows), write(tmp_path / "test.jsonl", test),
-                          "zero3", **COMMON, max_steps=120, micro_batch_size=8, eval_every=40,
-                          missing_attributes="mask", reward_weights="helpfulness=1,verbosity=-0.25", hf_export=False))
+    out, held_out = tmp / "run", write(tmp / "test.jsonl", test)
+    train(out, train_args(tiny_pretrained, write(tmp / "train.jsonl", rows), held_out, "zero3", **COMMON,
+                          max_steps=120, micro_batch_size=8, eval_every=40, missing_attributes="mask",
+                          reward_weights="helpfulness=1,verbosity=-0.25"))
+    return out, test, held_out
+
+
+def test_a_two_rank_zero3_run_learns_both_attributes(trained):
+    out, test, _ = trained
     assert {r["sequences"] for r in metrics(out)} == {16}  # one sequence per rated row, 8 rows per rank
     e = metrics(out, "eval")[-1]
     assert e["rows"] == 64
@@ -83,6 +94,75 @@ def test_a_two_rank_zero3_run_learns_both_attributes(tmp_path, tiny_pretrained):
     assert torch.equal(model.score_texts([(x["prompt"], x["response"]) for x in test]), rewards)
 
 
+def close(a, b, what: str) -> None:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()), what
+
+
+def test_every_path_gives_the_same_attributes_and_openrlhf_one_scalar(trained, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out, test, held_out = trained
+    texts = [(x["prompt"], x["response"]) for x in test[:16]]
+    rewards, attrs = load_reward_model(out / "reward.pt").score_texts(texts, attributes=True)
+    # the HF folder: num_labels = K, named; loaded by plain transformers and by load_reward_model
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "hf").eval()
+    assert hf.config.num_labels == 2 and hf.config.id2label == {0: "helpfulness", 1: "verbosity"}
+    assert hf.config.rm_reward_weights == [1.0, -0.25]
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    with torch.no_grad():
+        logits = hf(**tok([p + r for p, r in texts], padding=True, return_tensors="pt")).logits
+    close(logits, attrs, "plain transformers")
+    got_r, got_a = load_reward_model(out / "hf").score_texts(texts, attributes=True)
+    close(got_a, attrs, "load_reward_model(hf/)")
+    close(got_r, rewards, "load_reward_model(hf/) rewards")
+    # rm-score: each row gets its attributes beside the combined reward
+    src, dest = write(tmp_path / "rows.jsonl", [{"prompt": p, "response": r} for p, r in texts]), tmp_path / "s.jsonl"
+    p = subprocess.run([sys.executable, "-m", "rm_trainer.cli.score", "--model", str(out / "reward.pt"), "--data",
+                        src, "--output", str(dest)], cwd=ROOT, env=run_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    scored = [json.loads(line) for line in dest.read_text().splitlines()]
+    close([r["reward"] for r in scored], rewards, "rm-score rewards")
+    close([[r["attributes"]["helpfulness"], r["attributes"]["verbosity"]] for r in scored], attrs, "rm-score")
+    # rm-serve: OpenRLHF's /get_reward still gets one scalar per text (plus the attributes), /score too
+    server = Server(out / "reward.pt")
+    try:
+        served = asyncio.run(serve_both(server, [p + r for p, r in texts], texts))
+    finally:
+        server.stop()
+    close(served[0]["rewards"], rewards, "/get_reward")
+    assert served[0]["scores"] == served[0]["rewards"] and all(isinstance(x, float) for x in served[0]["rewards"])
+    close([[a["helpfulness"], a["verbosity"]] for a in served[0]["attributes"]], attrs, "/get_reward attributes")
+    close([[r["attributes"]["helpfulness"], r["attributes"]["verbosity"]] for r in served[1]["results"]], attrs,
+          "/score attributes")
+    # rm-eval on the held-out rating file: the run's own eval/rmse and eval/pearson
+    p = subprocess.run([sys.executable, "-m", "rm_trainer.cli.eval", "--model", str(out / "reward.pt"), "--data",
+                        held_out, "--output_dir", str(tmp_path / "eval")], cwd=ROOT, env=run_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "attributes.json").read_text())
+    e = metrics(out, "eval")[-1]
+    assert result["rows"] == 64
+    for a in ("helpfulness", "verbosity"):
+        assert result["attributes"][a]["rated"] == 64
+        assert result["attributes"][a]["pearson"] == pytest.approx(e[f"pearson/{a}"], rel=1e-5)
+        assert result["attributes"][a]["rmse"] == pytest.approx(e[f"rmse/{a}"], rel=1e-4)
+
+
+async def serve_both(server: Server, queries: list[str], rows: list[tuple[str, str]]) -> tuple[dict, dict]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(server.url + "/get_reward", json={"query": queries}, headers=AUTH) as r:
+            assert r.status == 200
+            first = await r.json()
+        body = {"rows": [{"prompt": p, "response": x} for p, x in rows]}
+        async with s.post(server.url + "/score", json=body, headers=AUTH) as r:
+            assert r.status == 200
+            return first, await r.json()
+
+
 def test_a_killed_regression_run_resumes_bit_exact(tmp_path, tiny_pretrained):
     args = train_args(tiny_pretrained, write(tmp_path / "train.jsonl", ratings(64, 5, missing=0.2)), None, "zero2",
                       **COMMON, max_steps=8, micro_batch_size=2, save_every=2, test_fraction=0,
@@ -96,8 +176,7 @@ def test_a_killed_regression_run_resumes_bit_exact(tmp_path, tiny_pretrained):
 
 def dry_run(tmp_path, model, data, *flags: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "rm_trainer.cli.train", "--model", str(model), "--data", data, "--output_dir",
-           str(tmp_path / "out"), "--objective", "regression", "--attributes", ATTRIBUTES, "--no-hf_export",
-           "--dry-run"]
+           str(tmp_path / "out"), "--objective", "regression", "--attributes", ATTRIBUTES, "--dry-run"]
     return subprocess.run([*cmd, *flags], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
 
 
