@@ -189,10 +189,13 @@ class TrainConfig(Section):
                                    "size and the attention heads (docs/long-context.md)")
     center_rewards_coefficient: float = Field(0.0, ge=0, description="adds c * mean((r_c + r_r)^2) to the loss "
                                               "(TRL's name and formula): rewards centred near 0; 0.01 is usual")
-    objective: Literal["pairs", "ranking", "regression"] = Field(
+    objective: Literal["pairs", "ranking", "regression", "bt+regression"] = Field(
         "pairs", description="pairs: Bradley-Terry on (chosen, rejected); ranking: rows of one prompt, K >= 2 "
         "responses and a score each (or UltraFeedback's completions), each response one forward per step; "
-        "regression: rated responses, MSE on each of data.attributes (docs/objectives.md)")
+        "regression: rated responses, MSE on each of data.attributes; bt+regression: pair sources and rating "
+        "sources in one run, BT on the combined reward plus the MSE (docs/objectives.md)")
+    bt_weight: float = Field(1.0, gt=0, description="--objective bt+regression: the BT term's weight against "
+                             "the regression term (each row counts once: a pair's loss is bt_weight x BT)")
     attribute_weights: dict[str, float] | None = Field(
         None, description="--objective regression: each attribute's weight in the loss (helpfulness=2,"
         "verbosity=0.5); unnamed attributes weigh 1")
@@ -277,7 +280,10 @@ class RunConfig(Section):
         """The data format, the pair-only options and the attribute options against train.objective."""
         d, t, problems = self.data, self.train, []
         holds = {"ranking": "ranking", "ultrafeedback": "ranking", "rating": "regression"}.get(d.format, "pairs")
-        if d.format != "auto" and holds != t.objective:
+        if d.format != "auto" and t.objective == "bt+regression":
+            problems.append(f"train.objective bt+regression reads pair sources and rating sources, each decided from "
+                            f"its first row: leave data.format auto (it is {d.format})")
+        elif d.format != "auto" and holds != t.objective:
             problems.append(f"data.format {d.format} holds {OBJECTIVE_ROWS[holds]}, and train.objective is "
                             f"{t.objective}: set --objective {holds}, or data.format auto")
         if t.objective != "pairs":
@@ -288,12 +294,12 @@ class RunConfig(Section):
                                 f"{', '.join(extra)} apply to pairs; unset them")
         given = [f for f, v in (("data.attributes", d.attributes), ("train.attribute_weights", t.attribute_weights),
                                 ("model.reward_weights", self.model.reward_weights)) if v]
-        if t.objective != "regression":
+        if t.objective not in ("regression", "bt+regression"):
             if given:
                 problems.append(f"{', '.join(given)}: rated attributes are read by --objective regression")
             return problems
         if not d.attributes:
-            problems.append("train.objective regression needs data.attributes: the rated columns "
+            problems.append(f"train.objective {t.objective} needs data.attributes: the rated columns "
                             "(--attributes helpfulness,correctness)")
             return problems
         if len(set(d.attributes)) != len(d.attributes):
@@ -310,9 +316,9 @@ class RunConfig(Section):
         if self.model.reward_weights is not None and not any(self.model.reward_weights.values()):
             problems.append("model.reward_weights are all 0: the reward would be constant")
         if t.sequence_parallel > 1:
-            problems.append("train.objective regression does not run under train.sequence_parallel yet; use 1")
+            problems.append(f"train.objective {t.objective} does not run under train.sequence_parallel yet; use 1")
         if self.output.lora_export:  # reward.pt and the HF export carry the attributes
-            problems.append("train.objective regression: the LoRA-adapter export of an attribute head is not "
+            problems.append(f"train.objective {t.objective}: the LoRA-adapter export of an attribute head is not "
                             "written yet; leave output.lora_export off (reward.pt and hf/ hold the merged model)")
         return problems
 
@@ -331,7 +337,8 @@ class RunConfig(Section):
 
 SECTIONS = ("model", "data", "train", "output")
 OBJECTIVE_ROWS = {"pairs": "preference pairs", "ranking": "rankings (scores per response; equal scores tie)",
-                  "regression": "rated responses (a number per attribute)"}
+                  "regression": "rated responses (a number per attribute)",
+                  "bt+regression": "preference pairs and rated responses"}
 
 
 def explicitly_set(cfg: RunConfig) -> set[str]:

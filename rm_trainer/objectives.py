@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rm_trainer.attributes import ATTRIBUTE_SUMS, regression_metrics
+from rm_trainer.attributes import ATTRIBUTE_SUMS, combination, regression_metrics
 from rm_trainer.loss import N_SUMS, metrics_from_sums
 
 RANKING_LOSSES = ("pairs", "plackett_luce")
@@ -192,28 +192,40 @@ class Objective:
     """What a run trains (train.objective) with its options: the loss of a micro-batch follows from it, and
     so do the width of a step's statistics and the metrics read from them."""
 
-    kind: str = "pairs"  # pairs | ranking | regression
+    kind: str = "pairs"  # pairs | ranking | regression | bt+regression
     ranking_loss: str = "pairs"
     attributes: tuple[str, ...] = ()  # regression: the head's outputs, in order
     attribute_weights: tuple[float, ...] | None = None  # regression: each attribute's weight in the loss
+    combination: tuple[float, ...] = ()  # bt+regression: the reward's coefficients, which the BT term trains
+    bt_weight: float = 1.0  # bt+regression: the BT term's weight
 
     @classmethod
     def of(cls, cfg) -> Objective:
         t, names = cfg.train, tuple(cfg.data.attributes or ())
         w = t.attribute_weights
-        return cls(t.objective, t.ranking_loss, names, tuple(float(w.get(a, 1.0)) for a in names) if w else None)
+        c = tuple(combination(list(names), cfg.model.reward_weights).tolist()) if names else ()
+        return cls(t.objective, t.ranking_loss, names, tuple(float(w.get(a, 1.0)) for a in names) if w else None,
+                   c, t.bt_weight)
 
     def weights(self, device: torch.device) -> torch.Tensor | None:
         return None if self.attribute_weights is None else torch.tensor(self.attribute_weights, device=device)
 
     def sums_width(self) -> int:
         """How many of a step's statistics are the objective's sums (tokens and the rest follow them)."""
-        return {"pairs": N_SUMS, "ranking": len(RANKING_FIELDS)}.get(
-            self.kind, 2 + len(ATTRIBUTE_SUMS) * len(self.attributes))
+        regression = 2 + len(ATTRIBUTE_SUMS) * len(self.attributes)
+        return {"pairs": N_SUMS, "ranking": len(RANKING_FIELDS), "regression": regression}.get(
+            self.kind, len(RANKING_FIELDS) + regression)
 
     def metrics(self, sums: torch.Tensor) -> dict[str, float]:
         if self.kind == "ranking":
             return ranking_metrics(sums)
         if self.kind == "regression":
             return regression_metrics(sums, list(self.attributes))
+        if self.kind == "bt+regression":  # the pairs' accuracy and BT loss, each attribute's RMSE and Pearson
+            n = len(RANKING_FIELDS)
+            bt, reg = ranking_metrics(sums[:n]), regression_metrics(sums[n:], list(self.attributes))
+            rows, pairs = float(sums[0]), float(sums[2])
+            return reg | {"loss": (self.bt_weight * float(sums[1]) + float(sums[n + 1])) / rows,
+                          "bt_loss": float(sums[1]) / pairs if pairs else float("nan"), "acc": bt["acc"],
+                          "pairs": int(pairs), "rows": int(rows), "responses": bt["responses"]}
         return metrics_from_sums(sums)

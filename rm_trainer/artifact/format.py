@@ -61,7 +61,7 @@ def shipped_tokenizer(files: dict[str, torch.Tensor]):
 
 def attributes_of(run_config: dict) -> dict | None:
     """reward.pt's `attributes` entry of a run (its resolved config), or None for a scalar reward."""
-    if run_config.get("train", {}).get("objective") != "regression":
+    if run_config.get("train", {}).get("objective") not in ("regression", "bt+regression"):
         return None
     return {"names": list(run_config["data"]["attributes"]),
             "reward_weights": dict(run_config["model"].get("reward_weights") or {})}

@@ -35,7 +35,8 @@ from rm_trainer.data.sources import prepare_sources
 from rm_trainer.errors import DataError, UserError
 
 # what turns a row into token ids
-CODE = ("formats.py", "truncation.py", "tokenize.py", "sources.py", "cache.py", "rankings.py", "ratings.py")
+CODE = ("formats.py", "truncation.py", "tokenize.py", "sources.py", "cache.py", "rankings.py", "ratings.py",
+        "mixed.py")
 READY_KEY = "rm_trainer/data_cache"
 
 
@@ -52,8 +53,8 @@ def data_identity(cfg) -> dict[str, Any]:
         | {"sources": [[s.name, s.weight, s.test_fraction] for s in d.sources or []]},
         "seed": cfg.train.seed,
     } | ({"objective": "ranking", "ranking_score": d.ranking_score} if cfg.train.objective == "ranking" else {}) | (
-        {"objective": "regression", "attributes": d.attributes, "response_key": d.response_key,
-         "missing_attributes": d.missing_attributes} if cfg.train.objective == "regression" else {})
+        {"objective": cfg.train.objective, "attributes": d.attributes, "response_key": d.response_key,
+         "missing_attributes": d.missing_attributes} if cfg.train.objective in ("regression", "bt+regression") else {})
 
 
 def fingerprint(paths: list[str | None], tokenizer_dir: str | None) -> str:

@@ -241,6 +241,8 @@ def collate_rankings(rows: list[dict[str, Any]], pad_id: int, pack_len: int | No
               "prompts": torch.tensor(len(rows))}  # a host value: the loss's G, read without a device sync
     if "source" in rows[0]:
         fields["source"] = torch.tensor([r["source"] for r in rows], dtype=torch.long)
+    if "targets" in rows[0]:  # bt+regression's mixed rows (data.mixed): each sequence's K ratings, NaN if none
+        fields["targets"] = torch.tensor([t for r in rows for t in r["targets"]], dtype=torch.float32)
     if packing:
         return pack_sequences(seqs, pad_id, pack_len) | fields
     return {"input_ids": pad_right(seqs, pad_id)} | fields

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rm_trainer.data.formats import PairKeys, load_source
+from rm_trainer.data.formats import PairKeys, PairLayout, load_source
 from rm_trainer.data.tokenize import DROP_REASONS, KEPT_NOTES, SINGLE, tokenize_source
 from rm_trainer.errors import DataError
 
@@ -112,7 +112,7 @@ def prepare_sources(cfg, tok, work_dir: str | None = None) -> tuple[Any, Any, di
     return _combine(trains, tests, report, names, d.max_drop_fraction, "pairs")
 
 
-def _row_kind(cfg, tok):
+def _row_kind(cfg, tok, work_dir: str | None = None):
     """(layout, tokenize(ds, fmt, i, path), split_report(tokd, idx, malformed_before)) of the rows of
     --objective ranking (data.rankings) or regression (data.ratings)."""
     from rm_trainer.data import rankings, ratings
@@ -125,17 +125,41 @@ def _row_kind(cfg, tok):
                                                                     d.num_proc),
                 lambda tokd, idx, bad: rankings.split_report(tokd, idx, d.max_len, bad))
     keys = ratings.RatingKeys(tuple(d.attributes), d.prompt_key, d.response_key, d.missing_attributes == "mask")
-    return (ratings.RatingLayout(keys),
-            lambda ds, fmt, i, path: ratings.tokenize_ratings(ds, tok, d.max_len, d.on_error, keys, i, path,
-                                                              d.num_proc),
-            lambda tokd, idx, bad: ratings.split_report(tokd, idx, d.max_len, bad, keys.attributes))
+    rate = lambda ds, i, path: ratings.tokenize_ratings(ds, tok, d.max_len, d.on_error, keys, i, path,  # noqa: E731
+                                                        d.num_proc)
+    rate_report = lambda tokd, idx, bad: ratings.split_report(tokd, idx, d.max_len, bad, keys.attributes)  # noqa: E731
+    if cfg.train.objective == "regression":
+        return ratings.RatingLayout(keys), lambda ds, fmt, i, path: rate(ds, i, path), rate_report
+    return _mixed_kind(cfg, tok, work_dir, keys, rate, rate_report)
+
+
+def _mixed_kind(cfg, tok, work_dir: str | None, keys, rate, rate_report):
+    """_row_kind of --objective bt+regression: each source rated responses or pairs (data.mixed), read and
+    counted by its own reader, then kept as mixed rows."""
+    from rm_trainer.data import mixed, ratings
+
+    d = cfg.data
+    pair_keys = PairKeys(d.prompt_key, d.chosen_key, d.rejected_key)
+    layout = mixed.MixedLayout(PairLayout(pair_keys), ratings.RatingLayout(keys))
+
+    def tokenize(ds, fmt: str, i: int, path: str):
+        return rate(ds, i, path) if fmt == "rating" else tokenize_source(ds, fmt, tok, d, i, path, work_dir)
+
+    def report(tokd, idx, bad):
+        if "targets" in tokd.column_names:
+            kept, rep = rate_report(tokd, idx, bad)
+            return mixed.unify_ratings(kept), rep
+        kept, rep = split_report(tokd, _columns(tokd), idx, pair_keys, d.max_len, bad)
+        return mixed.unify_pairs(kept, len(keys.attributes)), rep
+
+    return layout, tokenize, report
 
 
 def _prepare_rows(cfg, tok, work_dir: str | None) -> tuple[Any, Any, dict, list[str]]:
     """prepare_sources for --objective ranking or regression: the same sources, splits, mixture and drop
     accounting, over ranking rows (data.rankings) or rated responses (data.ratings)."""
     d = cfg.data
-    layout, tokenize, rows_report = _row_kind(cfg, tok)
+    layout, tokenize, rows_report = _row_kind(cfg, tok, work_dir)
     trains, tests, report, names = [], [], {}, []
 
     def read(path: str, field: str, i: int):
@@ -198,6 +222,10 @@ def objective_line(cfg, report: dict) -> str:
     if t.objective == "pairs":
         return (f"objective pairs (Bradley-Terry): each forward runs {2 * t.micro_batch_size} sequences "
                 f"(chosen and rejected of {t.micro_batch_size} pairs), {t.grad_accum} per step and rank")
+    if t.objective == "bt+regression":
+        return (f"objective bt+regression (BT x{t.bt_weight:g} on the combined reward of pairs, MSE on "
+                f"{', '.join(cfg.data.attributes)} of rated rows): each forward runs 2 sequences per pair and 1 "
+                f"per rated row, {t.micro_batch_size} rows, {t.grad_accum} per step and rank")
     if t.objective == "regression":
         w = t.attribute_weights or {}
         return (f"objective regression (MSE on {len(cfg.data.attributes)} attributes: "
@@ -236,8 +264,10 @@ def dry_run_report(cfg, tok) -> str:
                 lines.append(f"  token lengths {r['token_length_percentiles']}; "
                              f"{r['fraction_truncated_at_max_len']:.1%} of pairs exceed max_len={cfg.data.max_len}")
     lines.append(objective_line(cfg, report))
-    ids = (ex["ids"] if "targets" in ex else ex["ids"][0]) if "ids" in ex else ex["chosen_ids"]
-    which = "rated response" if "targets" in ex else "first response" if "ids" in ex else "chosen"
+    ids = (ex["ids"] if "targets" in ex and not isinstance(ex["ids"][0], list) else ex["ids"][0]) if "ids" in ex \
+        else ex["chosen_ids"]
+    nested = "ids" in ex and isinstance(ex["ids"][0], list)  # rankings and bt+regression's mixed rows
+    which = "first sequence" if nested else "rated response" if "targets" in ex else "chosen"
     lines.append(f"example ({which}), the reward is read at the marked token:")
     lines.append("  " + tok.decode(ids[:-1]) + " \u27e6" + tok.decode(ids[-1:]) + "\u27e7")
     return "\n".join(lines)

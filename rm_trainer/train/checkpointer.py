@@ -54,9 +54,11 @@ def objective_key(cfg: RunConfig) -> dict:
     t = cfg.train
     if t.objective == "ranking":
         return {"tie_loss": t.tie_loss, "objective": "ranking", "ranking_loss": t.ranking_loss}
-    if t.objective == "regression":
-        return {"tie_loss": t.tie_loss, "objective": "regression", "attributes": cfg.data.attributes,
-                "attribute_weights": t.attribute_weights}
+    if t.objective in ("regression", "bt+regression"):
+        return {"tie_loss": t.tie_loss, "objective": t.objective, "attributes": cfg.data.attributes,
+                "attribute_weights": t.attribute_weights} | (
+            {"bt_weight": t.bt_weight, "reward_weights": cfg.model.reward_weights} if t.objective == "bt+regression"
+            else {})
     return {"tie_loss": t.tie_loss}
 
 
@@ -108,7 +110,7 @@ def check_sequence_parallel(target: Path, then: int, now: int, moved: dict) -> N
 def make_probe(ds, pad_id: int) -> dict[str, torch.Tensor]:
     """A few held-out pairs that every checkpoint scores with the live engine; consolidation must
     reproduce those rewards from the merged weights alone."""
-    if "targets" in ds.column_names:  # rated rows: one sequence each
+    if "targets" in ds.column_names and not isinstance(ds[0]["ids"][0], list):  # rated rows: one sequence each
         seqs = [ds[i]["ids"] for i in range(min(2 * PROBE_PAIRS, len(ds)))]
         return {"input_ids": pad_right(seqs, pad_id), "seq_lengths": torch.tensor([len(x) for x in seqs])}
     if "ids" in ds.column_names:  # ranking rows: their first responses, as many sequences as the pairs give

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rm_trainer.attributes import regression_sums
+from rm_trainer.attributes import combine, regression_sums
 from rm_trainer.data.batching import collate, eval_batches
 from rm_trainer.data.rankings import collate_rankings
 from rm_trainer.data.ratings import collate_ratings
@@ -118,17 +118,16 @@ class Evaluator:
         rankings give pairwise accuracy over all ordered pairs, the top-1 rate and the loss; rated rows each
         attribute's RMSE and Pearson r and the loss. Overall and per source."""
         rt, obj = self.rt, self.objective
-        ranking = obj.kind == "ranking"
         eng.eval()
         sums = torch.zeros(len(self.sources), obj.sums_width(), dtype=torch.float64)
         with torch.no_grad():
             for idx, w in eval_batches(len(self.test), rt.dp_world, rt.dp_rank, self.batch_size):
-                b = (collate_rankings if ranking else collate_ratings)([self.test[i] for i in idx], self.pad_id)
+                rows = [self.test[i] for i in idx]
+                b = (collate_ratings if obj.kind == "regression" else collate_rankings)(rows, self.pad_id)
                 out = score_batch(eng, b, rt.device).cpu()  # a CPU-GPU sync point, once per eval batch
                 for s in b["source"].unique().tolist():
                     keep = (b["source"] == s).double() * torch.tensor(w, dtype=torch.float64)
-                    sums[s] += (ranking_sums(out, b["group"], b["scores"], len(idx), obj.ranking_loss, keep)
-                                if ranking else regression_sums(out, b["targets"], obj.weights(out.device), keep))
+                    sums[s] += row_sums(obj, b, out, len(idx), keep)
         eng.train()
         if not rt.counts:  # a sequence group's later ranks: the same rewards as its first
             sums.zero_()
@@ -138,7 +137,8 @@ class Evaluator:
             for s, name in enumerate(self.sources):
                 if sums[s, 0] > 0:
                     m = obj.metrics(sums[s])
-                    result |= {f"{name}/{k}": v for k, v in m.items() if k in ("loss", "acc", "top1") or "/" in k}
+                    result |= {f"{name}/{k}": v for k, v in m.items()  # a source without pairs has no acc
+                               if (k in ("loss", "acc", "top1") or "/" in k) and v == v}
         self.last, self.last_step = result, step
         return result
 
@@ -164,6 +164,18 @@ class Evaluator:
     def strict(self) -> torch.Tensor | None:
         """Which test pairs are strict preferences (None: no --tie_key, all of them)."""
         return ~torch.tensor(self.test["tie"], dtype=torch.bool) if "tie" in self.test.column_names else None
+
+
+def row_sums(obj: Objective, b: dict, out: torch.Tensor, rows: int, keep: torch.Tensor) -> torch.Tensor:
+    """The objective's sums (Objective.sums_width) of an eval batch of rankings, rated rows or mixed rows;
+    keep (rows,) 0/1 leaves filler and other sources' rows out."""
+    if obj.kind == "ranking":
+        return ranking_sums(out, b["group"], b["scores"], rows, obj.ranking_loss, keep)
+    if obj.kind == "regression":
+        return regression_sums(out, b["targets"], obj.weights(out.device), keep)
+    rewards = combine(out, torch.tensor(obj.combination))  # bt+regression: BT on the combined reward
+    return torch.cat([ranking_sums(rewards, b["group"], b["scores"], rows, "pairs", keep),
+                      regression_sums(out, b["targets"], obj.weights(out.device), keep[b["group"]])])
 
 
 def _cpu(x: torch.Tensor | None) -> torch.Tensor | None:

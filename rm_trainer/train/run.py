@@ -44,7 +44,7 @@ from rm_trainer.train.optim import build_optimizer, scheduler_factory, warmup_st
 from rm_trainer.train.step import SkipGuard, StopFlag, train_step
 
 # train.objective -> the collate of its rows (pairs: data.batching's own)
-ROW_COLLATE = {"ranking": collate_rankings, "regression": collate_ratings}
+ROW_COLLATE = {"ranking": collate_rankings, "regression": collate_ratings, "bt+regression": collate_rankings}
 
 __all__ = ["EXIT_PREEMPTED", "Plan", "Preempted", "prepare", "train"]
 
@@ -217,7 +217,7 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, total: int, t
         enable_checkpointing(backbone, mark=offload.mark if offload else None)
     model = RewardModel(backbone, cfg.model.head_init_std, seed=t.seed, reward_path=cfg.model.reward_path, head=head,
                         tie_rate=tie_rate(train_ds) if t.tie_loss == "davidson" else None, seq=seq,
-                        attributes=cfg.data.attributes if t.objective == "regression" else None)
+                        attributes=cfg.data.attributes if t.objective in ("regression", "bt+regression") else None)
     if model.attributes:  # the scalar reward of the attributes (what PPO reads; reward.pt records it too)
         model.set_reward_weights(cfg.model.reward_weights)
     if moe.routing(backbone.config):  # an MoE backbone: the router's load-balancing loss, and leaf blocks

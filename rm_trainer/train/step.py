@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rm_trainer.attributes import fused_regression_loss, regression_loss, regression_sums
+from rm_trainer.attributes import combine, fused_regression_loss, regression_loss, regression_sums
 from rm_trainer.data.batching import token_slots
 from rm_trainer.loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, pair_sums
 from rm_trainer.objectives import Objective, fused_ranking_loss, ranking_sums
@@ -71,6 +71,8 @@ def batch_loss(b: dict, rewards: torch.Tensor, device: torch.device, fused: bool
     """(loss, its statistics' sums on the device) of one micro-batch: the BT loss of its pairs, or (a
     ranking batch, --objective ranking) the ranking loss over each prompt's responses, or (a rating batch,
     --objective regression) the masked, weighted MSE of each row's attributes."""
+    if "group" in b and "targets" in b:
+        return mixed_loss(b, rewards, device, scale, objective)
     if "group" in b:
         group, scores, G = b["group"].to(device), b["scores"].to(device), int(b["prompts"])
         loss = fused_ranking_loss(rewards, group, scores, G, objective.ranking_loss, scale)
@@ -84,6 +86,20 @@ def batch_loss(b: dict, rewards: torch.Tensor, device: torch.device, fused: bool
     loss = loss_fn(rewards, fused=fused, margin=margin, scale=scale, center=center, tie=tie, log_nu=log_nu)
     B = b["chosen_len"].shape[0]
     return loss, pair_sums(rewards[:B], rewards[B:], tie=tie, log_nu=log_nu)
+
+
+def mixed_loss(b: dict, preds: torch.Tensor, device: torch.device, scale: float | None, objective: Objective
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """--objective bt+regression: a batch of pair rows (two sequences, scores [1, 0]) and rated rows (one
+    sequence, its K targets). Each row counts once: a pair adds bt_weight x BT of its combined rewards, a
+    rated row its MSE, and the batch loss is their mean over the G rows (or their sum x scale)."""
+    group, scores, G = b["group"].to(device), b["scores"].to(device), int(b["prompts"])
+    targets, weights = b["targets"].to(device), objective.weights(device)
+    rewards = combine(preds, torch.tensor(objective.combination, device=device))  # (S,): what BT compares
+    row_scale = 1 / max(G, 1) if scale is None else scale
+    loss = (objective.bt_weight * fused_ranking_loss(rewards, group, scores, G, "pairs", scale)
+            + fused_regression_loss(preds, targets, None, weights, row_scale))
+    return loss, torch.cat([ranking_sums(rewards, group, scores, G, "pairs"), regression_sums(preds, targets, weights)])
 
 
 def batch_tokens(b: dict) -> int:
@@ -116,7 +132,7 @@ class StepRecord:
         n = self.objective.sums_width()  # where tokens, slots and aux follow the sums
         m = self.objective.metrics(torch.tensor(v[:n], dtype=torch.float64))
         finite = {k: (x if math.isfinite(x) else None) for k, x in m.items()
-                  if k in ("acc", "margin", "reward_mean", "reward_std", "tie_gap", "top1") or "/" in k}
+                  if k in ("acc", "margin", "reward_mean", "reward_std", "tie_gap", "top1", "bt_loss") or "/" in k}
         # MoE: the router loss, a mean over micro-batches and ranks (absent: a dense backbone)
         aux = {"router_aux_loss": v[n + 2] / v[n + 3]} if len(v) > n + 3 and v[n + 3] else {}
         if len(v) > n + 4:  # --tie_loss davidson: the learned nu this step used
@@ -125,6 +141,7 @@ class StepRecord:
         kind = self.objective.kind
         seqs = ({"sequences": m["responses"], "prompts_per_s": m["prompts"] / seconds} if kind == "ranking" else
                 {"sequences": m["rows"], "rows_per_s": m["rows"] / seconds} if kind == "regression" else
+                {"sequences": m["responses"], "rows_per_s": m["rows"] / seconds} if kind == "bt+regression" else
                 {"sequences": 2 * m["pairs"]})
         pairs = {"pairs_per_s": m["pairs"] / seconds} if "pairs" in m else {}
         return {"loss": m["loss"], **finite, **aux, "lr": self.lr, **pairs, **seqs,

@@ -103,6 +103,8 @@ def test_regression_flags_parse_and_every_attribute_problem_is_named(paths):
     assert cfg.data.attributes == ["helpfulness", "verbosity"] and cfg.data.missing_attributes == "mask"
     assert cfg.model.reward_weights == {"helpfulness": 1.0, "verbosity": -0.3}
     assert cfg.train.attribute_weights == {"verbosity": 0.5}
+    cfg, _ = load_run_config(paths + ["--objective", "bt+regression", "--attributes", "h", "--bt_weight", "0.5"])
+    assert (cfg.train.objective, cfg.train.bt_weight) == ("bt+regression", 0.5)
     cases = {
         r"train.objective regression needs data.attributes": paths + ["--objective", "regression"],
         r"data.attributes: rated attributes are read by --objective regression": paths + ["--attributes", "a"],
@@ -115,6 +117,9 @@ def test_regression_flags_parse_and_every_attribute_problem_is_named(paths):
         r"data.tie_key apply to pairs": reg + ["--tie_key", "tie"],
         r"the LoRA-adapter export of an attribute head": reg + ["--lora_r", "8", "--lora_export"],
         r"data.format rating holds rated responses .* set --objective regression": paths + ["--format", "rating"],
+        r"train.objective bt\+regression needs data.attributes": paths + ["--objective", "bt+regression"],
+        r"bt\+regression reads pair sources and rating sources, each decided from its first row: leave "
+        r"data.format auto": reg[:-4] + ["--objective", "bt+regression", "--attributes", "a", "--format", "rating"],
     }
     for needle, argv in cases.items():
         with pytest.raises(ConfigError, match=needle):

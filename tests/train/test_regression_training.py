@@ -198,3 +198,38 @@ def test_bad_rating_rows_are_named_and_a_pairs_file_is_refused(tmp_path, tiny_pr
     p = dry_run(tmp_path, tiny_pretrained, write(tmp_path / "ok.jsonl", ratings(20, 3)), "--reward_weights",
                 "helpfulness=1,length=2")
     assert p.returncode == 2 and "model.reward_weights names length, not among data.attributes" in p.stderr
+
+
+# ---------------------------------------------------------------- --objective bt+regression: pairs and ratings
+
+
+def mixed_args(tmp_path, model, **flags) -> list[str]:
+    """A bt+regression run over two sources: the demo's pairs (chosen has one more helpful word) and rated
+    responses (helpfulness = the helpful words), each with its own held-out tenth."""
+    pairs, rated = write(tmp_path / "pairs.jsonl", make_pairs(160, 1)), write(tmp_path / "rated.jsonl", ratings(160, 3))
+    cfg = tmp_path / "sources.yaml"
+    cfg.write_text(f"data:\n  sources:\n    - {{path: {pairs}, test_fraction: 0.1}}\n"
+                   f"    - {{path: {rated}, test_fraction: 0.1}}\n")
+    args = train_args(model, "unused", None, "zero2", **COMMON | {"objective": "bt+regression"}, **flags)
+    return ["--config", str(cfg), *args[:2], *args[4:]]  # the sources in place of --data
+
+
+def test_pairs_and_ratings_train_one_head_and_resume_bit_exact(tmp_path, tiny_pretrained):
+    args = mixed_args(tmp_path, tiny_pretrained, max_steps=120, micro_batch_size=8, eval_every=120, save_every=40,
+                      bt_weight=0.5)
+    a, b = tmp_path / "uninterrupted", tmp_path / "killed"
+    train(a, args)
+    steps = metrics(a)
+    # each micro-batch holds rows of both kinds: 2 sequences per pair, 1 per rated row, 16 rows per step
+    assert all(16 < r["sequences"] < 32 for r in steps) and len({r["sequences"] for r in steps}) > 1
+    e = metrics(a, "eval")[-1]
+    assert e["rows"] == 32 and e["responses"] == 16 * 2 + 16, e
+    assert e["acc"] >= 0.9 and e["pearson/helpfulness"] >= 0.9 and e["pearson/verbosity"] >= 0.9, e
+    assert e["pairs/acc"] == e["acc"] and e["rated/pearson/helpfulness"] == e["pearson/helpfulness"]
+    model = load_reward_model(a / "reward.pt")  # the reward is the first attribute, which BT ranked
+    held = make_pairs(32, 9)
+    r = model.score_texts([(p["prompt"], p[k]) for p in held for k in ("chosen", "rejected")]).view(-1, 2)
+    assert float((r[:, 0] > r[:, 1]).float().mean()) >= 0.9
+    kill_then_resume(b, args, "100.0", [40, 80])  # killed in step 100, resumed from step_80
+    assert [r["loss"] for r in steps] == [r["loss"] for r in metrics(b)]  # exact float equality
+    assert same_artifact_weights(a, b)

@@ -11,6 +11,8 @@ import signal
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rm_trainer.data.batching import collate
 from rm_trainer.loss import N_SUMS, pair_sums
@@ -134,3 +136,49 @@ def test_stop_flag_is_set_by_usr1_and_term_and_rides_on_the_step():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+# ---------------------------------------------------------------- bt+regression: one loss over pairs and rated rows
+
+
+@settings(max_examples=60, deadline=None)
+@given(kinds=st.lists(st.booleans(), min_size=1, max_size=8), k=st.integers(1, 3), seed=st.integers(0, 10**6),
+       bt_weight=st.sampled_from([1.0, 0.3]), scale=st.sampled_from([None, 0.05]))
+def test_the_mixed_loss_is_bt_on_the_combined_reward_plus_the_mse_per_row(kinds, k, seed, bt_weight, scale):
+    """kinds: True a pair row (two sequences, scores [1, 0]), False a rated row (one sequence, K ratings)."""
+    from rm_trainer.attributes import regression_loss
+    from rm_trainer.objectives import Objective
+    from rm_trainer.train.step import mixed_loss
+
+    g = torch.Generator().manual_seed(seed)
+    group = torch.tensor([i for i, pair in enumerate(kinds) for _ in range(2 if pair else 1)])
+    S, G = len(group), len(kinds)
+    preds = torch.randn(S, k, generator=g) * 2
+    targets = torch.full((S, k), float("nan"))
+    scores = torch.zeros(S)
+    for i, pair in enumerate(kinds):
+        at = (group == i).nonzero().flatten()
+        if pair:
+            scores[at[0]] = 1.0
+        else:
+            targets[at[0]] = torch.randint(0, 5, (k,), generator=g).float()
+    c, w = torch.randn(k, generator=g), torch.rand(k, generator=g) + 0.5
+    obj = Objective("bt+regression", attributes=tuple(f"a{i}" for i in range(k)), attribute_weights=tuple(w.tolist()),
+                    combination=tuple(c.tolist()), bt_weight=bt_weight)
+    b = {"group": group, "scores": scores, "targets": targets, "prompts": torch.tensor(G)}
+    a = preds.clone().requires_grad_()
+    loss, sums = mixed_loss(b, a, torch.device("cpu"), scale, obj)
+    loss.backward()
+    # the reference, written from the definition: each row once, a pair's bt_weight x BT of (p @ c)
+    ref_p = preds.double().clone().requires_grad_()
+    r = ref_p @ c.double()
+    bt = sum(torch.nn.functional.softplus(-(r[(group == i).nonzero()[0, 0]] - r[(group == i).nonzero()[1, 0]]))
+             for i, pair in enumerate(kinds) if pair)
+    mse = regression_loss(ref_p, targets.double(), None, w.double(), scale=1.0)
+    want = (bt_weight * bt + mse) * (1 / G if scale is None else scale)
+    want.backward()
+    assert abs(loss.item() - want.item()) <= 1e-5 * max(abs(want.item()), 1e-6)
+    assert torch.allclose(a.grad.double(), ref_p.grad, rtol=1e-5, atol=1e-5 * float(ref_p.grad.abs().max()) + 1e-12)
+    m = obj.metrics(sums)
+    assert m["rows"] == G and m["pairs"] == sum(kinds)
+    assert m["loss"] == pytest.approx(want.item() / (1 / G if scale is None else scale) / G, rel=1e-5)
