@@ -80,6 +80,10 @@ def markdown() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and (argv[0].startswith("-") or len(argv) > 1):  # `--help` once became a file of that name
+        print("usage: python -m rm_trainer.cli.config_doc [OUTPUT.md]  (default: print to stdout)",
+              file=sys.stderr)
+        return 0 if argv[0] in ("-h", "--help") else 2
     text = markdown()
     if argv:
         Path(argv[0]).write_text(text)

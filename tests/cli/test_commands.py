@@ -155,3 +155,12 @@ def test_the_checked_in_config_reference_is_what_the_generator_prints():
 
     assert (ROOT / "docs" / "config.md").read_text() == markdown(), \
         "docs/config.md is stale: python -m rm_trainer.cli.config_doc docs/config.md"
+
+
+def test_the_config_reference_generator_never_writes_a_file_named_like_a_flag(tmp_path, monkeypatch):
+    from rm_trainer.cli.config_doc import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--help"]) == 0 and main(["--out", "x.md"]) == 2
+    assert list(tmp_path.iterdir()) == []  # a stray `--help` file was once committed this way
+    assert main(["ref.md"]) == 0 and (tmp_path / "ref.md").read_text().startswith("# Configuration reference")
