@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rm_trainer.cli.train import main  # noqa: E402
+from rm_trainer.cli.train import entry  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    entry(sys.argv[1:])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rm_trainer.cli.train import main as main_train  # noqa: E402
+from rm_trainer.cli.train import entry  # noqa: E402
 from rm_trainer.data import cache as data_cache  # noqa: E402
 from rm_trainer.train import run as trainer  # noqa: E402
 
@@ -77,4 +77,4 @@ def slow_prepare_or_load(*args, **kwargs):
 data_cache.prepare_or_load = slow_prepare_or_load
 
 if __name__ == "__main__":
-    sys.exit(main_train(sys.argv[1:]))
+    entry(sys.argv[1:])

@@ -4,7 +4,9 @@ estimate and the data report and starts nothing; `--prepare_only` is rm-prepare.
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import sys
 
 from rm_trainer.cli.parser import note, run, version
@@ -22,6 +24,21 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         print(version())
         return 0
     return run(prog, lambda: _train(argv, prog))
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The rm-train process (the console script, launch/train_reward.py): main(), then an exit that skips the
+    interpreter's final teardown. torch's gloo process groups keep their C++ worker threads after
+    destroy_process_group, and tearing those down while the interpreter finalizes can abort a rank that has
+    finished ("terminate called without an active exception", SIGABRT; once in a CI run of about 300
+    multi-rank runs; see pytorch/pytorch#179291). The launcher then reports the whole run as failed. By the
+    time main() returns every file of the run is written and closed, so the process runs Python's exit
+    handlers itself, flushes, and ends. An exception (a bug) still propagates with its traceback."""
+    code = main(argv)
+    atexit._run_exitfuncs()  # what a normal exit would run: logging, wandb, temporary files
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _train(argv: list[str], prog: str) -> int:
@@ -74,4 +91,4 @@ def dry_run(cfg, ds_cfg: dict, flags: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
