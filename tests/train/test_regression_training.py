@@ -136,11 +136,22 @@ def test_every_path_gives_the_same_attributes_and_openrlhf_one_scalar(trained, t
     close([[a["helpfulness"], a["verbosity"]] for a in served[0]["attributes"]], attrs, "/get_reward attributes")
     close([[r["attributes"]["helpfulness"], r["attributes"]["verbosity"]] for r in served[1]["results"]], attrs,
           "/score attributes")
-    # rm-eval on the held-out rating file: the run's own eval/rmse and eval/pearson
+    # rm-eval on the held-out rating file (the run's own eval/rmse and eval/pearson) and, in the same call, on a
+    # pairs file: its accuracy is that of the combined reward
+    pairs = make_pairs(48, 9)
+    pair_file = write(tmp_path / "pairs.jsonl", pairs)
     p = subprocess.run([sys.executable, "-m", "rm_trainer.cli.eval", "--model", str(out / "reward.pt"), "--data",
-                        held_out, "--output_dir", str(tmp_path / "eval")], cwd=ROOT, env=run_env(),
+                        held_out, pair_file, "--output_dir", str(tmp_path / "eval")], cwd=ROOT, env=run_env(),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    model = load_reward_model(out / "reward.pt")
+    r_c = model.score_texts([(x["prompt"], x["chosen"]) for x in pairs])
+    r_r = model.score_texts([(x["prompt"], x["rejected"]) for x in pairs])
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["pairs"] == 48 and summary["acc"] == pytest.approx(float((r_c > r_r).double().mean()), abs=1e-9)
+    scored = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    close([s["chosen"] for s in scored if s["kind"] == "pair"], r_c, "rm-eval pairs, chosen")
+    close([s["rejected"] for s in scored if s["kind"] == "pair"], r_r, "rm-eval pairs, rejected")
     result = json.loads((tmp_path / "eval" / "attributes.json").read_text())
     e = metrics(out, "eval")[-1]
     assert result["rows"] == 64
