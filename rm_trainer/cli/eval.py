@@ -7,7 +7,9 @@ RewardBench 2 files (list-valued chosen/rejected) are scored one chosen against 
 metrics.json, report.md, scores.jsonl and the pictures (rm_trainer/eval/files.py, report.py). An attribute
 head (--objective regression) is scored on pairs by its combined reward; its rating files ({prompt, response,
 <attribute>: number}) give each attribute's RMSE and Pearson r in attributes.json and attribute_scores.jsonl
-(rm_trainer/eval/ratings.py).
+(rm_trainer/eval/ratings.py). Ranking files (K responses per prompt with scores or ranks, or UltraFeedback
+rows) give the pairwise accuracy over all ordered pairs and the top-1 rate in rankings.json and
+ranking_scores.jsonl (rm_trainer/eval/rankings.py), each response scored once.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def parser() -> Parser:
     p.add_argument("--response_key", default="response",
                    help="an attribute head's rating files: column of the rated response (each attribute is the "
                         "column of its name); their RMSE and Pearson r per attribute are reported")
+    p.add_argument("--ranking_score", default="overall_score",
+                   help="UltraFeedback ranking files: which score of each completion rates it (overall_score, "
+                        "fine-grained_score)")
     p.add_argument("--tie_key", default=None,
                    help="column marking tied pairs (true, or a strength of 0): left out of the accuracy and "
                         "reported apart, as their mean |r_1 - r_2|")
@@ -65,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
                            args.format, args.chat,
                            args.on_error, args.max_batch_tokens, args.padding_side, args.truncation)
         model = model_options(args).load()
-        rated, pairs = split_rated(model, args)
+        ranked, rest = split_ranked(args)
+        rated, pairs = split_rated(model, args, rest)
         summary = {}
         if rated:  # an attribute head's rating files: per-attribute RMSE and Pearson r
             summary = write_ratings(out, model, rated, args)
-        if pairs or not rated:  # pairs (and RewardBench): the accuracy of the (combined) reward
+        if ranked:  # K-wise rankings: pairwise accuracy over all ordered pairs, top-1
+            summary |= write_rankings(out, model, ranked, args)
+        if pairs or not (rated or ranked):  # pairs (and RewardBench): the accuracy of the (combined) reward
             result, rows, r_c, r_r = evaluate(model, pairs, opts)
             result["model"] = str(args.model)
             summary |= write(out, result, rows, r_c, r_r)
@@ -79,16 +87,29 @@ def main(argv: list[str] | None = None) -> int:
     return run(PROG, go)
 
 
-def split_rated(model, args) -> tuple[list, list[str]]:
+def split_ranked(args) -> tuple[list, list[str]]:
+    """(ranking files [(path, rows, layout, refused)], the other files)."""
+    from rm_trainer.data.rankings import RankingKeys
+    from rm_trainer.eval.rankings import ranked_rows
+
+    keys = RankingKeys(prompt=args.prompt_key, uf_score=args.ranking_score)
+    ranked, rest = [], []
+    for path in args.data:
+        got = ranked_rows(path, keys, args.on_error)
+        (ranked.append((path, *got)) if got is not None else rest.append(path))
+    return ranked, rest
+
+
+def split_rated(model, args, paths: list[str]) -> tuple[list, list[str]]:
     """(rating files [(path, rows, refused)], the other files): rating files only for an attribute head."""
     if not model.attributes:
-        return [], list(args.data)
+        return [], paths
     from rm_trainer.data.ratings import RatingKeys
     from rm_trainer.eval.ratings import rated_rows
 
     keys = RatingKeys(tuple(model.attributes), args.prompt_key, args.response_key, mask_missing=True)
     rated, pairs = [], []
-    for path in args.data:
+    for path in paths:
         got = rated_rows(path, keys, args.on_error)
         (rated.append((path, *got)) if got is not None else pairs.append(path))
     return rated, pairs
@@ -101,12 +122,27 @@ def write_ratings(out: Path, model, rated: list, args) -> dict:
 
     keys = RatingKeys(tuple(model.attributes), args.prompt_key, args.response_key, mask_missing=True)
     result, rows = evaluate_ratings(model, rated, keys, args.on_error, args.max_batch_tokens, args.padding_side)
-    result["model"] = str(args.model)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attributes.json").write_text(json.dumps(result, indent=1) + "\n")
-    with open(out / "attribute_scores.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    _write(out, "attributes.json", "attribute_scores.jsonl", result | {"model": str(args.model)}, rows)
     return {"rated_rows": result["rows"], "attributes": result["attributes"], "rated_dropped": result["dropped"]}
+
+
+def write_rankings(out: Path, model, ranked: list, args) -> dict:
+    """rankings.json and ranking_scores.jsonl into `out`; the summary line's part."""
+    from rm_trainer.data.rankings import RankingKeys
+    from rm_trainer.eval.rankings import evaluate_rankings
+
+    keys = RankingKeys(prompt=args.prompt_key, uf_score=args.ranking_score)
+    result, rows = evaluate_rankings(model, ranked, keys, args.on_error, args.max_batch_tokens, args.padding_side)
+    _write(out, "rankings.json", "ranking_scores.jsonl", result | {"model": str(args.model)}, rows)
+    return {"rankings": {k: result[k] for k in ("prompts", "pairs", "acc", "top1")},
+            "ranking_dropped": result["dropped"]}
+
+
+def _write(out: Path, summary: str, scores: str, result: dict, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / summary).write_text(json.dumps(result, indent=1) + "\n")
+    with open(out / scores, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 - rows of K = 2 are the pairs: a 2-rank ranking run on the demo's pairs written as rankings has the loss
   trace of the pairs run (1e-6 relative), and the same held-out accuracy;
 - K = 4 rows run 4 sequences each per step where the pair split runs 12 (counted from the logged
-  `sequences`), and a 2-rank ZeRO-3 run learns the ranking (held-out pairwise accuracy and top-1);
+  `sequences`), and a 2-rank ZeRO-3 run learns the ranking (held-out pairwise accuracy and top-1); rm-eval
+  on its held-out file, and on the same rows in UltraFeedback's layout, gives the run's own eval metrics;
 - killed with kill -9 and resumed, a ranking run is bit-exact;
 - a bad row stops the run naming file:line:field, and a pairs file given to a ranking run is named."""
 
@@ -16,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import ROOT, kill_then_resume, metrics, run_env, same_artifact_weights, train, train_args
 
 from rm_trainer import load_reward_model
@@ -104,6 +106,29 @@ def test_four_responses_run_once_each_and_the_ranking_is_learned(tmp_path, tiny_
     right = sum(int((r[i, a] > r[i, b]) == (x["scores"][a] > x["scores"][b]))
                 for i, x in enumerate(test) for a, b in itertools.combinations(range(4), 2))
     assert right / (32 * 6) == pytest.approx(e["acc"], abs=1 / (32 * 6))
+    # rm-eval on the held-out file, and on the same rows in UltraFeedback's layout: the run's own eval metrics
+    uf = [{"instruction": x["prompt"], "completions": [{"response": y, "overall_score": v, "fine-grained_score": 0}
+                                                      for y, v in zip(x["responses"], x["scores"], strict=True)]}
+          for x in test]
+    uf_file = write(tmp_path / "uf.jsonl", uf)
+    p = subprocess.run([sys.executable, "-m", "rm_trainer.cli.eval", "--model", str(ranked / "reward.pt"), "--data",
+                        held_out, uf_file, "--output_dir", str(tmp_path / "eval")], cwd=ROOT, env=run_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads((tmp_path / "eval" / "rankings.json").read_text())
+    assert got["prompts"] == 64 and got["responses"] == 64 * 4 and got["pairs"] == 64 * 6
+    mine, theirs = got["per_file"][held_out], got["per_file"][uf_file]
+    # one reward function: the layout changes no number (beyond fp32 rounding of the batch it lands in)
+    assert (mine["acc"], mine["top1"], mine["pairs"]) == (theirs["acc"], theirs["top1"], theirs["pairs"])
+    for loss in ("pairs", "plackett_luce"):
+        assert mine["loss"][loss] == pytest.approx(theirs["loss"][loss], rel=1e-6)
+    assert mine["acc"] == pytest.approx(e["acc"], abs=1 / (32 * 6))
+    assert mine["top1"] == pytest.approx(e["top1"], abs=1 / 32)
+    assert mine["loss"]["plackett_luce"] == pytest.approx(e["loss"], rel=1e-4)
+    scored = [json.loads(line) for line in (tmp_path / "eval" / "ranking_scores.jsonl").read_text().splitlines()]
+    assert [s["scores"] for s in scored[:32]] == [[float(v) for v in x["scores"]] for x in test]
+    got_r = torch.tensor([s["rewards"] for s in scored[:32]])
+    assert float((got_r - r).abs().max()) <= 1e-5 * float(r.abs().max())
 
 
 def test_a_killed_ranking_run_resumes_bit_exact(tmp_path, tiny_pretrained):
