@@ -317,9 +317,6 @@ class RunConfig(Section):
             problems.append("model.reward_weights are all 0: the reward would be constant")
         if t.sequence_parallel > 1:
             problems.append(f"train.objective {t.objective} does not run under train.sequence_parallel yet; use 1")
-        if self.output.lora_export:  # reward.pt and the HF export carry the attributes
-            problems.append(f"train.objective {t.objective}: the LoRA-adapter export of an attribute head is not "
-                            "written yet; leave output.lora_export off (reward.pt and hf/ hold the merged model)")
         return problems
 
     @property

@@ -8,19 +8,21 @@ the head is always fully trained (it is new: an adapter on it would start from a
 Consolidation (artifact/consolidate.py): the merged state of a LoRA run holds the frozen base weights
 (`X.base_layer.weight`), the adapters (`X.lora_A.default.weight`, `X.lora_B.default.weight`) and the
 head. `merge_lora` folds every adapter into its base weight, W + (alpha / r) B A, computed in fp32 and
-rounded once, so `reward.pt` and the HF export are plain full models: no `lora_` keys, head (1, H).
+rounded once, so `reward.pt` and the HF export are plain full models: no `lora_` keys, head (K, H).
 `export_adapter` writes the unmerged adapters + head as a standard peft folder instead. Neither needs
 anything but torch (and peft for the adapter folder).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from rm_trainer import moe
+from rm_trainer.attributes import combination
 from rm_trainer.backbone import backbone_from_config_dict
 from rm_trainer.errors import ConfigError
 from rm_trainer.model import RewardModel
@@ -153,21 +155,22 @@ def fill_base_weights(state: dict[str, torch.Tensor], backbone_config: dict, bas
 
 
 def export_adapter(state: dict[str, torch.Tensor], lora: dict, backbone_config: dict, base_path: str,
-                   tokenizer, pad_token_id: int | None, out_dir: str | Path) -> Path:
+                   tokenizer, pad_token_id: int | None, out_dir: str | Path, attributes: dict | None = None) -> Path:
     """The unmerged adapters + the score head as a standard peft folder (adapter_config.json with
     task_type SEQ_CLS and modules_to_save=[score], adapter_model.safetensors):
 
         base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1)
         rm = PeftModel.from_pretrained(base, out_dir)
 
-    gives the rewards of reward.pt. Built with peft itself around a model on the meta device, so only the
-    adapter tensors are ever materialised."""
+    gives the rewards of reward.pt. An attribute head (attributes: format.attributes_of) has K outputs: load
+    the base with num_labels=K, and rm_attributes.json names them and holds the reward's coefficients. Built
+    with peft itself around a model on the meta device, so only the adapter tensors are ever materialised."""
     from accelerate import init_empty_weights
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.for_model(**backbone_config)
-    config.num_labels = 1
+    config.num_labels = len(attributes["names"]) if attributes else 1
     config.pad_token_id = pad_token_id
     dtype = state["score.weight"].dtype
     with init_empty_weights(include_buffers=False):
@@ -187,7 +190,19 @@ def export_adapter(state: dict[str, torch.Tensor], lora: dict, backbone_config: 
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    if attributes:
+        write_attributes(out, attributes)
     return out
+
+
+def write_attributes(out: Path, attributes: dict) -> None:
+    """rm_attributes.json: an attribute head's output names (logits[:, k]) and the reward's coefficients."""
+    names = list(attributes["names"])
+    weights = combination(names, attributes["reward_weights"]).tolist()
+    doc = {"names": names, "reward_weights": weights,
+           "load": f"AutoModelForSequenceClassification.from_pretrained(base, num_labels={len(names)}), then "
+                   "PeftModel.from_pretrained(base, this folder); reward = logits @ reward_weights"}
+    (out / "rm_attributes.json").write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:

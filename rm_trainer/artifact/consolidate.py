@@ -84,7 +84,8 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
         if lora_out is not None:
             report["lora_adapter"] = str(lora.export_adapter(
                 state, lora_cfg, meta.backbone_config, meta.run_config["model"]["path"],
-                shipped_tokenizer(tokenizer_tensors(ckpt / tag / TOKENIZER_DIR))[0], meta.pad_token_id, lora_out))
+                shipped_tokenizer(tokenizer_tensors(ckpt / tag / TOKENIZER_DIR))[0], meta.pad_token_id, lora_out,
+                attributes_of(meta.run_config)))
         report["lora_layers_merged"] = lora.merge_lora(state, lora_cfg, meta.backbone_config)
     elif lora_out is not None:
         raise UserError(f"{ckpt / tag}: not a LoRA run (model.lora_r is 0); there is no adapter to export")

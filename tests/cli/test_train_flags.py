@@ -115,7 +115,6 @@ def test_regression_flags_parse_and_every_attribute_problem_is_named(paths):
         r"must be >= 0, with at least one attribute above 0": reg + ["--attribute_weights", "verbosity=-1"],
         r"data.attributes names an attribute twice": paths + ["--objective", "regression", "--attributes", "a,a"],
         r"data.tie_key apply to pairs": reg + ["--tie_key", "tie"],
-        r"the LoRA-adapter export of an attribute head": reg + ["--lora_r", "8", "--lora_export"],
         r"data.format rating holds rated responses .* set --objective regression": paths + ["--format", "rating"],
         r"train.objective bt\+regression needs data.attributes": paths + ["--objective", "bt+regression"],
         r"bt\+regression reads pair sources and rating sources, each decided from its first row: leave "

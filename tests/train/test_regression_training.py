@@ -6,6 +6,7 @@
 - reward.pt, the HF folder (plain transformers and load_reward_model), rm-score, rm-serve and rm-eval give
   the same attributes (1e-5 relative), and OpenRLHF's /get_reward one scalar per text;
 - killed with kill -9 and resumed, a regression run is bit-exact;
+- a LoRA run's peft folder (--lora_export) gives the same attributes on a base loaded with num_labels=K;
 - a bad row (a missing attribute without the mask, a rating that is not a number) stops the run naming
   file:line:field, and a pairs file given to a regression run is named."""
 
@@ -159,6 +160,29 @@ def test_every_path_gives_the_same_attributes_and_openrlhf_one_scalar(trained, t
         assert result["attributes"][a]["rated"] == 64
         assert result["attributes"][a]["pearson"] == pytest.approx(e[f"pearson/{a}"], rel=1e-5)
         assert result["attributes"][a]["rmse"] == pytest.approx(e[f"rmse/{a}"], rel=1e-4)
+
+
+def test_a_lora_regression_run_exports_a_peft_adapter_with_its_k_outputs(tmp_path, tiny_pretrained):
+    """--lora_export of an attribute head: the peft folder on a base loaded with num_labels=K gives
+    reward.pt's attributes, and rm_attributes.json's coefficients give its reward."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows, out = ratings(64, 3), tmp_path / "lora"
+    train(out, train_args(tiny_pretrained, write(tmp_path / "train.jsonl", rows), None, "zero2", **COMMON,
+                          max_steps=4, micro_batch_size=4, test_fraction=0, lora_r=4, lora_alpha=8, lora_export=True,
+                          hf_export=False, reward_weights="helpfulness=1,verbosity=-0.25"))
+    doc = json.loads((out / "lora_adapter" / "rm_attributes.json").read_text())
+    assert doc["names"] == ["helpfulness", "verbosity"] and doc["reward_weights"] == [1.0, -0.25]
+    texts = [(x["prompt"], x["response"]) for x in rows[:8]]
+    rewards, attrs = load_reward_model(out / "reward.pt").score_texts(texts, attributes=True)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained, num_labels=2)
+    adapted = PeftModel.from_pretrained(base, out / "lora_adapter").eval()
+    tok = AutoTokenizer.from_pretrained(out / "lora_adapter")  # appends EOS, as training did
+    with torch.no_grad():
+        logits = torch.cat([adapted(**tok(p + r, return_tensors="pt")).logits for p, r in texts])
+    close(logits, attrs, "peft adapter")
+    close(logits @ torch.tensor(doc["reward_weights"]), rewards, "peft adapter, combined reward")
 
 
 async def serve_both(server: Server, queries: list[str], rows: list[tuple[str, str]]) -> tuple[dict, dict]:
