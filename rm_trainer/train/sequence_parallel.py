@@ -8,8 +8,9 @@
   and trades back.
 - The reward is read where the last real token lives. Each sequence's last token is on exactly one
   rank of the group; that rank gathers its row from its own hidden states and runs the final norm and
-  the head. The other ranks contribute zeros, and one all-reduce of a [sequences] tensor gives every rank
-  of the group all the rewards. No [B, T, H] tensor is ever gathered.
+  the head. The other ranks contribute zeros, and one all-reduce of a [sequences] tensor ([sequences, K]
+  for an attribute head) gives every rank of the group all the rewards. No [B, T, H] tensor is ever
+  gathered.
 - Gradients: DeepSpeed sees every rank as data-parallel and averages gradients over the whole world, W =
   groups x N. The objective is then the mean of the ranks' losses, each group's loss counted N times,
   which is the mean over the groups' batches. Its gradient through the sum over a group is the sum of the
@@ -159,9 +160,10 @@ class SequenceShard:
         return x[last[:, 0].to(x.device), local]
 
     def reduce(self, r: torch.Tensor, last: torch.Tensor, cols: Columns) -> torch.Tensor:
-        """Every sequence's reward on every rank of the group: each from the rank holding its last token."""
+        """Every sequence's reward (N,), or an attribute head's (N, K), on every rank of the group: each from
+        the rank holding its last token."""
         c = last[:, 1].to(r.device)
-        mine = (c >= cols.lo) & (c < cols.hi)
+        mine = ((c >= cols.lo) & (c < cols.hi)).view(-1, *[1] * (r.dim() - 1))
         return _SumOverGroup.apply(torch.where(mine, r, torch.zeros_like(r)), self.group)
 
 

@@ -6,6 +6,7 @@
 - reward.pt, the HF folder (plain transformers and load_reward_model), rm-score, rm-serve and rm-eval give
   the same attributes (1e-5 relative), and OpenRLHF's /get_reward one scalar per text;
 - killed with kill -9 and resumed, a regression run is bit-exact;
+- 2 sequence-parallel ranks train an attribute head like one rank (losses, gradient norm, eval metrics);
 - a LoRA run's peft folder (--lora_export) gives the same attributes on a base loaded with num_labels=K;
 - a bad row (a missing attribute without the mask, a rating that is not a number) stops the run naming
   file:line:field, and a pairs file given to a regression run is named."""
@@ -183,6 +184,27 @@ def test_a_lora_regression_run_exports_a_peft_adapter_with_its_k_outputs(tmp_pat
         logits = torch.cat([adapted(**tok(p + r, return_tensors="pt")).logits for p, r in texts])
     close(logits, attrs, "peft adapter")
     close(logits @ torch.tensor(doc["reward_weights"]), rewards, "peft adapter, combined reward")
+
+
+def test_two_sequence_ranks_train_an_attribute_head_like_one_rank(tmp_path, tiny_pretrained):
+    """--sequence_parallel 2 (packed, ZeRO-3) against one rank holding whole rows, same global batch: each
+    sequence's K attributes come from the rank holding its last token, through one [sequences, K]
+    all-reduce, so the losses, the first gradient norm and the held-out metrics agree."""
+    data, held_out = write(tmp_path / "train.jsonl", ratings(64, 4, missing=0.1)), write(tmp_path / "t.jsonl",
+                                                                                        ratings(16, 5))
+    flags = COMMON | {"max_steps": 8, "micro_batch_size": 4, "eval_every": 8, "missing_attributes": "mask",
+                      "packing": True, "pack_len": 64, "hf_export": False}
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(one, train_args(tiny_pretrained, data, held_out, "zero2", **flags), launcher="python", nprocs=1)
+    train(two, train_args(tiny_pretrained, data, held_out, "zero3", **flags, sequence_parallel=2))
+    m1, m2 = metrics(one), metrics(two)
+    assert len(m2) == 8 and {r["sequences"] for r in m2} == {4}
+    close([r["loss"] for r in m2], [r["loss"] for r in m1], "per-step loss")
+    close([m2[0]["grad_norm"]], [m1[0]["grad_norm"]], "first gradient norm")
+    e1, e2 = metrics(one, "eval")[-1], metrics(two, "eval")[-1]
+    assert e2["rows"] == e1["rows"] == 16
+    keys = [f"{m}/{a}" for m in ("rmse", "pearson") for a in ATTRIBUTES.split(",")]
+    close([e2[k] for k in keys], [e1[k] for k in keys], "held-out metrics")
 
 
 async def serve_both(server: Server, queries: list[str], rows: list[tuple[str, str]]) -> tuple[dict, dict]:
