@@ -177,3 +177,18 @@ def test_objectives_bench_counts_a_third_of_the_split_s_sequences(tmp_path):
     assert (r["ranking"]["sequences_per_row"], r["pair_split"]["sequences_per_row"]) == (4.0, 12.0)
     assert r["sequences_ratio_split_over_ranking"] == 3.0
     assert r["ranking"]["steps_per_epoch"] == r["pair_split"]["steps_per_epoch"] == 4
+
+
+def test_objective_exactness_bench_smoke(tmp_path):
+    """Every fused objective against its float64 definition: fp32 within 1e-5 relative, bf16 gradients
+    within one bf16 rounding (2^-8) of the largest gradient."""
+    out = tmp_path / "exact.json"
+    p = subprocess.run([sys.executable, "bench/objective_exactness.py", "--batches", "5", "--output", str(out)],
+                       cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())["objectives"]
+    assert set(r) == {"ranking_pairs", "plackett_luce", "regression", "soft_ties", "davidson"}
+    for name, by_dtype in r.items():
+        assert by_dtype["float32"]["max_loss_rel_err"] <= 1e-5 and by_dtype["float32"]["max_grad_rel_err"] <= 1e-5
+        assert by_dtype["bfloat16"]["max_loss_rel_err"] <= 1e-5, name  # the loss is fp32 from bf16 rewards
+        assert 0 < by_dtype["bfloat16"]["max_grad_rel_err"] <= 2 ** -8 * 1.01, name
