@@ -5,6 +5,7 @@
 - K = 4 rows run 4 sequences each per step where the pair split runs 12 (counted from the logged
   `sequences`), and a 2-rank ZeRO-3 run learns the ranking (held-out pairwise accuracy and top-1); rm-eval
   on its held-out file, and on the same rows in UltraFeedback's layout, gives the run's own eval metrics;
+- 2 sequence-parallel ranks train rankings like one rank (losses, gradient norm, held-out metrics);
 - killed with kill -9 and resumed, a ranking run is bit-exact;
 - a bad row stops the run naming file:line:field, and a pairs file given to a ranking run is named."""
 
@@ -129,6 +130,25 @@ def test_four_responses_run_once_each_and_the_ranking_is_learned(tmp_path, tiny_
     assert [s["scores"] for s in scored[:32]] == [[float(v) for v in x["scores"]] for x in test]
     got_r = torch.tensor([s["rewards"] for s in scored[:32]])
     assert float((got_r - r).abs().max()) <= 1e-5 * float(r.abs().max())
+
+
+def test_two_sequence_ranks_train_rankings_like_one_rank(tmp_path, tiny_pretrained):
+    """--sequence_parallel 2 (packed, ZeRO-3) against one rank holding whole rows, same global batch: per-step
+    losses, the first gradient norm and the held-out metrics within 1e-5 relative."""
+    data, held_out = write(tmp_path / "train.jsonl", rankings(32, 3)), write(tmp_path / "t.jsonl", rankings(8, 4))
+    flags = COMMON | {"max_steps": 6, "micro_batch_size": 2, "eval_every": 6, "objective": "ranking",
+                      "packing": True, "pack_len": 64, "hf_export": False}
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(one, train_args(tiny_pretrained, data, held_out, "zero2", **flags), launcher="python", nprocs=1)
+    train(two, train_args(tiny_pretrained, data, held_out, "zero3", **flags, sequence_parallel=2))
+    m1, m2 = metrics(one), metrics(two)
+    assert len(m2) == 6 and {r["sequences"] for r in m2} == {8}
+    for key in ("loss", "grad_norm"):
+        a, b = [r[key] for r in m1][: 6 if key == "loss" else 1], [r[key] for r in m2][: 6 if key == "loss" else 1]
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-5 * max(map(abs, a)), (key, a, b)
+    e1, e2 = metrics(one, "eval")[-1], metrics(two, "eval")[-1]
+    assert e2["prompts"] == e1["prompts"] == 8 and (e2["acc"], e2["top1"]) == (e1["acc"], e1["top1"])
+    assert abs(e2["loss"] - e1["loss"]) <= 1e-5 * e1["loss"]
 
 
 def test_a_killed_ranking_run_resumes_bit_exact(tmp_path, tiny_pretrained):
