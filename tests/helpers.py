@@ -95,6 +95,21 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in metrics(out)]
 
 
+def one_rank_and_two_sequence_ranks(tmp_path: Path, model, data, held_out, flags: dict, steps: int):
+    """The same run on one rank (N=1, ZeRO-2) and on 2 ranks at --sequence_parallel 2 (one data-parallel group,
+    ZeRO-3): the same global batch. Asserts each step's loss and the first step's gradient norm agree
+    within 1e-5 of their magnitude. Returns (both runs' last eval records, the N=2 run's step records)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(one, train_args(model, data, held_out, "zero2", **flags), launcher="python", nprocs=1)
+    train(two, train_args(model, data, held_out, "zero3", **flags, sequence_parallel=2))
+    m1, m2 = metrics(one), metrics(two)
+    assert len(m1) == len(m2) == steps
+    for key, n in (("loss", steps), ("grad_norm", 1)):
+        a, b = [r[key] for r in m1][:n], [r[key] for r in m2][:n]
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-5 * max(map(abs, a)), (key, a, b)
+    return metrics(one, "eval")[-1], metrics(two, "eval")[-1], m2
+
+
 def load_artifact(out: Path) -> dict:
     return torch.load(out / "reward.pt", map_location="cpu", weights_only=True)
 

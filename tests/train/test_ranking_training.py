@@ -19,7 +19,16 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, kill_then_resume, metrics, run_env, same_artifact_weights, train, train_args
+from helpers import (
+    ROOT,
+    kill_then_resume,
+    metrics,
+    one_rank_and_two_sequence_ranks,
+    run_env,
+    same_artifact_weights,
+    train,
+    train_args,
+)
 
 from rm_trainer import load_reward_model
 from rm_trainer.demo import TOPICS, _response, make_pairs
@@ -138,15 +147,8 @@ def test_two_sequence_ranks_train_rankings_like_one_rank(tmp_path, tiny_pretrain
     data, held_out = write(tmp_path / "train.jsonl", rankings(32, 3)), write(tmp_path / "t.jsonl", rankings(8, 4))
     flags = COMMON | {"max_steps": 6, "micro_batch_size": 2, "eval_every": 6, "objective": "ranking",
                       "packing": True, "pack_len": 64, "hf_export": False}
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(one, train_args(tiny_pretrained, data, held_out, "zero2", **flags), launcher="python", nprocs=1)
-    train(two, train_args(tiny_pretrained, data, held_out, "zero3", **flags, sequence_parallel=2))
-    m1, m2 = metrics(one), metrics(two)
-    assert len(m2) == 6 and {r["sequences"] for r in m2} == {8}
-    for key in ("loss", "grad_norm"):
-        a, b = [r[key] for r in m1][: 6 if key == "loss" else 1], [r[key] for r in m2][: 6 if key == "loss" else 1]
-        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-5 * max(map(abs, a)), (key, a, b)
-    e1, e2 = metrics(one, "eval")[-1], metrics(two, "eval")[-1]
+    e1, e2, m2 = one_rank_and_two_sequence_ranks(tmp_path, tiny_pretrained, data, held_out, flags, 6)
+    assert {r["sequences"] for r in m2} == {8}
     assert e2["prompts"] == e1["prompts"] == 8 and (e2["acc"], e2["top1"]) == (e1["acc"], e1["top1"])
     assert abs(e2["loss"] - e1["loss"]) <= 1e-5 * e1["loss"]
 
