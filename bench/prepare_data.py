@@ -10,6 +10,11 @@ fresh process with an empty `datasets` home cache, running what rank 0 runs at t
     python bench/prepare_data.py                         # 200,000 pairs, all three formats
     python bench/prepare_data.py --pairs 5000 --formats jsonl       # seconds (the tests)
     python bench/prepare_data.py --code /path/to/other/checkout     # measure another checkout (this layout)
+    python bench/prepare_data.py --mixture 1000000 --max_len 128    # one 1M-row mixture (issue 34)
+
+--mixture N measures one two-source mixture instead, as a run config's data.sources: 80% of N short
+prompt/chosen/rejected rows in a jsonl file (each HH pair's last human turn and the first words of its
+two answers, so almost no row is cut) and 20% HH full texts in a parquet file, under the tiny test Llama.
 """
 
 from __future__ import annotations
@@ -113,6 +118,38 @@ def write_sources(rows: list[dict], n: int, work: Path, formats: list[str]) -> d
     return {k: v for k, v in out.items() if k in formats}
 
 
+def short_row(r: dict, i: int) -> dict | None:
+    """A short prompt/chosen/rejected row from an HH pair: its last human turn, and the first 12 words of
+    each answer (numbered, so every row is distinct)."""
+    from rm_trainer.data.formats import split_hh
+
+    s = split_hh(r["chosen"], r["rejected"])
+    if s is None:
+        return None
+    prompt = s[0].rsplit("Human:", 1)[-1].removesuffix("Assistant:").strip()
+    words = lambda t: " ".join(t.split()[:12])  # noqa: E731
+    return {"prompt": f"({i}) {prompt}", "chosen": words(s[1]), "rejected": words(s[2])}
+
+
+def write_mixture(rows: list[dict], n: int, work: Path) -> Path:
+    """The two sources of --mixture and the run config that names them; returns the config's path."""
+    import yaml
+
+    n_short = n * 4 // 5
+    with open(work / "short.jsonl", "w") as f:
+        written, i = 0, 0
+        while written < n_short:
+            row = short_row(rows[i % len(rows)], i)
+            i += 1
+            if row is not None and row["chosen"] != row["rejected"]:
+                f.write(json.dumps(row) + "\n")
+                written += 1
+    hh = write_sources(rows, n - n_short, work, ["parquet"])["parquet"]
+    cfg = {"data": {"sources": [{"path": str(work / "short.jsonl"), "name": "short"}, {"path": str(hh), "name": "hh"}]}}
+    (work / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return work / "run.yaml"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=200_000)
@@ -120,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max_len", type=int, default=512)
     ap.add_argument("--num_proc", type=int, default=None, help="default: the code's own default")
     ap.add_argument("--code", type=Path, default=ROOT)
+    ap.add_argument("--mixture", type=int, default=0, help="measure one mixture of this many rows instead")
     add_output(ap)
     a = ap.parse_args(argv)
     from rm_trainer.demo import tiny_llama_config
@@ -132,10 +170,15 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         tok = bpe_tokenizer(rows, work / "model")
         tiny_llama_config(len(tok)).save_pretrained(work / "model")
-        sources = write_sources(rows, a.pairs, work, formats)
+        if a.mixture:
+            sources, result["pairs"], result["formats"] = {"mixture": write_mixture(rows, a.mixture, work)}, \
+                a.mixture, "80% short prompt/chosen/rejected rows (jsonl), 20% HH full texts (parquet)"
+        else:
+            sources = write_sources(rows, a.pairs, work, formats)
         for fmt, path in sources.items():
             out = work / f"out_{fmt}"
-            flags = ["--model", str(work / "model"), "--data", str(path), "--output_dir", str(out), "--max_len",
+            data = ["--config", str(path)] if fmt == "mixture" else ["--data", str(path)]
+            flags = ["--model", str(work / "model"), *data, "--output_dir", str(out), "--max_len",
                      str(a.max_len), "--test_fraction", "0.01", "--max_drop_fraction", "0.2"]
             flags += ["--chat_template", str(work / "chat.jinja")] if fmt == "conversational" else []
             flags += ["--num_proc", str(a.num_proc)] if a.num_proc else []

@@ -36,7 +36,7 @@ from rm_trainer.errors import DataError, UserError
 
 # what turns a row into token ids
 CODE = ("formats.py", "truncation.py", "tokenize.py", "sources.py", "cache.py", "rankings.py", "ratings.py",
-        "mixed.py")
+        "mixed.py", "schema.py")
 READY_KEY = "rm_trainer/data_cache"
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from rm_trainer.data.formats import PairLayout
 from rm_trainer.data.ratings import RatingLayout
+from rm_trainer.data.schema import features
 
 MIXED_COLUMNS = ("ids", "scores", "targets", "source", "tokens", "longest")
 
@@ -73,8 +74,4 @@ def unify_ratings(ds):
 
 def _features():
     """One arrow schema for both kinds, so that their datasets concatenate."""
-    from datasets import Features, List, Value
-
-    return Features({"ids": List(List(Value("int64"))), "scores": List(Value("float64")),
-                     "targets": List(List(Value("float64"))), "source": Value("int64"), "tokens": Value("int64"),
-                     "longest": Value("int64")})
+    return features(ids="ids2", scores="floats", targets="floats2", source="int", tokens="int", longest="int")

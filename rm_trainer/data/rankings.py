@@ -25,6 +25,7 @@ import torch
 from rm_trainer.data import read
 from rm_trainer.data.batching import pack_sequences, pad_right
 from rm_trainer.data.formats import row_location, skip_hint
+from rm_trainer.data.schema import features, tokenize_map
 from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.errors import DataError
 
@@ -201,9 +202,8 @@ def tokenize_rankings(ds, fmt: str, tok, max_len: int, on_error: str, keys: Rank
                 out[k].append(v)
         return out
 
-    return ds.map(fn, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
-                  num_proc=num_proc if num_proc and num_proc > 1 else None, desc=f"tokenizing {path or 'rankings'}",
-                  load_from_cache_file=False)
+    schema = features(ids="ids2", scores="floats", status="str", source="int", tokens="int", longest="int")
+    return tokenize_map(ds, fn, schema, path=path, source_id=source_id, num_proc=num_proc)
 
 
 def split_report(tokd, idx, max_len: int, malformed_before: int = 0):

@@ -23,6 +23,7 @@ from rm_trainer.data import read
 from rm_trainer.data.batching import pack_sequences, pad_right
 from rm_trainer.data.formats import row_location, skip_hint
 from rm_trainer.data.rankings import encode_ranking, kind_of, prompt_problem
+from rm_trainer.data.schema import features, tokenize_map
 from rm_trainer.data.tokenize import special_prefix
 from rm_trainer.errors import DataError
 
@@ -114,9 +115,8 @@ def tokenize_ratings(ds, tok, max_len: int, on_error: str, keys: RatingKeys, sou
                 out[k].append(v)
         return out
 
-    return ds.map(fn, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
-                  num_proc=num_proc if num_proc and num_proc > 1 else None, desc=f"tokenizing {path or 'ratings'}",
-                  load_from_cache_file=False)
+    schema = features(ids="ids", targets="floats", status="str", source="int", tokens="int", longest="int")
+    return tokenize_map(ds, fn, schema, path=path, source_id=source_id, num_proc=num_proc)
 
 
 def split_report(tokd, idx, max_len: int, malformed_before: int = 0, attributes: tuple[str, ...] = ()):

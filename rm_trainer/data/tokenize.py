@@ -25,6 +25,7 @@ from rm_trainer.data.formats import (
     split_hh,
 )
 from rm_trainer.data.read import read_text
+from rm_trainer.data.schema import features, tokenize_map
 from rm_trainer.data.truncation import truncate_pair
 from rm_trainer.errors import DataError
 
@@ -112,6 +113,13 @@ COLUMNS = ("chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin",
 SINGLE = ("chosen_single_ids", "rejected_single_ids")
 
 
+def pair_features():
+    """The declared arrow schema of COLUMNS (schema.py says why it is declared)."""
+    return features(chosen_ids="ids", rejected_ids="ids", chosen_len="int", rejected_len="int", margin="float",
+                    tie="bool", source="int", status="str", prompt_tokens="int", chosen_tokens="int",
+                    rejected_tokens="int", chosen_single_ids="ids", rejected_single_ids="ids")
+
+
 def single_ids(p_ids: list[int], r_ids: list[int], eos: int, max_len: int, keep: int, pair_ids: list[int]) -> list[int]:
     """One side encoded alone (score_texts' policy); [] when that is the pair's own sequence."""
     ids = truncate_pair(p_ids, r_ids, r_ids, eos, max_len, keep_prefix=keep).chosen
@@ -197,11 +205,9 @@ def tokenize_source(ds, fmt: str, tok, d: DataConfig, source_id: int = 0, path: 
         return out
 
     num_proc = d.num_proc or default_num_proc(len(ds))
-    name = Path(path).name or "pairs"
-    cache = str(Path(work_dir) / f"tokenized-{source_id}-{name}.arrow") if work_dir else None
-    return ds.map(fn, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
-                  num_proc=num_proc if num_proc > 1 else None, desc=f"tokenizing {name}", cache_file_name=cache,
-                  load_from_cache_file=False)  # reuse is cache.py's job, by content key, never implicit
+    cache = str(Path(work_dir) / f"tokenized-{source_id}-{Path(path).name or 'pairs'}.arrow") if work_dir else None
+    return tokenize_map(ds, fn, pair_features(), path=path, source_id=source_id, num_proc=num_proc,
+                        cache_file_name=cache)
 
 
 def load_tokenizer(cfg):
