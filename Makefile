@@ -40,9 +40,10 @@ test-fast: venv
 
 docs: venv
 	$(PY) -m rm_trainer.cli.config_doc docs/config.md
+	$(PY) tools/code_map.py
 
 lint: venv
-	$(VENV)/bin/ruff check rm_trainer launch tests bench
+	$(VENV)/bin/ruff check rm_trainer launch tests bench tools
 
 clean:
 	rm -rf $(DEMO_OUT)

@@ -54,8 +54,9 @@ def worker(out: Path, T: int, layers: int, hidden: int) -> None:
     import torch.nn.functional as F
     from transformers import AutoModel
 
-    from rm_trainer.model import RewardModel, enable_checkpointing
+    from rm_trainer.model.reward import RewardModel
     from rm_trainer.train import engine
+    from rm_trainer.train.build import enable_checkpointing
 
     rt = engine.init_distributed(timeout_s=1800)
     torch.manual_seed(0)

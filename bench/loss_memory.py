@@ -29,8 +29,9 @@ import torch
 from common import add_output, finish
 from torch.utils.flop_counter import FlopCounterMode
 
-from rm_trainer.loss import bradley_terry_loss, fused_bradley_terry
-from rm_trainer.model import DTYPES, RewardModel, enable_checkpointing
+from rm_trainer.model.reward import DTYPES, RewardModel
+from rm_trainer.objectives.bt_loss import bradley_terry_loss, fused_bradley_terry
+from rm_trainer.train.build import enable_checkpointing
 
 PRESETS = {
     "smoke": dict(hidden=64, layers=4, heads=4, kv_heads=4, inter=172, vocab=8000, seq=64, seqs=4),

@@ -21,9 +21,9 @@ import argparse
 import torch
 from common import add_output, finish
 
-from rm_trainer.attributes import fused_regression_loss
-from rm_trainer.loss import davidson_nll, fused_bradley_terry, soft_tie_loss
-from rm_trainer.objectives import fused_ranking_loss
+from rm_trainer.objectives.bt_loss import davidson_nll, fused_bradley_terry, soft_tie_loss
+from rm_trainer.objectives.ranking_loss import fused_ranking_loss
+from rm_trainer.objectives.regression_loss import fused_regression_loss
 
 
 def ranking_batch(g: torch.Generator):

@@ -40,6 +40,7 @@ START = """
 import json, os, sys, time
 from pathlib import Path
 import rm_trainer
+from rm_trainer import objectives
 from rm_trainer.cli.train_flags import load_run_config
 from rm_trainer.data.cache import prepare_or_load
 from rm_trainer.data.tokenize import load_tokenizer
@@ -47,7 +48,7 @@ here = Path(rm_trainer.__file__).parent
 assert here.parent == Path(os.getcwd()), f"measuring {here}, not the checkout in {os.getcwd()}"
 cfg, _ = load_run_config(sys.argv[1:])
 t0 = time.perf_counter()
-dest, hit = prepare_or_load(cfg, load_tokenizer(cfg))
+dest, hit = prepare_or_load(cfg, load_tokenizer(cfg), objectives.build(cfg))
 pairs = json.loads((dest / "report.json").read_text())["_total"]["train_pairs"]
 print(json.dumps({"data_seconds": time.perf_counter() - t0, "cache_hit": hit, "train_pairs": pairs}))
 """

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     from rm_trainer.data.batching import token_budget_batches
     from rm_trainer.data.formats import split_hh
     from rm_trainer.data.tokenize import encode_item, special_prefix
-    from rm_trainer.model import RewardModel, score_sequences
+    from rm_trainer.model.reward import RewardModel
+    from rm_trainer.model.scoring import score_sequences
 
     torch.set_num_threads(a.threads)
     hh = hh_pairs()

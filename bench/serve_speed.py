@@ -39,7 +39,7 @@ def write_reward_pt(path: Path, hidden: int, layers: int, max_len: int, pairs: l
     from transformers import AutoModel
 
     from rm_trainer.artifact.format import FORMAT, tokenizer_tensors
-    from rm_trainer.model import RewardModel
+    from rm_trainer.model.reward import RewardModel
 
     tok = bpe_tokenizer(pairs, tmp / "tok")
     torch.manual_seed(0)

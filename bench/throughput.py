@@ -40,19 +40,20 @@ TARGETS = {"grouped efficiency >= 0.85": ("grouped", "efficiency", 0.85),
            "packed tokens/s >= 1.8x random": ("packed", "tokens_per_s_ratio", 1.8)}
 
 
-def epoch_efficiency(rows: list[dict], micro: int, accum: int, seed: int, mode: str, pack_len: int) -> float:
-    from rm_trainer.data.batching import PairSampler, collate, pack, token_slots
+def epoch_efficiency(rows: list[dict], objective, micro: int, accum: int, seed: int, mode: str, pack_len: int
+                     ) -> float:
+    from rm_trainer.data.batching import RowSampler
 
-    c = np.array([r["chosen_len"] for r in rows])
-    r_ = np.array([r["rejected_len"] for r in rows])
+    longest, tokens = np.array([r["longest"] for r in rows]), np.array([r["tokens"] for r in rows])
     packing = mode in ("packed", "default")
-    s = PairSampler(len(rows), micro, accum, 1, 0, seed, "random" if mode == "random" else "grouped", packing, c, r_)
+    s = RowSampler(len(rows), micro, accum, 1, 0, seed, "random" if mode == "random" else "grouped", packing,
+                   longest, tokens)
     real = slots = 0
     for step in range(s.steps_per_epoch):
         for idx in s.micro_batches(step):
-            b = pack([rows[i] for i in idx], 0, pack_len) if packing else collate([rows[i] for i in idx], 0)
-            real += int(b["chosen_len"].sum() + b["rejected_len"].sum())
-            slots += token_slots(b)
+            b = objective.collate([rows[i] for i in idx], 0, pack_len, packing)
+            real += b.seqs.tokens
+            slots += b.seqs.slots
     return real / slots
 
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if a.smoke:
         a.micro, a.accum, a.steps, a.max_len, a.pack_len, a.hidden, a.layers = 4, 2, 2, 128, 256, 64, 2
+    from rm_trainer import objectives
     from rm_trainer.cli.train_flags import load_run_config
     from rm_trainer.data.sources import prepare_sources
     from rm_trainer.data.tokenize import load_tokenizer
@@ -86,10 +88,11 @@ def main(argv: list[str] | None = None) -> dict:
                  "--max_len", str(a.max_len), "--max_drop_fraction", "0.5", "--seed", str(seed),
                  "--cache_dir", str(work / "cache")]
         cfg, _ = load_run_config(flags + ["--output_dir", str(work / "x")])
-        ds = prepare_sources(cfg, load_tokenizer(cfg), work_dir=str(work / "scratch"))[0][:]
+        objective = objectives.build(cfg)
+        ds = prepare_sources(cfg, load_tokenizer(cfg), objective, work_dir=str(work / "scratch"))[0][:]
         rows = [dict(zip(ds, v, strict=True)) for v in zip(*ds.values(), strict=True)]
         result["pairs"] = len(rows)
-        result["real_tokens_per_pair"] = round(float(np.mean([r["chosen_len"] + r["rejected_len"] for r in rows])), 1)
+        result["real_tokens_per_pair"] = round(float(np.mean([r["tokens"] for r in rows])), 1)
         env = child_env(a.threads)
         for mode, extra in MODES.items():
             out = work / mode
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             steps = [s for s in steps if s["split"] == "train"]
             timed = steps[1:]  # the first step pays for warm-up
             result["modes"][mode] = {
-                "efficiency": round(epoch_efficiency(rows, a.micro, a.accum, seed, mode, a.pack_len), 4),
+                "efficiency": round(epoch_efficiency(rows, objective, a.micro, a.accum, seed, mode, a.pack_len), 4),
                 "efficiency_timed_steps": round(float(np.mean([s["padding_efficiency"] for s in timed])), 4),
                 "pairs_per_s": round(float(np.mean([s["pairs_per_s"] for s in timed])), 3),
                 "tokens_per_s": round(float(np.mean([s["tokens_per_s"] for s in timed])), 1),

@@ -19,9 +19,10 @@ from common import add_output, finish
 from loss_memory import PRESETS, llama_config
 
 from rm_trainer.config import TrainConfig
-from rm_trainer.loss import fused_bradley_terry
-from rm_trainer.model import DTYPES, RewardModel, enable_checkpointing
+from rm_trainer.model.reward import DTYPES, RewardModel
+from rm_trainer.objectives.bt_loss import fused_bradley_terry
 from rm_trainer.train import engine
+from rm_trainer.train.build import enable_checkpointing
 from rm_trainer.train.optim import build_optimizer
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}

@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
-    "RewardModel": "rm_trainer.model",
-    "gather_last": "rm_trainer.model",
-    "bradley_terry_loss": "rm_trainer.loss",
-    "margin": "rm_trainer.loss",
-    "preference_accuracy": "rm_trainer.loss",
+    "RewardModel": "rm_trainer.model.reward",
+    "gather_last": "rm_trainer.model.reward",
+    "bradley_terry_loss": "rm_trainer.objectives.bt_loss",
+    "margin": "rm_trainer.objectives.bt_loss",
+    "preference_accuracy": "rm_trainer.objectives.bt_loss",
     "get_preference_iterator": "rm_trainer.data.batching",
     "load_reward_model": "rm_trainer.artifact.load",
 }

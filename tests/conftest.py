@@ -54,7 +54,7 @@ PADDED = {"packing": False}
 RUNS = {
     "single_z2": ("python", 1, "zero2", {"micro_batch_size": 4}),
     "ds_z2_w2": ("deepspeed", 2, "zero2", {"micro_batch_size": 2}),
-    "torchrun_z3_w2": ("torchrun", 2, "zero3", {"micro_batch_size": 2} | PADDED),
+    "torchrun_z3_w2": ("torchrun", 2, "zero3", {"micro_batch_size": 2, "hf_export": True} | PADDED),
     "single_accum": ("python", 1, "zero2", {"micro_batch_size": 2, "grad_accum": 2}),
     "ds_z3_gc": ("deepspeed", 2, "zero3", {"micro_batch_size": 2, "gradient_checkpointing": True} | PADDED),
     "ds_z3_plain": ("deepspeed", 2, "zero3", {"micro_batch_size": 2, "reward_path": "plain"} | PADDED),

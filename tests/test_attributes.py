@@ -9,9 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rm_trainer.attributes import (
-    combination,
-    combine,
+from rm_trainer.model.attributes import combination, combine
+from rm_trainer.objectives.regression_loss import (
     fused_regression_loss,
     regression_loss,
     regression_metrics,

@@ -9,8 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModel, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from rm_trainer.loss import bradley_terry_loss, fused_bradley_terry
-from rm_trainer.model import RewardModel
+from rm_trainer.model.reward import RewardModel
+from rm_trainer.objectives.bt_loss import bradley_terry_loss, fused_bradley_terry
 
 V, H = 97, 32
 COMMON = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

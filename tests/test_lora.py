@@ -17,10 +17,11 @@ from helpers import load_artifact, losses, train, train_args
 from test_model import family_model
 
 from rm_trainer import load_reward_model
-from rm_trainer.backbone import backbone_from_config_dict
+from rm_trainer.artifact.lora import merge_lora
 from rm_trainer.errors import ConfigError
-from rm_trainer.lora import apply_lora, merge_lora, trainable_summary
-from rm_trainer.model import RewardModel
+from rm_trainer.model.backbone import backbone_from_config_dict
+from rm_trainer.model.lora import apply_lora, trainable_summary
+from rm_trainer.model.reward import RewardModel
 
 LORA = {"lora_r": 4, "lora_alpha": 8}
 
@@ -101,8 +102,9 @@ def lora_run(demo_assets, wide_sft, tmp_path_factory):
 
     def get(name: str):
         if name not in done:
-            ds, extra = {"z2": ("zero2", {"lora_r": 8, "packing": True, "pack_len": 128}),
-                         "z3": ("zero3", {"lora_r": 8, "gradient_checkpointing": True, "lora_export": True}),
+            ds, extra = {"z2": ("zero2", {"lora_r": 8, "packing": True, "pack_len": 128, "hf_export": True}),
+                         "z3": ("zero3", {"lora_r": 8, "gradient_checkpointing": True, "lora_export": True,
+                                          "hf_export": True}),
                          "full_z2": ("zero2", {})}[name]
             done[name] = out = root / name
             train(out, train_args(wide_sft, demo_assets["train"], demo_assets["test"], ds, dtype="fp32", lr=1e-3,

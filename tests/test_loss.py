@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rm_trainer.loss import (
+from rm_trainer.objectives.bt_loss import (
     bradley_terry_loss,
     fused_bradley_terry,
     margin,
@@ -65,7 +65,7 @@ def test_pair_sums_aggregate_exactly_and_mask_padding():
 
 
 def test_margin_shifts_the_target_gap_in_both_paths():
-    from rm_trainer.loss import fused_bradley_terry
+    from rm_trainer.objectives.bt_loss import fused_bradley_terry
 
     c = torch.tensor([1.0, 0.5, -0.2], requires_grad=True)
     r = torch.tensor([0.0, 0.7, -1.0], requires_grad=True)
@@ -220,7 +220,7 @@ def test_fused_davidson_loss_and_gradients_equal_the_autograd_reference(B, seed,
 def test_the_fused_davidson_gradient_keeps_fp32_precision_near_certainty():
     """The fused backward has no 1/2 - p or p_tie - 1 to cancel: against a float64 reference it is good to
     a few fp32 ulps of the gradient itself, also where the outcome is nearly certain."""
-    from rm_trainer.loss import davidson_nll
+    from rm_trainer.objectives.bt_loss import davidson_nll
     rewards = torch.tensor([3.0, 0.5, -9.0, -3.0, 0.0, 2.0])  # gaps 12, 0.5, -11: p_win ~ 1, 1/2, ~ 0
     tie = torch.tensor([False, True, False])
     a, nu = rewards.clone().requires_grad_(), torch.tensor([-3.8], requires_grad=True)
@@ -232,7 +232,7 @@ def test_the_fused_davidson_gradient_keeps_fp32_precision_near_certainty():
 
 
 def test_davidson_probabilities_are_the_models_and_reduce_to_bt_as_nu_vanishes():
-    from rm_trainer.loss import davidson_nll
+    from rm_trainer.objectives.bt_loss import davidson_nll
 
     d, theta = torch.tensor([0.7, -1.3, 0.0]), torch.tensor(math.log(0.8))
     nu = 0.8

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from rm_trainer.model import RewardModel, gather_last
+from rm_trainer.model.reward import RewardModel, gather_last
 
 
 def test_gather_last_varied_lengths_2d_and_3d():
@@ -56,7 +56,7 @@ def test_backbone_has_no_lm_head(tiny):
 def test_disable_dropout_makes_training_forward_deterministic():
     from transformers import GPT2Config
 
-    from rm_trainer.model import disable_dropout
+    from rm_trainer.train.build import disable_dropout
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)  # dropout 0.1 by default
@@ -150,24 +150,24 @@ def pairs(n=5, seed=0):
     for _ in range(n):
         c, r = (torch.randint(4, 97, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
                 for _ in range(2))
-        out.append({"chosen_ids": c, "rejected_ids": r, "chosen_len": len(c), "rejected_len": len(r)})
+        out.append({"ids": [c, r]})
     return out
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", PACK_FAMILIES)
 def test_packed_rows_give_the_rewards_and_gradients_of_padded_rows(family, impl):
-    from rm_trainer.data.batching import collate, pack
-    from rm_trainer.loss import fused_bradley_terry
+    from helpers import objective
+
+    from rm_trainer.objectives.bt_loss import fused_bradley_terry
 
     rows = pairs()
-    b, p = collate(rows, 0), pack(rows, 0, pack_len=40)
-    assert p["input_ids"].shape[0] < 10  # really packed: fewer rows than the 10 sequences
+    b, p = (objective().collate(rows, 0, pack_len=40, packing=packing).seqs for packing in (False, True))
+    assert p.input_ids.shape[0] < 10  # really packed: fewer rows than the 10 sequences
     results = []
     for packed in (False, True):
         m = family_model(family, impl)
-        r = (m(p["input_ids"], None, p["position_ids"], p["last"]) if packed else
-             m(torch.cat([b["chosen_ids"], b["rejected_ids"]]), torch.cat([b["chosen_len"], b["rejected_len"]])))
+        r = m(p.input_ids, None, p.position_ids, p.last) if packed else m(b.input_ids, b.lens)
         fused_bradley_terry(r)[0].backward()
         results.append((r.detach(), {n: q.grad for n, q in m.named_parameters()}))
     (rp, gp), (rk, gk) = results
@@ -177,7 +177,7 @@ def test_packed_rows_give_the_rewards_and_gradients_of_padded_rows(family, impl)
 
 
 def test_packing_guard_catches_sequences_that_see_each_other(monkeypatch):
-    from rm_trainer.model import check_packing
+    from rm_trainer.train.build import check_packing
 
     m = family_model("llama", "sdpa").eval()
     assert check_packing(m, m.config, torch.device("cpu")) is None
@@ -196,8 +196,8 @@ def test_starting_from_a_reward_model_loads_its_head_and_refuses_what_does_not_f
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from rm_trainer.backbone import build_backbone
     from rm_trainer.errors import ConfigError
+    from rm_trainer.model.backbone import build_backbone
 
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                       num_key_value_heads=2, num_labels=1, pad_token_id=0)

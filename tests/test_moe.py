@@ -14,18 +14,19 @@ from helpers import (
     BIN,
     ROOT,
     free_port,
-    kill_then_resume,
     load_artifact,
     metrics,
+    resume_from_copy,
     run_env,
     same_artifact_weights,
-    train,
     train_args,
+    trained,
 )
 from transformers import AutoModel, MixtralConfig, Qwen3MoeConfig
 
-from rm_trainer import load_reward_model, moe
-from rm_trainer.model import RewardModel, real_tokens
+from rm_trainer import load_reward_model
+from rm_trainer.model import moe
+from rm_trainer.model.reward import RewardModel, real_tokens
 
 FAMILIES = {
     "qwen3_moe": lambda: Qwen3MoeConfig(vocab_size=2000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -71,7 +72,7 @@ def test_the_router_loss_is_transformers_own_over_real_tokens_and_trains_the_rou
 def test_packed_rows_count_only_their_real_tokens_in_the_router_loss(family):
     """The same 6 sequences, right-padded and packed into rows of 24 (each row's tail is padding): the
     router sees the same real tokens, so the two losses agree; counting the packed tail would not."""
-    from rm_trainer.data.batching import pack
+    from rm_trainer.data.batching import Sequences
 
     torch.manual_seed(0)
     model = RewardModel(AutoModel.from_config(FAMILIES[family](), attn_implementation="sdpa"), seed=1)
@@ -80,14 +81,12 @@ def test_packed_rows_count_only_their_real_tokens_in_the_router_loss(family):
     g = torch.Generator().manual_seed(3)
     lens = [9, 4, 7, 11, 5, 7]
     seqs = [torch.randint(4, 2000, (n,), generator=g).tolist() for n in lens]
-    rows = [{"chosen_ids": seqs[i], "rejected_ids": seqs[i + 3], "chosen_len": lens[i], "rejected_len": lens[i + 3]}
-            for i in range(3)]
-    packed = pack(rows, 1, 24)
-    assert (packed["input_ids"] == 1).sum() == 1  # rows of 22 and 21 tokens: a tail of padding
-    r_packed = model(packed["input_ids"], position_ids=packed["position_ids"], last=packed["last"])
+    packed = Sequences.of(seqs, 1, 24, packing=True)
+    assert (packed.input_ids == 1).sum() == 1  # rows of 22 and 21 tokens: a tail of padding
+    r_packed = model(packed.input_ids, position_ids=packed.position_ids, last=packed.last)
     aux_packed = model.aux_loss
     with torch.no_grad():  # the whole packed rows, tails included, would give a different loss
-        out = model.backbone(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
+        out = model.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                              output_router_logits=True)
         whole = 0.01 * moe.load_balancing_loss(model.backbone, out.router_logits, None)
     ids = torch.full((6, max(lens)), 1)
@@ -99,11 +98,11 @@ def test_packed_rows_count_only_their_real_tokens_in_the_router_loss(family):
           "with the tail", float(abs(whole - model.aux_loss) / model.aux_loss))
     assert abs(aux_packed - model.aux_loss) <= 1e-6 * model.aux_loss, (aux_packed, model.aux_loss)
     assert abs(whole - model.aux_loss) > 1e-5 * model.aux_loss  # one padding token: 6e-5 (Mixtral), 8e-4 (Qwen3-MoE)
-    assert real_tokens(packed["input_ids"], None, None, packed["last"]).sum() == sum(lens)
+    assert real_tokens(packed.input_ids, None, None, packed.last).sum() == sum(lens)
 
 def test_lora_on_an_moe_backbone_adapts_the_attention_and_names_the_3d_experts():
     from rm_trainer.errors import ConfigError
-    from rm_trainer.lora import apply_lora
+    from rm_trainer.model.lora import apply_lora
 
     backbone = AutoModel.from_config(FAMILIES["qwen3_moe"](), attn_implementation="eager")
     with pytest.raises(ConfigError, match="gate_up_proj.*experts' stacked 3-D weights"):
@@ -120,22 +119,31 @@ def test_lora_on_an_moe_backbone_adapts_the_attention_and_names_the_3d_experts()
 def moe_args(sft, assets, ds):
     return train_args(sft, assets["train"], assets["test"], ds, dtype="fp32", lr=1e-3, max_steps=6, warmup_steps=1,
                       max_len=64, seed=5, micro_batch_size=2, eval_every=6, save_every=2, keep_last=2,
-                      router_aux_loss_coef=0.01)
+                      router_aux_loss_coef=0.01, hf_export=ds == "zero3")
+
+
+@pytest.fixture(scope="module")
+def moe_sft(demo_assets, tmp_path_factory):
+    """family -> a saved tiny MoE backbone of that family (made once per module)."""
+    from transformers import AutoTokenizer
+
+    done = {}
+
+    def get(family: str):
+        if family not in done:
+            done[family] = sft = tmp_path_factory.mktemp(f"sft_{family}")
+            torch.manual_seed(0)
+            AutoModel.from_config(FAMILIES[family]()).save_pretrained(sft)
+            AutoTokenizer.from_pretrained(demo_assets["model"]).save_pretrained(sft)
+        return done[family]
+
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_zero2_and_zero3_take_the_same_steps_with_the_router_loss(family, demo_assets, tmp_path):
-    from transformers import AutoTokenizer
-
-    sft = tmp_path / "sft"
-    torch.manual_seed(0)
-    AutoModel.from_config(FAMILIES[family]()).save_pretrained(sft)
-    AutoTokenizer.from_pretrained(demo_assets["model"]).save_pretrained(sft)
-    runs = {}
-    for ds in ("zero2", "zero3"):
-        runs[ds] = out = tmp_path / ds
-        train(out, moe_args(sft, demo_assets, ds))
+def test_zero2_and_zero3_take_the_same_steps_with_the_router_loss(family, demo_assets, moe_sft):
+    runs = {ds: trained(moe_args(moe_sft(family), demo_assets, ds)) for ds in ("zero2", "zero3")}
     a, b = metrics(runs["zero2"]), metrics(runs["zero3"])
     for key in ("loss", "router_aux_loss"):
         x, y = [r[key] for r in a], [r[key] for r in b]
@@ -168,18 +176,11 @@ def hf_round_trip(out, family, assets):
 
 
 @pytest.mark.slow
-def test_a_killed_moe_run_resumes_bit_exact_under_zero3(demo_assets, tmp_path):
-    from transformers import AutoTokenizer
-
-    sft = tmp_path / "sft"
-    torch.manual_seed(0)
-    AutoModel.from_config(FAMILIES["qwen3_moe"]()).save_pretrained(sft)
-    AutoTokenizer.from_pretrained(demo_assets["model"]).save_pretrained(sft)
-    args = moe_args(sft, demo_assets, "zero3")
-    a = tmp_path / "uninterrupted"
-    train(a, args)
-    b = tmp_path / "killed"
-    kill_then_resume(b, args, "4.0", [2])  # killed in step 4, resumed from step_2
+def test_a_moe_run_resumed_from_a_checkpoint_is_bit_exact_under_zero3(demo_assets, moe_sft, tmp_path):
+    args = moe_args(moe_sft("qwen3_moe"), demo_assets, "zero3")
+    a = trained(args)  # the ZeRO-3 run of the test above: trained once
+    b = tmp_path / "resumed"
+    resume_from_copy(a, b, args, 4)  # as a crash after step_4 leaves it (SIGKILL: the kill tests)
     ma, mb = metrics(a), metrics(b)
     for key in ("loss", "router_aux_loss"):
         assert [r[key] for r in ma] == [r[key] for r in mb], key  # exact float equality
@@ -188,7 +189,7 @@ def test_a_killed_moe_run_resumes_bit_exact_under_zero3(demo_assets, tmp_path):
 
 @pytest.mark.slow
 def test_ranks_whose_tokens_reach_different_experts_do_not_hang_under_zero3(tmp_path):
-    """tests/moe_ranks.py: a per-expert MoE block (a ModuleList, experts without tokens skipped) where rank 0's
+    """tests/support/moe_ranks.py: a per-expert MoE block (a ModuleList, experts without tokens skipped) where rank 0's
     tokens reach only expert 0 and rank 1's only expert 1, under ZeRO-3 through our engine. As a leaf
     module it trains like one process holding both halves; without it the ranks disagree on what to
     gather (DeepSpeed fails them, or the collective timeout of 60 s would)."""
@@ -196,8 +197,8 @@ def test_ranks_whose_tokens_reach_different_experts_do_not_hang_under_zero3(tmp_
         out = tmp_path / f"{name}.json"
         cmd = [sys.executable] if nprocs == 1 else [str(BIN / "torchrun"), "--nproc_per_node", str(nprocs),
                                                     "--master_port", str(free_port()), "--master_addr", "127.0.0.1"]
-        p = subprocess.run(cmd + [str(ROOT / "tests" / "moe_ranks.py"), str(out), *flags], cwd=ROOT, env=run_env(),
-                           capture_output=True, text=True, timeout=240)
+        p = subprocess.run(cmd + [str(ROOT / "tests" / "support" / "moe_ranks.py"), str(out), *flags], cwd=ROOT,
+                           env=run_env(), capture_output=True, text=True, timeout=240)
         return p, json.loads(out.read_text()) if out.exists() else None
 
     p, one = run("one", 1)

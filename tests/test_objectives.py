@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rm_trainer.loss import bradley_terry_loss, fused_bradley_terry
-from rm_trainer.objectives import (
+from rm_trainer.objectives.bt_loss import bradley_terry_loss, fused_bradley_terry
+from rm_trainer.objectives.ranking_loss import (
     fused_ranking_loss,
     ordered_pairs,
     per_prompt_losses,

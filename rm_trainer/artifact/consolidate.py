@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from rm_trainer import disk, lora
+from rm_trainer import disk
+from rm_trainer.artifact import lora
 from rm_trainer.artifact.checkpoint_files import LATEST, META_FILE, TOKENIZER_DIR, CheckpointRecord, verify_manifest
 from rm_trainer.artifact.format import (
     FORMAT,
@@ -35,7 +36,8 @@ from rm_trainer.artifact.format import (
 )
 from rm_trainer.artifact.zero_merge import consolidated_state_dict
 from rm_trainer.errors import CheckpointError, UserError
-from rm_trainer.model import DTYPES, TIE_PREFIX
+from rm_trainer.model.lora import settings
+from rm_trainer.model.reward import DTYPES, TIE_PREFIX
 
 
 def resolve_tag(checkpoint_dir: str | Path, tag: str | None) -> str:
@@ -77,7 +79,7 @@ def consolidate(checkpoint_dir: str | Path, out_path: str | Path, tag: str | Non
     ties = tie_model(state)  # --tie_loss davidson: its nu is recorded, not shipped as a weight
     if ties:
         report["tie_nu"] = ties["nu"]
-    lora_cfg = lora.settings(meta.run_config.get("model", {}))
+    lora_cfg = settings(meta.run_config.get("model", {}))
     if lora_cfg is not None:  # checkpoints hold what trains; the frozen base weights come from --model
         report["base_weights_read"] = lora.fill_base_weights(state, meta.backbone_config,
                                                              meta.run_config["model"]["path"], DTYPES[meta.dtype])

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from rm_trainer.backbone import backbone_from_config_dict
 from rm_trainer.data.scoring_tokenizer import scoring_tokenizer
 from rm_trainer.errors import CheckpointError, UserError
-from rm_trainer.model import RewardModel
+from rm_trainer.model.backbone import backbone_from_config_dict
+from rm_trainer.model.reward import RewardModel
 
 FORMAT = "rm_trainer.reward.v1"
 

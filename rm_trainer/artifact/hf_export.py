@@ -16,9 +16,9 @@ from pathlib import Path
 
 from rm_trainer import disk
 from rm_trainer.artifact.format import read_artifact, shipped_tokenizer
-from rm_trainer.attributes import combination
 from rm_trainer.data.tokenize import lead_text, special_prefix
 from rm_trainer.errors import UserError
+from rm_trainer.model.attributes import combination
 
 CARD = """---
 library_name: transformers

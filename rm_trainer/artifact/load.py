@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from rm_trainer.artifact.format import model_from_state, read_artifact, shipped_tokenizer
-from rm_trainer.backbone import build_backbone
 from rm_trainer.data.read import read_text
 from rm_trainer.data.scoring_tokenizer import scoring_tokenizer
 from rm_trainer.errors import UserError
-from rm_trainer.model import DTYPES, RewardModel
+from rm_trainer.model.backbone import build_backbone
+from rm_trainer.model.reward import DTYPES, RewardModel
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu",

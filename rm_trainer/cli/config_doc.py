@@ -13,7 +13,7 @@ import inspect
 import sys
 from pathlib import Path
 
-from rm_trainer.cli.train_flags import ALIASES, RENAMED, REPORT_OPTIONS, field_flags, field_index, type_name
+from rm_trainer.cli.train_flags import ALIASES, REPORT_OPTIONS, field_flags, field_index, type_name
 from rm_trainer.config import SECTIONS, RunConfig, SourceConfig
 
 INTRO = """# Configuration reference
@@ -69,10 +69,8 @@ def markdown() -> str:
         lines += section_table(sec, index)
     lines += ["## `ds_config`", "", f"`--ds_config FILE`: {RunConfig.model_fields['ds_config'].description}. "
               "Its `\"auto\"` values are filled from the run config; see [commands.md](commands.md#deepspeed-json).",
-              "", "## Aliases and old spellings", "", "| flag | is |", "|---|---|"]
+              "", "## Aliases", "", "| flag | is |", "|---|---|"]
     lines += [f"| `--{flag}` | `{dotted}` |" for flag, dotted in ALIASES.items()]
-    lines += [f"| `--{old}`, `--{dotted}` (deprecated: prints a note; also as a config-file key) | `{new}` |"
-              for dotted, new in RENAMED.items() for old in [dotted.split(".")[1]]]
     lines += ["", "Memory-report options of `--dry-run` and `rm-estimate` (not part of the run config): "
               + ", ".join(f"`--{k}` ({t.__name__})" for k, t in REPORT_OPTIONS.items()) + ".", ""]
     return "\n".join(lines)

@@ -18,8 +18,8 @@ PROG = "rm-consolidate"
 
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint_dir", default=None, help="OUT/checkpoints (the folder holding 'latest' and step_N/)")
-    p.add_argument("--output", default=None, help="path of the reward.pt to write")
+    p.add_argument("--checkpoint_dir", required=True, help="OUT/checkpoints (the folder holding 'latest' and step_N/)")
+    p.add_argument("--output", required=True, help="path of the reward.pt to write")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the one named in 'latest')")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="re-score the probe batch the live engine scored, from the merged weights")
@@ -27,10 +27,6 @@ def parser() -> Parser:
     p.add_argument("--hf_shard_size", default="5GB", help="largest safetensors shard of the HF folder")
     p.add_argument("--lora_output_dir", default=None,
                    help="LoRA runs: also write the unmerged adapters + head here as a peft adapter folder")
-    p.legacy_positionals(["--checkpoint_dir"])
-    p.require("--checkpoint_dir", "--output")
-    for old, new in (("--out", "--output"), ("--hf_out", "--hf_output_dir"), ("--lora_out", "--lora_output_dir")):
-        p.deprecate(old, new)  # (--no_verify is --no-verify: dashes and underscores are the same flag)
     return p
 
 

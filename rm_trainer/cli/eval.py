@@ -27,8 +27,7 @@ PROG = "rm-eval"
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_model_options(p)
-    p.add_argument("--data", default=None, nargs="+", help="preference files (.jsonl, .json, .parquet, ...)")
-    p.require("--data")
+    p.add_argument("--data", required=True, nargs="+", help="preference files (.jsonl, .json, .parquet, ...)")
     p.add_argument("--output_dir", default=None,
                    help="default: eval/<first data file's name>/ beside the model (the run's own eval/ report "
                         "of its held-out set stays)")
@@ -61,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def go() -> int:
-        from rm_trainer.data.formats import PairKeys
         from rm_trainer.eval.files import EvalOptions, evaluate, write
+        from rm_trainer.objectives.pair_rows import PairKeys
 
         name = Path(args.data[0]).name.split(".")[0] or "data"
         out = Path(args.output_dir or Path(args.model).resolve().parent / "eval" / name)
@@ -89,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def split_ranked(args) -> tuple[list, list[str]]:
     """(ranking files [(path, rows, layout, refused)], the other files)."""
-    from rm_trainer.data.rankings import RankingKeys
     from rm_trainer.eval.rankings import ranked_rows
+    from rm_trainer.objectives.ranking_rows import RankingKeys
 
     keys = RankingKeys(prompt=args.prompt_key, uf_score=args.ranking_score)
     ranked, rest = [], []
@@ -104,8 +103,8 @@ def split_rated(model, args, paths: list[str]) -> tuple[list, list[str]]:
     """(rating files [(path, rows, refused)], the other files): rating files only for an attribute head."""
     if not model.attributes:
         return [], paths
-    from rm_trainer.data.ratings import RatingKeys
     from rm_trainer.eval.ratings import rated_rows
+    from rm_trainer.objectives.rating_rows import RatingKeys
 
     keys = RatingKeys(tuple(model.attributes), args.prompt_key, args.response_key, mask_missing=True)
     rated, pairs = [], []
@@ -117,8 +116,8 @@ def split_rated(model, args, paths: list[str]) -> tuple[list, list[str]]:
 
 def write_ratings(out: Path, model, rated: list, args) -> dict:
     """attributes.json and attribute_scores.jsonl into `out`; the summary line's part."""
-    from rm_trainer.data.ratings import RatingKeys
     from rm_trainer.eval.ratings import evaluate_ratings
+    from rm_trainer.objectives.rating_rows import RatingKeys
 
     keys = RatingKeys(tuple(model.attributes), args.prompt_key, args.response_key, mask_missing=True)
     result, rows = evaluate_ratings(model, rated, keys, args.on_error, args.max_batch_tokens, args.padding_side)
@@ -128,11 +127,12 @@ def write_ratings(out: Path, model, rated: list, args) -> dict:
 
 def write_rankings(out: Path, model, ranked: list, args) -> dict:
     """rankings.json and ranking_scores.jsonl into `out`; the summary line's part."""
-    from rm_trainer.data.rankings import RankingKeys
     from rm_trainer.eval.rankings import evaluate_rankings
+    from rm_trainer.objectives.ranking_rows import RankingKeys
 
     keys = RankingKeys(prompt=args.prompt_key, uf_score=args.ranking_score)
-    result, rows = evaluate_rankings(model, ranked, keys, args.on_error, args.max_batch_tokens, args.padding_side)
+    result, rows = evaluate_rankings(model, ranked, keys, args.on_error, args.max_batch_tokens, args.padding_side,
+                                     args.truncation)
     _write(out, "rankings.json", "ranking_scores.jsonl", result | {"model": str(args.model)}, rows)
     return {"rankings": {k: result[k] for k in ("prompts", "pairs", "acc", "top1")},
             "ranking_dropped": result["dropped"]}

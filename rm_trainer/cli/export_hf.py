@@ -16,12 +16,9 @@ PROG = "rm-export-hf"
 
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="the reward.pt to export")
-    p.add_argument("--output_dir", default=None, help="the HF folder to write")
+    p.add_argument("--model", required=True, help="the reward.pt to export")
+    p.add_argument("--output_dir", required=True, help="the HF folder to write")
     p.add_argument("--hf_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
-    p.legacy_positionals(["--model", "--output_dir"])
-    p.require("--model", "--output_dir")
-    p.deprecate("--shard_size", "--hf_shard_size")
     return p
 
 

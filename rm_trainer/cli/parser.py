@@ -45,28 +45,12 @@ def run(prog: str, fn: Callable[[], int]) -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with `--a-b` = `--a_b`, `--version`, a did-you-mean for unknown flags, deprecated
-    spellings (`deprecate`) and positionals that became flags (`legacy_positionals`)."""
+    """argparse with `--a-b` = `--a_b`, `--version` and a did-you-mean for unknown flags."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument("--version", action="version", version=version())
-        self.deprecated: dict[str, str] = {}  # old flag -> new flag
-        self.legacy: list[str] = []  # flags that old positional arguments fill, in order
-        self.required_flags: list[str] = []
-
-    def deprecate(self, old: str, new: str) -> None:
-        self.deprecated[old] = new
-
-    def legacy_positionals(self, flags: list[str]) -> None:
-        """Positional arguments of an older version fill these flags (with a note), in order."""
-        self.legacy = list(flags)
-        self.add_argument("_legacy", nargs="*", help=argparse.SUPPRESS)
-
-    def require(self, *flags: str) -> None:
-        """Required flags that a legacy positional may also fill (argparse cannot know that)."""
-        self.required_flags += flags
 
     def _flags(self) -> list[str]:
         return [s for a in self._actions for s in a.option_strings if s.startswith("--")]
@@ -74,9 +58,6 @@ class Parser(argparse.ArgumentParser):
     def _spelled(self, tok: str, known: set[str]) -> str:
         name, eq, val = tok.partition("=")
         for spelled in (name, "--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
-            if spelled in self.deprecated:
-                note(self.prog, f"{spelled} is deprecated; use {self.deprecated[spelled]}")
-                return self.deprecated[spelled] + eq + val
             if spelled in known:
                 return spelled + eq + val
         return tok
@@ -85,22 +66,7 @@ class Parser(argparse.ArgumentParser):
         known = set(self._flags())
         argv = [self._spelled(t, known) if t.startswith("--") else t
                 for t in (sys.argv[1:] if args is None else args)]
-        ns = super().parse_args(argv, namespace)
-        extra = getattr(ns, "_legacy", None) or []
-        if len(extra) > len(self.legacy):
-            self.error(f"unrecognized arguments: {' '.join(extra[len(self.legacy):])}")
-        for flag, value in zip(self.legacy, extra, strict=False):
-            dest = flag[2:]
-            if getattr(ns, dest) is not None:
-                self.error(f"{value!r} given both as a positional argument and as {flag}")
-            note(self.prog, f"a positional {dest} is deprecated; use {flag} {value}")
-            setattr(ns, dest, value)
-        if hasattr(ns, "_legacy"):
-            del ns._legacy
-        missing = [f for f in self.required_flags if getattr(ns, f[2:]) is None]
-        if missing:
-            self.error(f"the following arguments are required: {', '.join(missing)}")
-        return ns
+        return super().parse_args(argv, namespace)
 
     def error(self, message: str) -> typing.NoReturn:
         m = re.search(r"unrecognized arguments: (.*)", message)
@@ -119,8 +85,7 @@ class Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------- option groups the commands share
 def add_model_options(p: Parser, batch_tokens: bool = True) -> None:
     """How a trained model is loaded and run: rm-score, rm-serve, rm-eval."""
-    p.add_argument("--model", default=None, help="reward.pt or the hf/ folder of a run")
-    p.require("--model")
+    p.add_argument("--model", required=True, help="reward.pt or the hf/ folder of a run")
     p.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False,
                    help="(r - mean) / std with the held-out statistics saved with the model")

@@ -27,10 +27,8 @@ def parser() -> Parser:
 
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_model_options(p)
-    p.add_argument("--data", default=None, help=".jsonl, .json or .parquet file of rows to score")
-    p.add_argument("--output", default=None, help=".jsonl or .parquet")
-    p.require("--data", "--output")
-    p.deprecate("--input", "--data")
+    p.add_argument("--data", required=True, help=".jsonl, .json or .parquet file of rows to score")
+    p.add_argument("--output", required=True, help=".jsonl or .parquet")
     for f in fields(RowKeys):
         p.add_argument(f"--{f.name}_key", default=f.default, help=f"column of the {f.name} field")
     p.add_argument("--chunk_rows", type=int, default=2048, help="rows per resumable chunk")

@@ -8,6 +8,7 @@ import atexit
 import json
 import os
 import sys
+import time
 
 from rm_trainer.cli.parser import note, run, version
 from rm_trainer.cli.train_flags import load_run_config, train_help
@@ -42,6 +43,7 @@ def entry(argv: list[str] | None = None) -> None:
 
 
 def _train(argv: list[str], prog: str) -> int:
+    started = time.perf_counter()
     cfg, flags = load_run_config(argv)
     for n in flags.pop("notes", []):
         note(prog, n)
@@ -53,7 +55,7 @@ def _train(argv: list[str], prog: str) -> int:
     if flags.get("dry_run"):
         return dry_run(plan.cfg, plan.ds_cfg, flags)
     try:
-        result = train(plan)
+        result = train(plan, started)
     except Preempted as e:
         print(f"{prog}: {e}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
@@ -64,12 +66,13 @@ def _train(argv: list[str], prog: str) -> int:
 
 def prepare_only(cfg) -> int:
     """Build (or find) the tokenized-data cache of the run config in this one process, and say where."""
+    from rm_trainer import objectives
     from rm_trainer.data.cache import prepare_or_load
     from rm_trainer.data.tokenize import load_tokenizer
     from rm_trainer.train.run import resolve_model
 
     cfg = resolve_model(cfg)
-    dest, hit = prepare_or_load(cfg, load_tokenizer(cfg))
+    dest, hit = prepare_or_load(cfg, load_tokenizer(cfg), objectives.build(cfg))
     report = json.loads((dest / "report.json").read_text())
     print(json.dumps({"data_cache": str(dest), "already_built": hit, "report": report}, indent=2), flush=True)
     return 0
@@ -79,6 +82,7 @@ def dry_run(cfg, ds_cfg: dict, flags: dict) -> int:
     """Resolved configs + memory estimate + data report; starts no process group and loads no weights."""
     from dataclasses import asdict
 
+    from rm_trainer import objectives
     from rm_trainer.data.sources import dry_run_report
     from rm_trainer.data.tokenize import load_tokenizer
     from rm_trainer.train.estimate import estimate_run, report
@@ -86,7 +90,7 @@ def dry_run(cfg, ds_cfg: dict, flags: dict) -> int:
     e = estimate_run(cfg, ds_cfg, flags)
     print(json.dumps({"run": cfg.model_dump(mode="json"), "deepspeed": ds_cfg, "estimate": asdict(e)}, indent=2))
     print(report(e), flush=True)
-    print(dry_run_report(cfg, load_tokenizer(cfg)), flush=True)
+    print(dry_run_report(cfg, load_tokenizer(cfg), objectives.build(cfg)), flush=True)
     return 0
 
 

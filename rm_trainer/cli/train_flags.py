@@ -3,9 +3,8 @@ YAML/JSON files and `--flag value` overrides into one validated RunConfig, with 
 once; and the --help text, generated from the same pydantic models.
 
 Flags are `--section.field`, or `--field` where the name is unique, or one of the familiar ALIASES;
-`--max_len` and `--max-len` are the same flag. Booleans are `--x` / `--no-x`. Old spellings
-(DEPRECATED) still work and print a one-line note. Imports no torch: a config error costs well under a
-second.
+`--max_len` and `--max-len` are the same flag. Booleans are `--x` / `--no-x` (`--x false` works too, with
+a note). Imports no torch: a config error costs well under a second.
 """
 
 from __future__ import annotations
@@ -37,9 +36,6 @@ ALIASES = {
     "learning_rate": "train.lr",
     "deepspeed_config": "ds_config",
 }
-# Renamed fields: the old name still works (flag or config-file key) and prints a note.
-RENAMED = {"output.hf_out": "output.hf_output_dir", "output.verify_consolidation": "output.verify"}
-DEPRECATED = {old.split(".")[1]: new.split(".")[1] for old, new in RENAMED.items()} | RENAMED
 # Flags consumed by launchers rather than by the config.
 LAUNCHER_FLAGS = {"local_rank", "local-rank"}
 BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
@@ -184,16 +180,8 @@ class _Argv:
     def resolve(self, key: str) -> tuple[str | None, bool]:
         """(dotted field, negated) of a flag name: `--no-x` is x=false for a boolean field."""
         plain = key.replace("-", "_")
-        negated = plain.startswith("no_") and takes_no(self.index.get(self._current(plain[3:]), ""))
-        name = self._current(plain[3:] if negated else plain)
-        return self.index.get(name), negated
-
-    def _current(self, name: str) -> str:
-        if name in DEPRECATED:
-            new = DEPRECATED[name]
-            self.notes.append(f"--{name} is deprecated; use --{new}")
-            return new
-        return name
+        negated = plain.startswith("no_") and takes_no(self.index.get(plain[3:], ""))
+        return self.index.get(plain[3:] if negated else plain), negated
 
     def override(self, key: str, eq: str, val: str) -> None:
         dotted, negated = self.resolve(key)
@@ -253,17 +241,6 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _rename_old_keys(tree: dict, notes: list[str]) -> dict:
-    """Config-file keys of renamed fields (RENAMED) moved to their new names, with a note."""
-    for old, new in RENAMED.items():
-        sec, name = old.split(".")
-        node = tree.get(sec)
-        if isinstance(node, dict) and name in node:
-            node.setdefault(new.split(".")[1], node.pop(name))
-            notes.append(f"config key {old} is deprecated; use {new}")
-    return tree
-
-
 def _pydantic_problems(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
@@ -288,7 +265,7 @@ def load_run_config(argv: list[str], model_only: bool = False) -> tuple[RunConfi
     tree: dict = {}
     for path in overrides.pop("__config_files__", []):
         try:
-            tree = _merge(tree, _rename_old_keys(load_config_file(path), notes))
+            tree = _merge(tree, load_config_file(path))
         except ConfigError as e:
             problems.extend(e.problems)
     tree = _merge(tree, overrides)

@@ -1,24 +1,26 @@
 """Batches: seeded rank-sharded sampling, length grouping, right padding or padding-free packing, exact
 eval sharding.
 
-How a step's pairs reach the ranks (train.batching, train.packing):
-  the global batch     pairs perm_e[s' * G : (s'+1) * G] of the epoch's seeded permutation: a pure
+A row is what an objective's loss counts once: a pair (two sequences), a ranking (K), a rated response
+(one). How a step's rows reach the ranks (train.batching, train.packing):
+  the global batch     rows perm_e[s' * G : (s'+1) * G] of the epoch's seeded permutation: a pure
                        function of (seed, step), whatever the world size, accumulation split or mode
-  random               micro step a of rank r takes slice a * W + r of it (micro pairs each)
-  grouped (default)    the same slicing after sorting the global batch by pair length (the longer of
-                       chosen and rejected), longest first: each micro-batch holds pairs of similar
-                       length, the W ranks of one micro step get neighbouring slices (similar work), and
-                       the longest pairs come first (an out-of-memory shows at step 1, not hours in)
+  random               micro step a of rank r takes slice a * W + r of it (micro rows each)
+  grouped (default)    the same slicing after sorting the global batch by each row's longest sequence,
+                       longest first: each micro-batch holds rows of similar length, the W ranks of one
+                       micro step get neighbouring slices (similar work), and the longest rows come
+                       first (an out-of-memory shows at step 1, not hours in)
   packing              the global batch is split into W x A groups of about equal token count
                        (longest-processing-time-first), group a * W + r to micro step a of rank r; each
-                       group's 2B sequences are packed into rows of at most pack_len tokens, without padding
+                       group's sequences are packed into rows of at most pack_len tokens, without padding
 Scoring (rm-score, rm-serve, rm-eval, score_texts) batches by a token budget instead: token_budget_batches.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,34 +35,41 @@ def pad_right(seqs: list[list[int]], pad_id: int, length: int | None = None) -> 
     return out
 
 
-def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad chosen and rejected to one common length so they can be concatenated into 2B rows."""
-    T = max(max(r["chosen_len"], r["rejected_len"]) for r in rows)
-    batch = {
-        "chosen_ids": pad_right([r["chosen_ids"] for r in rows], pad_id, T),
-        "rejected_ids": pad_right([r["rejected_ids"] for r in rows], pad_id, T),
-    }
-    return batch | pair_fields(rows)
+@dataclass
+class Sequences:
+    """What one forward runs: S token sequences, right-padded (input_ids (S, T)) or packed (input_ids (R, L)
+    with position_ids restarting at 0 for every sequence and `last`, the (row, column) of each sequence's
+    final token). lens (S,): each sequence's real tokens, in both layouts. The reward of sequence i is read
+    at its last token: row i of the forward's output."""
 
+    input_ids: torch.Tensor
+    lens: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    last: torch.Tensor | None = None
 
-def pair_fields(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Per-pair tensors every batch carries, padded or packed: lengths, and margin, source and tie if present."""
-    out = {"chosen_len": torch.tensor([r["chosen_len"] for r in rows], dtype=torch.long),
-           "rejected_len": torch.tensor([r["rejected_len"] for r in rows], dtype=torch.long)}
-    if "margin" in rows[0]:
-        out["margin"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)
-    if "source" in rows[0]:
-        out["source"] = torch.tensor([r["source"] for r in rows], dtype=torch.long)
-    if "tie" in rows[0]:
-        out["tie"] = torch.tensor([bool(r["tie"]) for r in rows], dtype=torch.bool)
-    return out
+    @classmethod
+    def of(cls, seqs: list[list[int]], pad_id: int, pack_len: int | None = None, packing: bool = False) -> Sequences:
+        """seqs right-padded to the longest, or packed into rows of at most pack_len tokens (pack_sequences)."""
+        lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+        if packing:
+            return cls(lens=lens, **pack_sequences(seqs, pad_id, pack_len))
+        return cls(pad_right(seqs, pad_id), lens)
 
+    def run(self, model, device: torch.device) -> torch.Tensor:
+        """The model's (or its engine's) output for every sequence: (S,) rewards, or (S, K) attributes."""
+        if self.position_ids is not None:
+            return model(self.input_ids.to(device), None, self.position_ids.to(device), self.last.to(device))
+        return model(self.input_ids.to(device), self.lens.to(device))
 
-def pack(rows: list[dict[str, Any]], pad_id: int, pack_len: int | None) -> dict[str, torch.Tensor]:
-    """Pack the 2B sequences of `rows` ([chosen_0..chosen_B-1, rejected_0..]) as pack_sequences does;
-    `last` is then in [chosen; rejected] order."""
-    seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
-    return pack_sequences(seqs, pad_id, pack_len) | pair_fields(rows)
+    @property
+    def tokens(self) -> int:
+        """Real tokens (a host value)."""
+        return int(self.lens.sum())
+
+    @property
+    def slots(self) -> int:
+        """Token positions the forward computes: real tokens + padding."""
+        return self.input_ids.numel()
 
 
 def pack_sequences(seqs: list[list[int]], pad_id: int, pack_len: int | None) -> dict[str, torch.Tensor]:
@@ -105,16 +114,9 @@ def _spread(seqs: list[list[int]], n_rows: int, cap: int):
     return (place, fill) if max(fill) <= cap else None
 
 
-def token_slots(b: dict[str, torch.Tensor]) -> int:
-    """Token positions the forward computes for batch b (real tokens + padding)."""
-    if "input_ids" in b:
-        return b["input_ids"].numel()
-    return b["chosen_ids"].numel() + b["rejected_ids"].numel()
-
-
 def balanced_groups(idx: list[int], tokens: np.ndarray, k: int) -> list[list[int]]:
-    """Split pairs `idx` into k groups of about equal token count: longest first, each to the group with
-    the fewest tokens so far (ties: the lower group). Every group gets at least one pair when len(idx) >= k."""
+    """Split rows `idx` into k groups of about equal token count: longest first, each to the group with
+    the fewest tokens so far (ties: the lower group). Every group gets at least one row when len(idx) >= k."""
     heap = [(0, g) for g in range(k)]
     groups: list[list[int]] = [[] for _ in range(k)]
     for i in sorted(idx, key=lambda i: (-int(tokens[i]), i)):
@@ -124,30 +126,26 @@ def balanced_groups(idx: list[int], tokens: np.ndarray, k: int) -> list[list[int
     return groups
 
 
-class PairSampler:
+class RowSampler:
     """Seeded, rank-sharded sampling that is a pure function of the step.
 
     Global batch g at step s is perm_e[s' * G : (s'+1) * G] (e = epoch, s' = step within it), the same
     permutation on every rank; how it is spread over ranks and micro steps is the module docstring's
-    rule for `mode`. Any world size or accumulation split with the same global batch sees the same pairs
+    rule for `mode`. Any world size or accumulation split with the same global batch sees the same rows
     per optimizer step, and a resumed run can jump to any step without replaying the data.
-    chosen_len/rejected_len (token counts per pair) are needed for grouping and packing.
+    longest/tokens (each row's longest sequence and its total tokens) are needed for grouping and packing.
     """
 
     def __init__(self, n: int, micro: int, accum: int, world: int, rank: int, seed: int, mode: str = "random",
-                 packing: bool = False, chosen_len=None, rejected_len=None, longest=None, tokens=None):
+                 packing: bool = False, longest=None, tokens=None):
         self.n, self.micro, self.accum, self.world, self.rank, self.seed = n, micro, accum, world, rank, seed
         self.mode, self.packing = mode, packing
         self.global_batch = micro * accum * world
         self.steps_per_epoch = n // self.global_batch
         self._perm: tuple[int, torch.Tensor] | None = None
-        if longest is not None:  # rows of more than two sequences (rankings): their longest and their total
+        if mode == "grouped" or packing:  # each row's longest sequence and its total tokens
             self.longest, self.tokens = np.asarray(longest), np.asarray(tokens)
             assert len(self.longest) == len(self.tokens) == n, "grouping and packing need every row's token counts"
-        elif mode == "grouped" or packing:
-            c, r = np.asarray(chosen_len), np.asarray(rejected_len)
-            assert len(c) == len(r) == n, "grouping and packing need every pair's token counts"
-            self.longest, self.tokens = np.maximum(c, r), c + r
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
@@ -156,13 +154,13 @@ class PairSampler:
         return self._perm[1]
 
     def global_batch_indices(self, step: int) -> list[int]:
-        """Every pair of step's global batch (all ranks, all micro steps)."""
+        """Every row of step's global batch (all ranks, all micro steps)."""
         epoch, within = divmod(step, self.steps_per_epoch)
         base = within * self.global_batch
         return self.permutation(epoch)[base:base + self.global_batch].tolist()
 
     def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's pairs for each micro step of (0-based) step."""
+        """This rank's rows for each micro step of (0-based) step."""
         assert self.steps_per_epoch > 0
         g = self.global_batch_indices(step)
         W, A, r = self.world, self.accum, self.rank
@@ -174,19 +172,13 @@ class PairSampler:
         return [g[(a * W + r) * self.micro:(a * W + r + 1) * self.micro] for a in range(A)]
 
 
-def get_preference_iterator(dataset, sampler: PairSampler, pad_id: int, done: int, total_steps: int,
-                            pack_len: int | None = None, collate_fn=None
-                            ) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
-    """Yield (step, [micro-batch, ...]) for optimizer steps done+1 .. total_steps (1-based: step s is
-    the s-th update, drawn from the sampler's global batch s - 1), right-padded, or packed into rows of
-    pack_len tokens when the sampler packs. collate_fn(rows, pad_id, pack_len, packing): another row kind's
-    batches (data.rankings.collate_rankings)."""
+def get_preference_iterator(dataset, sampler: RowSampler, collate: Callable[..., Any], done: int,
+                            total_steps: int) -> Iterator[tuple[int, list[Any]]]:
+    """Yield (step, [micro-batch, ...]) for optimizer steps done+1 .. total_steps (1-based: step s is the s-th
+    update, drawn from the sampler's global batch s - 1). collate(rows, packing=...): the objective's batch of
+    those rows (objectives/*: padded, or packed into rows of pack_len tokens when the sampler packs)."""
     for step in range(done + 1, total_steps + 1):
-        rows = [_rows(dataset, idx) for idx in sampler.micro_batches(step - 1)]
-        if collate_fn is not None:
-            yield step, [collate_fn(r, pad_id, pack_len, sampler.packing) for r in rows]
-        else:
-            yield step, [pack(r, pad_id, pack_len) if sampler.packing else collate(r, pad_id) for r in rows]
+        yield step, [collate(_rows(dataset, idx), packing=sampler.packing) for idx in sampler.micro_batches(step - 1)]
 
 
 def _rows(dataset, idx: list[int]) -> list[dict[str, Any]]:
@@ -195,7 +187,7 @@ def _rows(dataset, idx: list[int]) -> list[dict[str, Any]]:
 
 
 def eval_batches(n: int, world: int, rank: int, batch_size: int) -> list[tuple[list[int], list[float]]]:
-    """Every test pair exactly once across ranks: rank r takes r, r+W, ... Ranks with fewer pairs get
+    """Every test row exactly once across ranks: rank r takes r, r+W, ... Ranks with fewer rows get
     zero-weight filler so all ranks run the same number of forwards (ZeRO-3 gathers are collective)."""
     mine = list(range(rank, n, world))
     per_rank = -(-n // world)

@@ -34,27 +34,26 @@ from rm_trainer import disk
 from rm_trainer.data.sources import prepare_sources
 from rm_trainer.errors import DataError, UserError
 
-# what turns a row into token ids
-CODE = ("formats.py", "truncation.py", "tokenize.py", "sources.py", "cache.py", "rankings.py", "ratings.py",
-        "mixed.py", "schema.py")
+# what turns a row into token ids: these modules of data/, the objectives' row machinery (base.py) and
+# each objective's own reader modules (Objective.row_modules)
+CODE = ("formats.py", "truncation.py", "tokenize.py", "sources.py", "cache.py", "schema.py")
 READY_KEY = "rm_trainer/data_cache"
 
 
-def data_identity(cfg) -> dict[str, Any]:
-    """Everything that decides which pairs exist, their token ids and their order."""
+def data_identity(cfg, objective) -> dict[str, Any]:
+    """Everything that decides which rows exist, their token ids and their order: the files, the tokenizer,
+    max_len, the data options, the seed, and what the objective reads (Objective.identity)."""
     d = cfg.data
     return {
         "data_and_tokenizer_sha256": fingerprint(
             [p for s in d.source_list() for p in (s.path, s.test_path)] + [d.chat_template],
             cfg.model.tokenizer or cfg.model.path),
         "max_len": d.max_len,
-        "options": {k: getattr(d, k) for k in ("test_fraction", "format", "prompt_key", "chosen_key", "rejected_key",
-                                               "margin_key", "tie_key", "on_error")}
+        "options": {k: getattr(d, k) for k in ("test_fraction", "format", "on_error")}
         | {"sources": [[s.name, s.weight, s.test_fraction] for s in d.sources or []]},
         "seed": cfg.train.seed,
-    } | ({"objective": "ranking", "ranking_score": d.ranking_score} if cfg.train.objective == "ranking" else {}) | (
-        {"objective": cfg.train.objective, "attributes": d.attributes, "response_key": d.response_key,
-         "missing_attributes": d.missing_attributes} if cfg.train.objective in ("regression", "bt+regression") else {})
+        "objective": {"name": objective.name} | objective.identity(),
+    }
 
 
 def fingerprint(paths: list[str | None], tokenizer_dir: str | None) -> str:
@@ -80,23 +79,27 @@ def _fingerprint(paths: tuple[str, ...], tokenizer_dir: str | None) -> str:
     return h.hexdigest()
 
 
-def cache_identity(cfg) -> dict[str, Any]:
+def cache_identity(cfg, objective) -> dict[str, Any]:
+    import importlib
+
     import tokenizers
     import transformers
 
     here = Path(__file__).parent
-    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in CODE)).hexdigest()[:16]
-    return data_identity(cfg) | {"code_sha256": code, "transformers": transformers.__version__,
-                                 "tokenizers": tokenizers.__version__}
+    files = [here / f for f in CODE] + [Path(importlib.import_module(m).__file__) for m in
+                                        ("rm_trainer.objectives.base", *objective.row_modules)]
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    return data_identity(cfg, objective) | {"code_sha256": code, "transformers": transformers.__version__,
+                                            "tokenizers": tokenizers.__version__}
 
 
-def cache_dir(cfg) -> Path:
-    ident = json.dumps(cache_identity(cfg), sort_keys=True)
+def cache_dir(cfg, objective) -> Path:
+    ident = json.dumps(cache_identity(cfg, objective), sort_keys=True)
     root = Path(cfg.data.cache_dir or Path(cfg.output.output_dir) / "data_cache")
     return root / hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
-def build(cfg, tok, dest: Path) -> dict:
+def build(cfg, tok, objective, dest: Path) -> dict:
     """Read, check and tokenize every source into dest (atomically). Returns the report."""
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -106,14 +109,14 @@ def build(cfg, tok, dest: Path) -> dict:
     try:
         # datasets' own arrow files (the parsed sources, map results) go to a scratch folder that is
         # deleted afterwards, not into the home directory's cache
-        train, test, report, names = prepare_sources(cfg, tok, work_dir=str(tmp / "scratch"))
+        train, test, report, names = prepare_sources(cfg, tok, objective, work_dir=str(tmp / "scratch"))
         train.save_to_disk(str(tmp / "train"))
         if test is not None:
             test.save_to_disk(str(tmp / "test"))
         report["_total"]["prepare_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "sources.json").write_text(json.dumps(names))
-        (tmp / "identity.json").write_text(json.dumps(cache_identity(cfg), indent=2) + "\n")
+        (tmp / "identity.json").write_text(json.dumps(cache_identity(cfg, objective), indent=2) + "\n")
         del train, test
         shutil.rmtree(tmp / "scratch", ignore_errors=True)
         if dest.exists():  # built meanwhile by another process: identical content, keep that one
@@ -136,12 +139,12 @@ def build(cfg, tok, dest: Path) -> dict:
     return report
 
 
-def prepare_or_load(cfg, tok) -> tuple[Path, bool]:
+def prepare_or_load(cfg, tok, objective) -> tuple[Path, bool]:
     """The cache folder for this config, built if missing. Returns (folder, whether it already existed)."""
-    dest = cache_dir(cfg)
+    dest = cache_dir(cfg, objective)
     if (dest / "identity.json").is_file():
         return dest, True
-    build(cfg, tok, dest)
+    build(cfg, tok, objective, dest)
     return dest, False
 
 
@@ -153,14 +156,14 @@ def load(dest: Path) -> tuple[Any, Any, list[str], dict]:
     return train, test, json.loads((dest / "sources.json").read_text()), json.loads((dest / "report.json").read_text())
 
 
-def load_data(cfg, tok, rt, out: Path):
+def load_data(cfg, tok, objective, rt, out: Path):
     """(train, test, source names) on every rank. Rank 0 builds or loads the cache; the others poll the
     store for the folder's name (no collective is pending meanwhile, so no collective timeout applies).
     rt: the run's ranks (train.engine.Runtime: is_main, publish, wait_for)."""
     if rt.is_main:
         try:
             t0 = time.perf_counter()
-            dest, hit = prepare_or_load(cfg, tok)
+            dest, hit = prepare_or_load(cfg, tok, objective)
         except BaseException as e:  # tell the waiting ranks, so they stop instead of waiting out the timeout
             rt.publish(READY_KEY, json.dumps({"error": f"{type(e).__name__}: {e}", "user": isinstance(e, UserError)}))
             raise

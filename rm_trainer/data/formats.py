@@ -1,20 +1,15 @@
-"""Reading preference files in every common shape, with errors that name file, line and field.
+"""Reading a source of rows, with errors that name file, line and field, and the text shapes every
+objective shares: HH full texts split at their last common "Assistant:" turn, conversations rendered
+through the chat template.
 
-Shapes (decided once per source, from its first row, unless data.format says; a row of another shape
-in that source is malformed):
-  hh             {"chosen": "<dialogue + answer>", "rejected": "<dialogue + answer>"}: the prompt is the
-                 longest common prefix that ends at an "Assistant:" turn
-  prompt         {"prompt": "...", "chosen": "...", "rejected": "..."}
-  conversational {"chosen": [{"role", "content"}, ...], "rejected": [...], "prompt"?: str | messages}
-                 (UltraFeedback-binarized style), rendered with the tokenizer's chat template
 Files are read through data/read.py (`datasets` first): .jsonl/.json (optionally .gz), .parquet, .arrow, a
-`save_to_disk` folder, or a hub dataset name.
+`save_to_disk` folder, or a hub dataset name. Which rows a source holds, and what makes one malformed, is
+its objective's layout (objectives/*_rows.py), decided once per source from its first rows.
 """
 
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +17,6 @@ from rm_trainer.data import read
 from rm_trainer.errors import DataError
 
 ASSISTANT = "Assistant:"
-
-
-@dataclass(frozen=True)
-class PairKeys:
-    prompt: str = "prompt"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    margin: str | None = None
-    tie: str | None = None
 
 
 def looks_like_hub_name(p: str) -> bool:
@@ -59,114 +45,13 @@ def row_location(path: str, row: int) -> str:
     return f"{path}:{lines[row]}" if row < len(lines) else f"{path} row {row}"
 
 
-def _messages_problem(v: Any, field: str) -> str | None:
-    if not isinstance(v, list) or not v:
-        return f"field {field!r}: expected a non-empty list of {{role, content}} messages"
-    for i, m in enumerate(v):
-        if not isinstance(m, dict):
-            return f"field {field}[{i}]: expected a {{role, content}} object, got {type(m).__name__}"
-        if not isinstance(m.get("role"), str):
-            what = "missing" if m.get("role") is None else f"a {type(m['role']).__name__}"
-            return f"field {field}[{i}].role is {what}; expected a string such as 'user' or 'assistant'"
-        if not isinstance(m.get("content"), str):
-            what = "missing" if m.get("content") is None else f"a {type(m['content']).__name__}"
-            return f"field {field}[{i}].content is {what}; expected a string"
-    return None
-
-
-def detect_pair_format(row: dict, keys: PairKeys) -> str:
-    """The shape of one well-formed row: conversational (messages), prompt (explicit prompt) or hh."""
-    if isinstance(row.get(keys.chosen), list):
-        return "conversational"
-    return "prompt" if row.get(keys.prompt) is not None else "hh"
-
-
-def decide_format(first_rows: list[Any], keys: PairKeys, fmt: str) -> str:
-    """The format of a whole source, decided once (data.format=auto) from its first object row. Every row
-    must then fit it: a row of another shape is malformed, never quietly read another way."""
-    if fmt != "auto":
-        return fmt
-    row = next((r for r in first_rows if isinstance(r, dict)), None)
-    return detect_pair_format(row, keys) if row is not None else "hh"
-
-
-WHY = {"hh": "HH full texts", "prompt": "explicit prompt/chosen/rejected", "conversational": "messages"}
-
-
-def row_problem(row: Any, fmt: str, keys: PairKeys) -> str | None:
-    """What is wrong with one row of a source whose format is `fmt` (hh, prompt or conversational),
-    naming the field; None if it is usable."""
-    if not isinstance(row, dict):
-        return f"each row must be a JSON object, got {type(row).__name__}"
-    for field in (keys.chosen, keys.rejected):
-        v = row.get(field)
-        if v is None:
-            return f"field {field!r} is missing"
-        if fmt == "conversational":
-            p = _messages_problem(v, field)
-            if p:
-                return p + f" (this source holds {WHY[fmt]}, decided from its first row)"
-        elif not isinstance(v, str):
-            return f"field {field!r} is a {type(v).__name__}, not text; expected a string"
-    p = row.get(keys.prompt)
-    if fmt == "prompt" and not isinstance(p, str):
-        return (f"field {keys.prompt!r} is {'missing' if p is None else 'a ' + type(p).__name__}; expected a "
-                f"string (this source has explicit prompts, decided from its first row)")
-    if fmt == "hh" and p is not None:
-        return (f"field {keys.prompt!r} is set, but this source holds {WHY[fmt]} without a prompt field "
-                "(decided from its first row); give every row a prompt, or none")
-    if fmt == "conversational" and p is not None and not isinstance(p, str):
-        problem = _messages_problem(p, keys.prompt)
-        if problem:
-            return problem
-    m = row.get(keys.margin) if keys.margin else None
-    if m is not None and not read.finite_number(m):
-        what = repr(m) if isinstance(m, float) else f"a {type(m).__name__}"
-        return f"field {keys.margin!r} is {what}; expected a finite number"
-    t = row.get(keys.tie) if keys.tie else None
-    if t is not None and not isinstance(t, bool) and not read.finite_number(t):
-        what = repr(t) if isinstance(t, float | str) else f"a {type(t).__name__}"
-        return (f"field {keys.tie!r} is {what}; expected true/false, or a preference strength (a finite number, "
-                "0 for a tie)")
-    return None
-
-
-def is_tie(row: dict, keys: PairKeys) -> bool:
-    """A tied pair: its tie field is true, or a preference strength of 0 (missing or null: not tied)."""
-    t = row.get(keys.tie) if keys.tie else None
-    return t is True or (t is not None and not isinstance(t, bool) and float(t) == 0.0)
-
-
-class PairLayout:
-    """How load_source reads preference pairs: the source's format, decided once from its first rows, each
-    row's problem, and the columns every source needs. (data.rankings.RankingLayout: the same for rankings.)"""
-
-    def __init__(self, keys: PairKeys) -> None:
-        self.keys = keys
-
-    def decide(self, first_rows: list[Any], fmt: str) -> str:
-        return decide_format(first_rows, self.keys, fmt)
-
-    def problem(self, row: Any, fmt: str) -> str | None:
-        return row_problem(row, fmt, self.keys)
-
-    def check_columns(self, ds, path: str) -> None:
-        for k in (self.keys.chosen, self.keys.rejected):
-            if k not in ds.column_names:
-                raise DataError(f"{path}: no {k!r} field in any row (found fields: {', '.join(ds.column_names)}); "
-                                "set data.chosen_key / data.rejected_key / data.prompt_key to your column names")
-
-
-def load_source(path: str, fmt: str, keys: PairKeys, on_error: str, cache_dir: str | None = None,
-                what: str = "--data", layout=None):
+def load_source(path: str, fmt: str, layout, on_error: str, cache_dir: str | None = None, what: str = "--data"):
     """One source as a datasets.Dataset, its format (decided once, from its first rows), and how many
     rows were already found malformed (only when `datasets` cannot read a JSON file and read.py reads it
     instead; every other row is checked during tokenization, against that format). Every file goes
     through data/read.py, so a file of any bytes is read or refused with a DataError naming it. layout:
-    PairLayout(keys) unless given (data.rankings.RankingLayout for --objective ranking)."""
+    the objective's view of its rows (decide, problem, check_columns; objectives/pair_rows.PairLayout)."""
     import datasets
-
-    layout = layout or PairLayout(keys)
 
     if not Path(path).exists() and not Path(path).is_symlink() and looks_like_hub_name(path):
         try:  # a hub dataset, where the network allows
@@ -267,22 +152,27 @@ def render_conversation(tok, prompt: Any, chosen: list[dict], rejected: list[dic
     """(prompt text, chosen response text, rejected response text) through the chat template. The
     prompt is the explicit one, else the messages both sides share before they differ."""
     if isinstance(prompt, str):
-        prompt_msgs = [{"role": "user", "content": prompt}]
-        c_msgs, r_msgs = chosen, rejected
-    elif isinstance(prompt, list):
-        prompt_msgs, c_msgs, r_msgs = prompt, chosen, rejected
-    else:
+        prompt = [{"role": "user", "content": prompt}]
+    elif not isinstance(prompt, list):
         k = 0
         while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
             k += 1
-        prompt_msgs, c_msgs, r_msgs = chosen[:k], chosen[k:], rejected[k:]
+        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+    prompt_text, (c, r) = render_messages(tok, prompt, [chosen, rejected], template)
+    return prompt_text, c, r
+
+
+def render_messages(tok, prompt: list[dict], responses: list[list[dict]], template: str | None = None
+                    ) -> tuple[str, list[str]]:
+    """(prompt text, each response's text) through the chat template: the prompt messages with the
+    generation prompt, and each response as what its messages add to them."""
     kwargs = {"chat_template": template} if template else {}
-    prompt_text = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+    prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
 
     def response(msgs: list[dict]) -> str:
-        full = tok.apply_chat_template(prompt_msgs + msgs, tokenize=False, **kwargs)
+        full = tok.apply_chat_template(prompt + msgs, tokenize=False, **kwargs)
         if not full.startswith(prompt_text):  # templates that rewrite earlier turns: render the tail alone
             return tok.apply_chat_template(msgs, tokenize=False, **kwargs)
         return full[len(prompt_text):]
 
-    return prompt_text, response(c_msgs), response(r_msgs)
+    return prompt_text, [response(m) for m in responses]

@@ -18,11 +18,12 @@ from rm_trainer.errors import UserError
 
 def features(**columns: str):
     """A datasets.Features from short type names: int, float, bool, str, ids (a token-id list), ids2 (a
-    list of token-id lists), floats, floats2."""
+    list of token-id lists), ints, floats, floats2."""
     from datasets import Features, List, Value
 
     scalar = {"int": Value("int64"), "float": Value("float64"), "bool": Value("bool"), "str": Value("string")}
-    nested = {"ids": List(Value("int64")), "ids2": List(List(Value("int64"))), "floats": List(Value("float64")),
+    nested = {"ids": List(Value("int64")), "ids2": List(List(Value("int64"))), "ints": List(Value("int64")),
+              "floats": List(Value("float64")),
               "floats2": List(List(Value("float64")))}
     return Features({k: (scalar | nested)[t] for k, t in columns.items()})
 

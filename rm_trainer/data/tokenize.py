@@ -1,8 +1,9 @@
-"""Tokenization exactly as training does it, for training (tokenize_source: a whole source in one batched
-datasets.map, every row given a status) and for scoring (encode_item: one text, pair or conversation).
+"""Tokenization exactly as training does it: for training (RowEncoder: rows of one prompt and K responses,
+in batched tokenizer calls; each objective's reader renders its rows' texts) and for scoring (encode_item:
+one text, pair or conversation).
 
 A sequence is the tokenizer's own special prefix (BOS for Llama-like tokenizers, nothing for GPT-2 or
-Qwen-like ones) once, then the prompt and the response, truncated by the policy in truncation.py, then EOS:
+Qwen-like ones) once, then the prompt and the response, truncated by the rule in truncation.py, then EOS:
 the reward is read at that final EOS. A text that already starts with the prefix written out (a chat
 template's `{{ bos_token }}`, a policy's decoded BOS) gets it once, not twice; a response that already
 ends in EOS gets one EOS. scoring_tokenizer() makes a tokenizer produce this very sequence by itself, for
@@ -12,25 +13,14 @@ the consumers of the exported model that tokenize raw text.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from dataclasses import dataclass
 
-from rm_trainer.config import DataConfig
-from rm_trainer.data.formats import (
-    PairKeys,
-    is_tie,
-    render_conversation,
-    row_location,
-    row_problem,
-    skip_hint,
-    split_hh,
-)
+from rm_trainer.data.formats import render_conversation
 from rm_trainer.data.read import read_text
-from rm_trainer.data.schema import features, tokenize_map
-from rm_trainer.data.truncation import truncate_pair
+from rm_trainer.data.truncation import Truncated, truncate
 from rm_trainer.errors import DataError
 
-DROP_REASONS = ("malformed", "empty_response", "identical_raw", "identical_after_truncation")
-KEPT_NOTES = ("prompt_truncated", "response_truncated", "hh_no_common_prompt")
+CUT_NOTES = ("prompt_truncated", "response_truncated")  # a kept row's note when max_len cut it
 
 
 def special_prefix(tok) -> list[int]:
@@ -60,7 +50,7 @@ def encode(tok, prompt: str, response: str, max_len: int, prefix: list[int] | No
     prompt, (response,) = drop_lead(prompt, (response,), lead_text(tok, prefix))
     p = prefix + tok(prompt, add_special_tokens=False)["input_ids"]
     r = tok(response, add_special_tokens=False)["input_ids"]
-    return truncate_pair(p, r, r, tok.eos_token_id, max_len, keep_prefix=len(prefix))
+    return truncate(p, [r], tok.eos_token_id, max_len, keep_prefix=len(prefix))
 
 
 def split_conversation(messages: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -92,38 +82,54 @@ def encode_item(tok, item, max_len: int, prefix: list[int]) -> list[int]:
     return encode(tok, prompt, response, max_len, prefix=prefix).chosen
 
 
-def _texts(row: dict, fmt: str, keys: PairKeys, tok) -> tuple[str, str, str, str]:
-    """(prompt, chosen response, rejected response, note) of a row of format `fmt`."""
-    c, r = row[keys.chosen], row[keys.rejected]
-    if fmt == "conversational":
-        return (*render_conversation(tok, row.get(keys.prompt), c, r, None), "")
-    if fmt == "prompt":
-        return row[keys.prompt], c, r, ""
-    split = split_hh(c, r)
-    if split is None:
-        return "", c, r, "hh_no_common_prompt"
-    return (*split, "")
+@dataclass(frozen=True)
+class Encoded:
+    """One row's token ids by the truncation rule, with what the report counts."""
+
+    cut: Truncated  # .seqs: each response's sequence, the prompt cut once for all of them
+    prompt_tokens: int  # before truncation (with the special prefix)
+    response_tokens: list[int]  # before truncation (with EOS)
+    single: list[list[int]]  # each response encoded on its own (score_texts); [] where that is its sequence
+
+    @property
+    def note(self) -> str:
+        """A kept row's note (CUT_NOTES) when max_len cut it, else ""."""
+        return "response_truncated" if self.cut.response_cut else "prompt_truncated" if self.cut.prompt_cut else ""
 
 
-COLUMNS = ("chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin", "tie", "source", "status",
-           "prompt_tokens", "chosen_tokens", "rejected_tokens", "chosen_single_ids", "rejected_single_ids")
-# chosen_single_ids / rejected_single_ids: each side as score_texts(prompt, response) encodes it on its
-# own (the single-sequence policy), [] where that equals the pair's ids (no truncation, or the same cut).
-# The reward of a response is a function of (prompt, response) alone; the pair policy is the loss's.
-SINGLE = ("chosen_single_ids", "rejected_single_ids")
+class RowEncoder:
+    """Rows of one prompt and K responses, given as texts (a conversation already rendered), to token ids:
+    the special prefix once, the prompt and each response tokenized in one batched tokenizer call per
+    batch of rows, then truncation.truncate's rule, one prompt cut for the whole row."""
 
+    def __init__(self, tok, max_len: int) -> None:
+        self.tok, self.max_len, self.eos = tok, max_len, tok.eos_token_id
+        self.prefix = special_prefix(tok)
+        self.lead = lead_text(tok, self.prefix)
 
-def pair_features():
-    """The declared arrow schema of COLUMNS (schema.py says why it is declared)."""
-    return features(chosen_ids="ids", rejected_ids="ids", chosen_len="int", rejected_len="int", margin="float",
-                    tie="bool", source="int", status="str", prompt_tokens="int", chosen_tokens="int",
-                    rejected_tokens="int", chosen_single_ids="ids", rejected_single_ids="ids")
+    def encode(self, rows: list[tuple[str, list[str]] | None]) -> list[Encoded | None]:
+        """Each row (prompt text, response texts) encoded; None stays None (a malformed row)."""
+        texts = [drop_lead(p, tuple(rs), self.lead) for p, rs in (r for r in rows if r is not None)]
+        ids = (lambda x: self.tok(x, add_special_tokens=False)["input_ids"] if x else [])  # noqa: E731
+        prompts = ids([p for p, _ in texts])
+        flat = iter(ids([r for _, rs in texts for r in rs]))
+        out, k = [], 0
+        for row in rows:
+            if row is None:
+                out.append(None)
+                continue
+            p = self.prefix + prompts[k]
+            responses = [next(flat) for _ in texts[k][1]]
+            k += 1
+            out.append(self._encode(p, responses))
+        return out
 
-
-def single_ids(p_ids: list[int], r_ids: list[int], eos: int, max_len: int, keep: int, pair_ids: list[int]) -> list[int]:
-    """One side encoded alone (score_texts' policy); [] when that is the pair's own sequence."""
-    ids = truncate_pair(p_ids, r_ids, r_ids, eos, max_len, keep_prefix=keep).chosen
-    return [] if ids == pair_ids else ids
+    def _encode(self, p: list[int], responses: list[list[int]]) -> Encoded:
+        cut = truncate(p, responses, self.eos, self.max_len, keep_prefix=len(self.prefix))
+        alone = [truncate(p, [r], self.eos, self.max_len, len(self.prefix)).seqs[0] if len(responses) > 1
+                 else seq for r, seq in zip(responses, cut.seqs, strict=True)]
+        return Encoded(cut, len(p), [len(r) + 1 for r in responses],
+                       [[] if a == seq else a for a, seq in zip(alone, cut.seqs, strict=True)])
 
 
 def default_num_proc(n_rows: int) -> int:
@@ -131,83 +137,6 @@ def default_num_proc(n_rows: int) -> int:
     worker costs a second to start)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, 16, n_rows // 10_000))
-
-
-def _status(chosen: str, rejected: str, cut, note: str) -> str:
-    """A drop reason (DROP_REASONS), a note (KEPT_NOTES) or "" for a pair that is used as it is."""
-    if not chosen.strip() or not rejected.strip():
-        return "empty_response"
-    if chosen == rejected:
-        return "identical_raw"
-    if cut.identical:
-        return "identical_after_truncation"
-    return note or ("response_truncated" if cut.response_cut else "prompt_truncated" if cut.prompt_cut else "")
-
-
-def _labels(out: dict[str, list], row: dict, keys: PairKeys, ok: bool, source_id: int) -> None:
-    """The pair's margin (--margin_key; 0 without), whether it is tied (--tie_key) and its source."""
-    out["margin"].append(float(row.get(keys.margin) or 0.0) if keys.margin and ok else 0.0)
-    out["tie"].append(ok and is_tie(row, keys))
-    out["source"].append(source_id)
-
-
-def tokenize_source(ds, fmt: str, tok, d: DataConfig, source_id: int = 0, path: str = "",
-                    work_dir: str | None = None):
-    """One batched datasets.map over a whole source: check each row against the source's format, render,
-    tokenize (one batched call per field), truncate. Every row gets a status (a drop reason, a note, or
-    ""), so nothing is lost uncounted. A malformed row raises DataError naming file:line and field, unless
-    data.on_error=skip, which counts it. work_dir: where the result's arrow files go (default: beside the
-    source's own)."""
-    keys = PairKeys(d.prompt_key, d.chosen_key, d.rejected_key, d.margin_key, d.tie_key)
-    prefix = special_prefix(tok)
-    lead, eos = lead_text(tok, prefix), tok.eos_token_id
-    if fmt == "conversational" and not tok.chat_template:
-        raise DataError(f"{path}: holds conversations (messages), but the tokenizer has no chat template; "
-                        "pass --chat_template FILE (a Jinja template)")
-
-    def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in COLUMNS}
-        rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
-        texts = []
-        for i, row in zip(indices, rows, strict=True):
-            problem = row_problem(row, fmt, keys)
-            if problem and d.on_error == "error":
-                raise DataError(f"{row_location(path, i)}: {problem}" + skip_hint())
-            if problem:
-                texts.append(None)
-                continue
-            prompt, c, r, note = _texts(row, fmt, keys, tok)
-            prompt, (c, r) = drop_lead(prompt, (c, r), lead)  # the prefix is added as ids, once
-            texts.append((prompt, c, r, note))
-        ok = [t for t in texts if t is not None]
-        enc = [tok([t[j] for t in ok], add_special_tokens=False)["input_ids"] if ok else [] for j in range(3)]
-        k = 0
-        for row, t in zip(rows, texts, strict=True):
-            if t is None:
-                p_ids, c_ids, r_ids, status, cut = [], [], [], "malformed", None
-            else:
-                p, c, r, note = t
-                p_ids, c_ids, r_ids = prefix + enc[0][k], enc[1][k], enc[2][k]
-                k += 1
-                cut = truncate_pair(p_ids, c_ids, r_ids, eos, d.max_len, keep_prefix=len(prefix))
-                status = _status(c, r, cut, note)
-            out["chosen_ids"].append(cut.chosen if cut else [])
-            out["rejected_ids"].append(cut.rejected if cut else [])
-            out["chosen_len"].append(len(cut.chosen) if cut else 0)
-            out["rejected_len"].append(len(cut.rejected) if cut else 0)
-            _labels(out, row, keys, cut is not None, source_id)
-            out["status"].append(status)
-            out["prompt_tokens"].append(len(p_ids))
-            out["chosen_tokens"].append(len(c_ids) + 1)
-            out["rejected_tokens"].append(len(r_ids) + 1)
-            for name, side, key in ((SINGLE[0], c_ids, "chosen_ids"), (SINGLE[1], r_ids, "rejected_ids")):
-                out[name].append(single_ids(p_ids, side, eos, d.max_len, len(prefix), out[key][-1]) if cut else [])
-        return out
-
-    num_proc = d.num_proc or default_num_proc(len(ds))
-    cache = str(Path(work_dir) / f"tokenized-{source_id}-{Path(path).name or 'pairs'}.arrow") if work_dir else None
-    return tokenize_map(ds, fn, pair_features(), path=path, source_id=source_id, num_proc=num_proc,
-                        cache_file_name=cache)
 
 
 def load_tokenizer(cfg):

@@ -6,7 +6,7 @@ Each file is read as one of:
   pairs           every shape training reads (prompt/chosen/rejected, HH full texts, messages), with an
                   optional `subset` column; RewardBench v1 files (all subsets RewardBench's) also get
                   the leaderboard's section weighting
-Pairs are tokenized exactly as training tokenized them (data.tokenize.tokenize_source: same template,
+Pairs are tokenized exactly as training tokenized them (objectives/pair_rows.PairReader: same template,
 truncation and EOS, same drops, counted by reason; the column names and shape from EvalOptions);
 RewardBench 2's completions as rm-score tokenizes a (prompt, response). chat="auto" renders
 RewardBench's plain prompts through the chat template when the model's tokenizer has one (as
@@ -28,11 +28,12 @@ import torch
 
 from rm_trainer.config import DataConfig
 from rm_trainer.data import read
-from rm_trainer.data.formats import PairKeys, is_jsonl, jsonl_lines, load_source
-from rm_trainer.data.tokenize import DROP_REASONS, SINGLE, encode_item, special_prefix, tokenize_source
+from rm_trainer.data.formats import is_jsonl, jsonl_lines, load_source
+from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.errors import DataError, UserError
 from rm_trainer.eval import diagnostics, report, rewardbench
-from rm_trainer.model import score_sequences
+from rm_trainer.model.scoring import score_sequences
+from rm_trainer.objectives.pair_rows import DROP_REASONS, PairKeys, PairReader
 from rm_trainer.use.score import row_where
 
 
@@ -79,27 +80,28 @@ def _v2_like(first: list[dict]) -> bool:
 def _pairs_file(path: str, tok, max_len: int, chat: bool, opts: EvalOptions, sid: int):
     """(chosen ids, rejected ids, subset per pair, dropped counts) as training would tokenize the file."""
     keys = opts.keys
-    ds, fmt, pre_bad = load_source(path, opts.format, keys, opts.on_error)
+    d = DataConfig(prompt_key=keys.prompt, chosen_key=keys.chosen, rejected_key=keys.rejected, tie_key=keys.tie,
+                   max_len=max_len, on_error=opts.on_error, num_proc=1)
+    reader = PairReader(tok, d)
+    ds, fmt, pre_bad = load_source(path, opts.format, reader.layout, opts.on_error)
     if chat and fmt == "prompt":  # RewardBench style: a plain user prompt, rendered as the model's chat
         ds = ds.map(lambda r: {keys.chosen: [{"role": "assistant", "content": r[keys.chosen]}],
                                keys.rejected: [{"role": "assistant", "content": r[keys.rejected]}]})
         fmt = "conversational"
     subsets = ds["subset"] if "subset" in ds.column_names else [Path(path).name] * len(ds)
-    d = DataConfig(prompt_key=keys.prompt, chosen_key=keys.chosen, rejected_key=keys.rejected, tie_key=keys.tie,
-                   max_len=max_len, on_error=opts.on_error, num_proc=1)
-    tokd = tokenize_source(ds, fmt, tok, d, sid, path)
+    tokd = reader.tokenize(ds, fmt, sid, path)
     status = tokd["status"]
     drops = DROP_REASONS if opts.truncation == "pair" else ("malformed",)
     keep = [i for i, s in enumerate(status) if s not in drops]
     dropped = Counter(s for s in status if s in drops) + Counter({"malformed": pre_bad} if pre_bad else {})
-    c_ids, r_ids = tokd["chosen_ids"], tokd["rejected_ids"]
-    if opts.truncation == "single":
-        c_ids = [s or p for s, p in zip(tokd[SINGLE[0]], c_ids, strict=True)]
-        r_ids = [s or p for s, p in zip(tokd[SINGLE[1]], r_ids, strict=True)]
-    ids = row_ids(ds, path, keep, exact_lines=not pre_bad)
+    ids = tokd["ids"]
+    if opts.truncation == "single":  # each response as it is encoded on its own
+        ids = [[s or i for s, i in zip(single, row, strict=True)] for single, row in zip(tokd["single"], ids,
+                                                                                            strict=True)]
+    c_ids, r_ids = [r[0] if r else [] for r in ids], [r[1] if r else [] for r in ids]
     tie = tokd["tie"]
-    return ([c_ids[i] for i in keep], [r_ids[i] for i in keep], [str(subsets[i]) for i in keep], ids, dropped,
-            [bool(tie[i]) for i in keep])
+    return ([c_ids[i] for i in keep], [r_ids[i] for i in keep], [str(subsets[i]) for i in keep],
+            row_ids(ds, path, keep, exact_lines=not pre_bad), dropped, [bool(tie[i]) for i in keep])
 
 
 def row_ids(ds, path: str, keep: list[int], exact_lines: bool) -> list:

@@ -1,15 +1,17 @@
 """rm-eval on K-wise rankings: rows of one prompt, K >= 2 responses and a score (or rank) for each, or
-UltraFeedback's own rows (data.rankings reads both). Reported as a ranking run's evaluation reports them:
+UltraFeedback's own rows (objectives/ranking_rows reads both). Reported as a ranking run's evaluation reports them:
 pairwise accuracy over every ordered pair of responses with different scores, the fraction of prompts whose
 highest reward is on a best-scored response (top-1; a tie for the highest reward counts as wrong), and the
 per-prompt loss of each ranking loss.
 
 A file is a ranking file when its first row has a `responses` list or `completions` and no `chosen`; the
 pair, RewardBench and rating files given with it are evaluated as before. Rows are read, checked and
-encoded exactly as training reads them (the same file:line:field errors, the same drop reasons, each
-response encoded as score_texts encodes (prompt, response)); each response is scored once. The statistics
-are the training evaluation's float64 sums (objectives.ranking_sums), so the `eval/*` metrics of a ranking
-run and rm-eval on its held-out file agree. An attribute head is ranked by its combined reward.
+encoded exactly as training reads them (the same file:line:field errors, the same drop reasons); each
+response is scored once, as score_texts encodes (prompt, response) (--truncation single, the default), or
+as the loss saw it (--truncation pair: the prompt cut once for the whole row). The statistics are the
+training evaluation's float64 sums (objectives/ranking_loss.ranking_sums), so the `eval/*` metrics of a
+ranking run and `rm-eval --truncation pair` on its held-out file agree (and without a cut prompt, the
+default too). An attribute head is ranked by its combined reward.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from collections import Counter
 
 import torch
 
+from rm_trainer.config import DataConfig
 from rm_trainer.data import read
-from rm_trainer.data.rankings import DROP_REASONS, RankingKeys, RankingLayout, tokenize_rankings
 from rm_trainer.errors import UserError
-from rm_trainer.model import score_sequences
-from rm_trainer.objectives import RANKING_FIELDS, ranking_metrics, ranking_sums
+from rm_trainer.model.scoring import score_sequences
+from rm_trainer.objectives.ranking_loss import RANKING_FIELDS, ranking_metrics, ranking_sums
+from rm_trainer.objectives.ranking_rows import DROP_REASONS, RankingKeys, RankingLayout, RankingReader
 
 LOSSES = ("pairs", "plackett_luce")
 
@@ -53,17 +56,23 @@ def _ranked_like(first: list[dict], keys: RankingKeys) -> bool:
 
 
 def evaluate_rankings(model, files: list[tuple[str, object, str, int]], keys: RankingKeys, on_error: str,
-                      max_batch_tokens: int, padding_side: str = "right") -> tuple[dict, list[dict]]:
+                      max_batch_tokens: int, padding_side: str = "right", truncation: str = "single"
+                      ) -> tuple[dict, list[dict]]:
     """(result, one score row per ranked prompt) of the ranking files [(path, rows, layout, refused), ...]:
     the metrics of all files together and of each file."""
     seqs, group, scores, where, dropped = [], [], [], [], Counter()
+    reader = RankingReader(model.tokenizer, DataConfig(max_len=model.max_len, on_error=on_error, num_proc=1),
+                           keys=keys)
     for sid, (path, ds, fmt, refused) in enumerate(files):
         dropped["malformed"] += refused
-        tokd = tokenize_rankings(ds, fmt, model.tokenizer, model.max_len, on_error, keys, sid, path)
-        for i, (status, ids, rated) in enumerate(zip(tokd["status"], tokd["ids"], tokd["scores"], strict=True)):
+        tokd = reader.tokenize(ds, fmt, sid, path)
+        for i, (status, ids, single, rated) in enumerate(zip(tokd["status"], tokd["ids"], tokd["single"],
+                                                             tokd["scores"], strict=True)):
             if status in DROP_REASONS:
                 dropped[status] += 1
                 continue
+            if truncation == "single":  # each response as it is encoded on its own
+                ids = [s or x for s, x in zip(single, ids, strict=True)]
             group += [len(where)] * len(ids)
             seqs += ids
             scores += rated

@@ -3,11 +3,11 @@ Pearson r over the rows that rate it.
 
 A file is a rating file when its first row has the response column (data.response_key, `response`) and
 no `chosen`; pair files given with it are evaluated as pairs, with the combined reward. Rows are read,
-checked and encoded exactly as training reads them (data.ratings: the same file:line:field errors, the
-same drop reasons, the same ids as score_texts). A missing or null rating is left out of that attribute's
-metrics (it is not an error here: every attribute reports how many rows rate it). The statistics are the
-training evaluation's float64 sums (attributes.regression_sums), so `eval/rmse/*` and `eval/pearson/*` of
-a run and rm-eval on its held-out file agree.
+checked and encoded exactly as training reads them (objectives/rating_rows: the same file:line:field
+errors, the same drop reasons, the same ids as score_texts). A missing or null rating is left out of that
+attribute's metrics (it is not an error here: every attribute reports how many rows rate it). The
+statistics are the training evaluation's float64 sums (objectives/regression_loss.regression_sums), so
+`eval/rmse/*` and `eval/pearson/*` of a run and rm-eval on its held-out file agree.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from collections import Counter
 
 import torch
 
-from rm_trainer.attributes import regression_metrics, regression_sums
+from rm_trainer.config import DataConfig
 from rm_trainer.data import read
-from rm_trainer.data.ratings import DROP_REASONS, RatingKeys, rating_problem, tokenize_ratings
 from rm_trainer.errors import UserError
-from rm_trainer.model import score_with_attributes
+from rm_trainer.model.scoring import score_with_attributes
+from rm_trainer.objectives.rating_rows import DROP_REASONS, RatingKeys, RatingReader, rating_problem
+from rm_trainer.objectives.regression_loss import regression_metrics, regression_sums
 
 
 def rated_rows(path: str, keys: RatingKeys, on_error: str):
@@ -48,14 +49,16 @@ def evaluate_ratings(model, files: list[tuple[str, object, int]], keys: RatingKe
                      max_batch_tokens: int, padding_side: str = "right") -> tuple[dict, list[dict]]:
     """(result, one score row per rated response) of the rating files [(path, rows, refused), ...]."""
     seqs, targets, where, dropped = [], [], [], Counter()
+    reader = RatingReader(model.tokenizer, DataConfig(max_len=model.max_len, on_error=on_error, num_proc=1),
+                          keys=keys)
     for sid, (path, ds, refused) in enumerate(files):
         dropped["malformed"] += refused
-        tokd = tokenize_ratings(ds, model.tokenizer, model.max_len, on_error, keys, sid, path)
+        tokd = reader.tokenize(ds, "rating", sid, path)
         for i, (status, ids, y) in enumerate(zip(tokd["status"], tokd["ids"], tokd["targets"], strict=True)):
             if status in DROP_REASONS:
                 dropped[status] += 1
                 continue
-            seqs.append(ids)
+            seqs.append(ids[0])
             targets.append(y)
             where.append((path, i))
     if not seqs:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from rm_trainer import disk
+from rm_trainer import disk, objectives
 from rm_trainer.artifact import checkpoint_files as ckpt
 from rm_trainer.config import RunConfig
-from rm_trainer.data.batching import collate, pad_right
 from rm_trainer.data.cache import data_identity
 from rm_trainer.errors import ConfigError
 from rm_trainer.train import elastic, engine
@@ -24,7 +23,7 @@ from rm_trainer.train.best import BestCheckpoints
 from rm_trainer.train.step import StepRecord
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly at a committed checkpoint; rerun to resume
-PROBE_PAIRS = 4
+PROBE_SEQUENCES = 8
 
 
 class Preempted(Exception):
@@ -37,8 +36,9 @@ class Preempted(Exception):
 
 def resume_keys(cfg: RunConfig, world: int, zero_stage: int) -> dict:
     """What must match for a resume to continue exactly where the checkpoint left off. world_size and
-    zero_stage may change (elastic.py converts the checkpoint); the global batch may not."""
-    t = cfg.train
+    zero_stage may change (elastic.py converts the checkpoint); the global batch may not; the objective
+    and what shapes its loss (Objective.checkpoint_key) may not."""
+    t, objective = cfg.train, objectives.build(cfg)
     model_id = hashlib.sha256((Path(cfg.model.path) / "config.json").read_bytes()).hexdigest()[:16]
     keys = {"base_weights": base_fingerprint(cfg.model.path)} if cfg.model.lora_r and not cfg.model.random_init \
         else {}
@@ -46,20 +46,7 @@ def resume_keys(cfg: RunConfig, world: int, zero_stage: int) -> dict:
                    "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
                    "global_batch": t.micro_batch_size * t.grad_accum * (world // t.sequence_parallel),
                    "batching": [t.batching, t.packing, cfg.pack_len],
-                   "objective": objective_key(cfg)} | data_identity(cfg)
-
-
-def objective_key(cfg: RunConfig) -> dict:
-    """The objective and what shapes its loss: a resume must train the same one."""
-    t = cfg.train
-    if t.objective == "ranking":
-        return {"tie_loss": t.tie_loss, "objective": "ranking", "ranking_loss": t.ranking_loss}
-    if t.objective in ("regression", "bt+regression"):
-        return {"tie_loss": t.tie_loss, "objective": t.objective, "attributes": cfg.data.attributes,
-                "attribute_weights": t.attribute_weights} | (
-            {"bt_weight": t.bt_weight, "reward_weights": cfg.model.reward_weights} if t.objective == "bt+regression"
-            else {})
-    return {"tie_loss": t.tie_loss}
+                   "objective": objective.checkpoint_key()} | data_identity(cfg, objective)
 
 
 def base_fingerprint(path: str) -> str:
@@ -107,22 +94,21 @@ def check_sequence_parallel(target: Path, then: int, now: int, moved: dict) -> N
                            "on the world size and ZeRO stage it was written with"])
 
 
-def make_probe(ds, pad_id: int) -> dict[str, torch.Tensor]:
-    """A few held-out pairs that every checkpoint scores with the live engine; consolidation must
-    reproduce those rewards from the merged weights alone."""
-    if "targets" in ds.column_names and not isinstance(ds[0]["ids"][0], list):  # rated rows: one sequence each
-        seqs = [ds[i]["ids"] for i in range(min(2 * PROBE_PAIRS, len(ds)))]
-        return {"input_ids": pad_right(seqs, pad_id), "seq_lengths": torch.tensor([len(x) for x in seqs])}
-    if "ids" in ds.column_names:  # ranking rows: their first responses, as many sequences as the pairs give
-        seqs = [ids for i in range(min(PROBE_PAIRS, len(ds))) for ids in ds[i]["ids"]][:2 * PROBE_PAIRS]
-        return {"input_ids": pad_right(seqs, pad_id), "seq_lengths": torch.tensor([len(x) for x in seqs])}
-    b = collate([ds[i] for i in range(min(PROBE_PAIRS, len(ds)))], pad_id)
-    return {"input_ids": torch.cat([b["chosen_ids"], b["rejected_ids"]]),
-            "seq_lengths": torch.cat([b["chosen_len"], b["rejected_len"]])}
+def make_probe(ds, pad_id: int, objective) -> dict[str, torch.Tensor]:
+    """The first rows' sequences (PROBE_SEQUENCES of them), in the order the objective's own batch runs them
+    (a pair batch: its chosen ones, then its rejected ones), right-padded: every checkpoint scores them with
+    the live engine, and consolidation must reproduce those rewards from the merged weights alone."""
+    rows, n = [], 0
+    while n < PROBE_SEQUENCES and len(rows) < len(ds):
+        rows.append(ds[len(rows)])
+        n += len(rows[-1]["ids"])
+    seqs = objective.collate(rows, pad_id).seqs
+    return {"input_ids": seqs.input_ids[:PROBE_SEQUENCES], "seq_lengths": seqs.lens[:PROBE_SEQUENCES]}
 
 
-def run_record(cfg: RunConfig, backbone, tok, world: int, is_main: bool, zero_stage: int) -> ckpt.CheckpointRecord:
-    bc = backbone.config.to_diff_dict() | {"model_type": backbone.config.model_type}
+def run_record(cfg: RunConfig, backbone_config, tok, world: int, is_main: bool, zero_stage: int
+               ) -> ckpt.CheckpointRecord:
+    bc = backbone_config.to_diff_dict() | {"model_type": backbone_config.model_type}
     return ckpt.CheckpointRecord(
         run_config=cfg.model_dump(mode="json"), backbone_config=bc, dtype=cfg.train.dtype,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_len=cfg.data.max_len, world_size=world,
@@ -130,13 +116,20 @@ def run_record(cfg: RunConfig, backbone, tok, world: int, is_main: bool, zero_st
 
 
 class Checkpointer:
-    def __init__(self, cfg: RunConfig, rt: engine.Runtime, tok, record: ckpt.CheckpointRecord,
-                 probe: dict[str, torch.Tensor], reward_stats):
+    """Built from the run config (train.save_every, keep_last, keep_best; output's preempt marker), the run's
+    ranks and tokenizer, the backbone's config and the ZeRO stage (its run record) and the rows its probe
+    reads (the held-out ones, else the training ones) as the objective batches them. reward_stats: the last
+    evaluation's normalisation."""
+
+    def __init__(self, cfg: RunConfig, rt: engine.Runtime, tok, *, objective, backbone, rows, zero_stage: int,
+                 reward_stats):
         out = Path(cfg.output.output_dir)
         self.root = out / "checkpoints"
         self.every, self.keep_last = cfg.train.save_every, cfg.train.keep_last
         self.marker = Path(cfg.output.preempt_marker or out / "preempted.json")
-        self.rt, self.tok, self.record, self.probe, self.reward_stats = rt, tok, record, probe, reward_stats
+        self.record = run_record(cfg, backbone, tok, rt.world_size, rt.is_main, zero_stage)
+        self.probe = make_probe(rows, tok.pad_token_id, objective)
+        self.rt, self.tok, self.reward_stats = rt, tok, reward_stats
         t = cfg.train
         self.best = BestCheckpoints(self.root, t.keep_best, t.best_metric, t.best_mode, 0) if t.keep_best else None
         self.saved: tuple[int, str] | None = None

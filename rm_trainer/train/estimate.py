@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rm_trainer import moe
 from rm_trainer.config import RunConfig
-from rm_trainer.lora import apply_lora
+from rm_trainer.model import moe
+from rm_trainer.model.lora import apply_lora
 
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -70,8 +70,8 @@ def problems(n: int, world: int, backbone: dict, attn: str | None, max_len: int,
 def check(cfg, world: int, backbone: dict) -> None:
     """ConfigError naming every reason the run config's sequence parallelism (or tiled MLP) cannot run on
     `world` ranks."""
-    from rm_trainer import moe
     from rm_trainer.errors import ConfigError
+    from rm_trainer.model import moe
 
     routed = moe.routing(SimpleNamespace(**backbone)) is not None
     found = problems(cfg.train.sequence_parallel, world, backbone, cfg.model.attn_implementation, cfg.data.max_len,

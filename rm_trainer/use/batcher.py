@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rm_trainer.data.tokenize import encode_item, special_prefix
-from rm_trainer.model import score_with_attributes
+from rm_trainer.model.scoring import score_with_attributes
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 QUANTILES = (0.5, 0.9, 0.99)

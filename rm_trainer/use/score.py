@@ -29,7 +29,7 @@ from rm_trainer.data.formats import is_jsonl, row_location
 from rm_trainer.data.read import read_table
 from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.errors import DataError, UserError
-from rm_trainer.model import score_with_attributes
+from rm_trainer.model.scoring import score_with_attributes
 from rm_trainer.use.rows import RowKeys, detect_row_format, row_items, row_problem
 
 

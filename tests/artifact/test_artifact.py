@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel, LlamaConfig
 
 from rm_trainer.artifact.format import fp32_compute, model_from_state
-from rm_trainer.model import RewardModel
+from rm_trainer.model.reward import RewardModel
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64, max_position_embeddings=64)

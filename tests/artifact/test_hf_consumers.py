@@ -55,7 +55,8 @@ def trained(demo_assets, tmp_path_factory):
 
             tiny_llama_config(len(tok)).save_pretrained(d / "model")
             train(d / "out", train_args(d / "model", d / "train.jsonl", d / "test.jsonl", random_init=True,
-                                        dtype="fp32", max_len=64, max_steps=6, micro_batch_size=8, lr=1e-3),
+                                        dtype="fp32", max_len=64, max_steps=6, micro_batch_size=8, lr=1e-3,
+                                        hf_export=True),
                   launcher="python", nprocs=1)
             done[style] = d / "out"
         return done[style]

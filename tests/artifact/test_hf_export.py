@@ -39,5 +39,5 @@ def test_sharded_export_loads_and_scores_like_reward_pt(run, demo_assets, tmp_pa
 def test_export_cli_names_a_file_that_is_not_a_reward_pt(tmp_path, capsys):
     bad = tmp_path / "x.pt"
     torch.save({"format": "something else"}, bad)
-    assert main([str(bad), str(tmp_path / "hf")]) == 2
+    assert main(["--model", str(bad), "--output_dir", str(tmp_path / "hf")]) == 2
     assert "not an rm_trainer reward.pt" in capsys.readouterr().err

@@ -48,11 +48,11 @@ def test_help_names_every_option_and_version_prints(command):
 @pytest.mark.parametrize("command,args,suggestion", [
     ("rm-train", ["--max_lenn", "5"], "--max_len"),
     ("rm-prepare", ["--micro-batch-sise", "2"], "--micro_batch_size"),
-    ("rm-consolidate", ["ckpt", "--out", "x", "--hf-outt", "y"], "--hf_output_dir"),
-    ("rm-score", ["--model", "m", "--input", "i", "--output", "o", "--max-batch-tokns", "5"], "--max_batch_tokens"),
+    ("rm-consolidate", ["--checkpoint_dir", "ckpt", "--output", "x", "--hf-outt", "y"], "--hf_output_dir"),
+    ("rm-score", ["--model", "m", "--data", "i", "--output", "o", "--max-batch-tokns", "5"], "--max_batch_tokens"),
     ("rm-serve", ["--model", "m", "--max-wait-msec", "5"], "--max_wait_ms"),
     ("rm-eval", ["--model", "m", "--data", "d", "--max_batch_tokns", "5"], "--max_batch_tokens"),
-    ("rm-export-hf", ["a", "b", "--shard-sise", "1GB"], "--hf_shard_size"),
+    ("rm-export-hf", ["--model", "a", "--output_dir", "b", "--shard-sise", "1GB"], "--hf_shard_size"),
     ("rm-estimate", ["--model", "m", "--wold_size", "8"], "--world_size"),
 ])
 def test_unknown_flag_exits_2_with_a_suggestion(command, args, suggestion):
@@ -68,59 +68,23 @@ def test_dashed_and_underscored_spellings_are_the_same_flag(demo_assets, tmp_pat
     base = ["--model", demo_assets["model"], "--data", demo_assets["train"], "--output-dir", str(tmp_path)]
     cfg, _ = load_run_config(base + ["--max-len", "96", "--train.grad-accum", "2", "--lora-r", "4"])
     assert cfg.data.max_len == 96 and cfg.train.grad_accum == 2 and cfg.model.lora_r == 4
-    a = parser().parse_args(["--model", "m", "--input", "i", "--output", "o", "--max-batch-tokens=7", "--on-error",
+    a = parser().parse_args(["--model", "m", "--data", "i", "--output", "o", "--max-batch-tokens=7", "--on-error",
                              "skip"])
     assert a.max_batch_tokens == 7 and a.on_error == "skip"
 
 
-# ---------------------------------------------------------------- one vocabulary: old spellings, bad values
-BASE = {"rm-consolidate": ["--checkpoint_dir", "ck", "--output", "r.pt"],
-        "rm-score": ["--model", "m", "--data", "d.jsonl", "--output", "o.jsonl"],
-        "rm-serve": ["--model", "m"], "rm-eval": ["--model", "m", "--data", "d.jsonl"],
-        "rm-export-hf": ["--model", "m.pt", "--output_dir", "hf"]}
+# ---------------------------------------------------------------- one vocabulary: the boolean idiom, bad values
 
-
-def _without(args: list[str], flag: str) -> list[str]:
-    i = args.index(flag) if flag in args else None
-    return args if i is None else args[:i] + args[i + 2:]
-
-
-@pytest.mark.parametrize("command", sorted(SIDE))
-def test_every_old_spelling_parses_to_the_value_of_its_new_one_with_a_note(command, capsys):
-    p = side_parser(command)
-    for old, new in p.deprecated.items():
-        action = next(a for a in p._actions if new in a.option_strings)
-        value = [] if action.nargs == 0 else ["/some/value"]
-        base = _without(BASE[command], new)
-        assert vars(p.parse_args(base + [old, *value])) == vars(p.parse_args(base + [new, *value])), old
-        assert f"{old} is deprecated; use {new}" in capsys.readouterr().err
-    for i, flag in enumerate(p.legacy):  # positional arguments of the old interface
-        base = BASE[command]
-        positional = [base[base.index(f) + 1] for f in p.legacy[:i + 1]]
-        rest = [x for f in p.legacy[:i + 1] for x in (f, base[base.index(f) + 1])]
-        assert vars(p.parse_args(positional + [a for a in base if a not in rest])) == vars(p.parse_args(base)), flag
-        assert "positional" in capsys.readouterr().err
-
-
-def test_rm_train_old_spellings_and_boolean_idiom_parse_to_the_same_config(demo_assets, tmp_path):
-    from rm_trainer.cli.train_flags import DEPRECATED, is_bool_field, load_run_config
+def test_rm_train_boolean_idiom_parses_to_the_same_config(demo_assets, tmp_path):
+    from rm_trainer.cli.train_flags import load_run_config
 
     base = ["--model", demo_assets["model"], "--data", demo_assets["train"], "--output_dir", str(tmp_path)]
-    for old, new in DEPRECATED.items():
-        dotted = new if "." in new else f"output.{new}"
-        pairs = ([f"--{old}", "false"], [f"--no-{new}"]) if is_bool_field(dotted) else \
-            ([f"--{old}", "/x/hf"], [f"--{new}", "/x/hf"])
-        (a, fa), (b, fb) = (load_run_config(base + args) for args in pairs)
-        assert a == b and any(old in n for n in fa["notes"]), (old, fa)
     for flag in ("packing", "tensorboard", "gradient_checkpointing", "output.verify"):
         (a, fa), (b, _), (c, _) = (load_run_config(base + x) for x in (
             [f"--{flag}", "false"], [f"--no-{flag}"], [f"--no_{flag}"]))
         assert a == b == c and any("deprecated" in n for n in fa["notes"])
         assert load_run_config(base + [f"--{flag}", "true"])[0] == load_run_config(base + [f"--{flag}"])[0]
-    old_yaml = tmp_path / "old.yaml"
-    old_yaml.write_text("output:\n  hf_out: /x/hf\n  verify_consolidation: false\n")
-    cfg, flags = load_run_config(base + ["--config", str(old_yaml)])
-    assert cfg.output.hf_output_dir == "/x/hf" and cfg.output.verify is False and len(flags["notes"]) == 2
+
 
 
 @pytest.mark.parametrize("command,args,names", [

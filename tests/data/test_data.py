@@ -4,10 +4,12 @@ import json
 
 import pytest
 from helpers import SHARED_HH
+from helpers import prepare as prepare_sources
 from transformers import AutoTokenizer
 
+from rm_trainer import objectives
 from rm_trainer.cli.train_flags import load_run_config
-from rm_trainer.data.sources import dry_run_report, prepare_sources
+from rm_trainer.data.sources import dry_run_report
 from rm_trainer.data.tokenize import encode, load_tokenizer
 from rm_trainer.errors import DataError
 
@@ -51,7 +53,7 @@ def test_every_row_is_used_or_counted(tmp_path, demo_assets):
     assert r["rows"] == 5 and r["used"] == 2 and len(train) == 2 and test is None and names == ["train"]
     assert r["dropped"] == {"malformed": 0, "empty_response": 1, "identical_raw": 1, "identical_after_truncation": 1}
     assert r["kept_with_note"]["prompt_truncated"] == 1
-    assert all(x["chosen_ids"][-1] == 3 and len(x["chosen_ids"]) <= 12 for x in train)  # EOS id 3, within max_len
+    assert all(x["ids"][0][-1] == 3 and len(x["ids"][0]) <= 12 for x in train)  # EOS id 3, within max_len
 
 
 def test_max_drop_fraction_aborts_with_the_report(tmp_path, demo_assets):
@@ -89,9 +91,9 @@ def test_conversational_rows_with_a_chat_template_file(tmp_path, demo_assets):
     assert tok.chat_template == template.read_text()
     train, _, report, _ = prepare_sources(cfg, tok)
     assert report["train"]["train"]["used"] == 4
-    text = tok.decode(train[0]["chosen_ids"])
+    text = tok.decode(train[0]["ids"][0])
     assert "tell me" in text and "clear kind" in text  # rendered through the template
-    assert train[0]["chosen_ids"][-1] == tok.eos_token_id
+    assert train[0]["ids"][0][-1] == tok.eos_token_id
     cfg = cfg_for(demo_assets, tmp_path, "--data", path, "--test_fraction", "0")  # no template anywhere
     with pytest.raises(DataError, match=r"conv.jsonl: holds conversations .* no chat template; pass --chat_template"):
         prepare_sources(cfg, load_tokenizer(cfg))
@@ -100,7 +102,7 @@ def test_conversational_rows_with_a_chat_template_file(tmp_path, demo_assets):
 def test_dry_run_report_shows_lengths_and_the_scoring_token(tmp_path, demo_assets, tok):
     cfg = cfg_for(demo_assets, tmp_path, "--data", demo_assets["train"], "--test_data", demo_assets["test"],
                   "--max_len", "16")
-    text = dry_run_report(cfg, tok)
+    text = dry_run_report(cfg, tok, objectives.build(cfg))
     assert "train/train: 256 rows" in text and "train/test: 48 rows" in text
     assert "token lengths" in text and "exceed max_len=16" in text
     assert "\u27e6</s>\u27e7" in text  # the scoring token, marked
@@ -130,4 +132,4 @@ def test_real_hh_rlhf_prompt_split_and_drop_counts(tmp_path, demo_assets, max_le
     print(f"HH-RLHF max_len={max_len}: {json.dumps(r)}")
     assert r["rows"] == 2312 and r["used"] + sum(r["dropped"].values()) == 2312
     assert r["kept_with_note"]["hh_no_common_prompt"] == sum(s is None for s in splits)
-    assert all(len(x) <= max_len for x in train["chosen_ids"])
+    assert all(len(x[0]) <= max_len for x in train["ids"])

@@ -10,12 +10,21 @@ import sys
 
 import pytest
 from helpers import ROOT, run_env, train, train_args
+from helpers import prepare as prepare_sources
 
+from rm_trainer import objectives
 from rm_trainer.cli.train_flags import load_run_config
 from rm_trainer.data import cache as data_mod
-from rm_trainer.data.cache import cache_dir, load, prepare_or_load
-from rm_trainer.data.sources import prepare_sources
+from rm_trainer.data.cache import load
 from rm_trainer.data.tokenize import load_tokenizer
+
+
+def cache_dir(cfg):
+    return data_mod.cache_dir(cfg, objectives.build(cfg))
+
+
+def prepare_or_load(cfg, tok):
+    return data_mod.prepare_or_load(cfg, tok, objectives.build(cfg))
 
 
 def cfg_of(assets, out, *extra):

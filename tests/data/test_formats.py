@@ -9,15 +9,16 @@ import json
 from collections import Counter
 
 import pytest
+from helpers import load_pairs as load_source
+from helpers import tokenize_pairs as tokenize_source
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from rm_trainer.cli.train_flags import load_run_config
-from rm_trainer.data.formats import PairKeys as Keys
-from rm_trainer.data.formats import common_prefix_len, load_source, render_conversation, split_hh
-from rm_trainer.data.tokenize import tokenize_source
+from rm_trainer.data.formats import common_prefix_len, render_conversation, split_hh
 from rm_trainer.errors import DataError
+from rm_trainer.objectives.pair_rows import PairKeys as Keys
 
 K = Keys()
 

@@ -1,4 +1,4 @@
-"""K-wise ranking rows (data/rankings.py): any row is read or refused naming its field (hypothesis), both
+"""K-wise ranking rows (objectives/ranking_rows.py): any row is read or refused naming its field (hypothesis), both
 layouts (scores or ranks; UltraFeedback's completions) give the same ranking, each response is encoded
 exactly as score_texts encodes it, bad rows stop with file:line and field or are counted, and a batch
 holds every response once, padded or packed."""
@@ -10,22 +10,28 @@ import math
 
 import datasets
 import pytest
-import torch
+from helpers import objective, tokenize_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from rm_trainer.data.rankings import (
-    RankingKeys,
-    collate_rankings,
-    detect_ranking_format,
-    ranking_problem,
-    ranking_texts,
-    tokenize_rankings,
-)
 from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.demo import HARMFUL, HELPFUL
 from rm_trainer.errors import DataError
+from rm_trainer.objectives.ranking_rows import (
+    RankingKeys,
+    RankingReader,
+    detect_ranking_format,
+    ranking_problem,
+    ranking_texts,
+)
+
+
+def tokenize_rankings(ds, fmt, tok, max_len, on_error, keys=RankingKeys(), source_id=0, path=""):
+    return tokenize_rows(RankingReader, ds, fmt, tok, max_len, on_error, keys, source_id, path)
+
+
+collate_rankings = objective(train={"objective": "ranking"}).collate
 
 KEYS = RankingKeys()
 ROW = {"prompt": "Human: hi Assistant:", "responses": [" a", " b", " c"], "scores": [3, 1, 2]}
@@ -148,12 +154,12 @@ def test_a_batch_holds_every_response_once_padded_or_packed():
     padded = collate_rankings(rows, pad_id=0)
     packed = collate_rankings(rows, pad_id=0, pack_len=6, packing=True)
     for b in (padded, packed):
-        assert b["group"].tolist() == [0, 0, 1, 1, 1] and b["scores"].tolist() == [1.0, 0.0, 0.0, 2.0, 1.0]
-        assert b["lens"].tolist() == [len(s) for s in seqs]
-    assert [padded["input_ids"][i, :n].tolist() for i, n in enumerate(padded["lens"].tolist())] == seqs
-    assert packed["input_ids"].shape[1] <= 6
-    for i, (row, col) in enumerate(packed["last"].tolist()):
+        assert b.group.tolist() == [0, 0, 1, 1, 1] and b.scores.tolist() == [1.0, 0.0, 0.0, 2.0, 1.0]
+        assert b.seqs.lens.tolist() == [len(s) for s in seqs]
+    padded, packed = padded.seqs, packed.seqs
+    assert [padded.input_ids[i, :n].tolist() for i, n in enumerate(padded.lens.tolist())] == seqs
+    assert packed.input_ids.shape[1] <= 6
+    for i, (row, col) in enumerate(packed.last.tolist()):
         n = len(seqs[i])
-        assert packed["input_ids"][row, col - n + 1:col + 1].tolist() == seqs[i]
-        assert packed["position_ids"][row, col - n + 1:col + 1].tolist() == list(range(n))
-    assert torch.equal(padded["scores"], packed["scores"])
+        assert packed.input_ids[row, col - n + 1:col + 1].tolist() == seqs[i]
+        assert packed.position_ids[row, col - n + 1:col + 1].tolist() == list(range(n))

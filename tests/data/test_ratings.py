@@ -11,20 +11,28 @@ import math
 import datasets
 import pytest
 import torch
+from helpers import objective, tokenize_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from rm_trainer.data.ratings import (
-    RatingKeys,
-    collate_ratings,
-    rating_problem,
-    rating_targets,
-    split_report,
-    tokenize_ratings,
-)
+from rm_trainer.config import DataConfig
 from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.errors import DataError
+from rm_trainer.objectives.rating_rows import RatingKeys, RatingReader, rating_problem, rating_targets
+
+
+def tokenize_ratings(ds, tok, max_len, on_error, keys, source_id=0, path=""):
+    return tokenize_rows(RatingReader, ds, "rating", tok, max_len, on_error, keys, source_id, path)
+
+
+def split_report(tokd, idx, max_len, attributes):
+    keys = RatingKeys(tuple(attributes), mask_missing=True)
+    return RatingReader(None, DataConfig(max_len=max_len), keys=keys).split(tokd, idx)
+
+
+collate_ratings = objective(train={"objective": "regression"},
+                            data={"attributes": ["helpfulness", "verbosity"]}).collate
 
 KEYS = RatingKeys(("helpfulness", "verbosity"))
 MASKED = RatingKeys(("helpfulness", "verbosity"), mask_missing=True)
@@ -97,7 +105,7 @@ def test_each_response_is_encoded_as_score_texts_encodes_it_and_drops_are_counte
     assert out["status"] == ["", "", "", "", "no_ratings", "empty_response", ""]
     prefix = special_prefix(tok)
     for row, ids in zip(rows, out["ids"], strict=True):
-        assert ids == encode_item(tok, (row["prompt"], row["response"]), 32, prefix)
+        assert ids == [encode_item(tok, (row["prompt"], row["response"]), 32, prefix)]
     assert out["targets"][2] == [2.0, 1.5] and math.isnan(out["targets"][6][1])
     kept, rep = split_report(out, torch.arange(7).numpy(), 32, attributes=MASKED.attributes)
     assert len(kept) == 5 and rep["used"] == 5 and rep["dropped"] == {"malformed": 0, "empty_response": 1,
@@ -117,12 +125,12 @@ def test_a_bad_row_stops_with_file_line_and_field_or_is_counted(tmp_path, demo_a
 
 
 def test_a_batch_holds_each_row_once_with_its_targets_padded_or_packed(demo_assets):
-    rows = [{"ids": [5, 6, 7], "targets": [1.0, float("nan")], "source": 0},
-            {"ids": [8, 9], "targets": [2.0, 3.0], "source": 1}]
+    rows = [{"ids": [[5, 6, 7]], "targets": [1.0, float("nan")], "source": 0},
+            {"ids": [[8, 9]], "targets": [2.0, 3.0], "source": 1}]
     padded = collate_ratings(rows, pad_id=0)
     packed = collate_ratings(rows, pad_id=0, pack_len=16, packing=True)
-    assert padded["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]] and padded["lens"].tolist() == [3, 2]
-    assert torch.equal(padded["targets"].nan_to_num(-1), torch.tensor([[1.0, -1.0], [2.0, 3.0]]))
-    assert int(padded["prompts"]) == 2 and padded["source"].tolist() == [0, 1]
-    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9]] and packed["last"].tolist() == [[0, 2], [0, 4]]
-    assert torch.equal(packed["targets"].nan_to_num(-1), padded["targets"].nan_to_num(-1))
+    assert padded.seqs.input_ids.tolist() == [[5, 6, 7], [8, 9, 0]] and padded.seqs.lens.tolist() == [3, 2]
+    assert torch.equal(padded.targets.nan_to_num(-1), torch.tensor([[1.0, -1.0], [2.0, 3.0]]))
+    assert padded.rows == 2 and padded.source.tolist() == [0, 1]
+    assert packed.seqs.input_ids.tolist() == [[5, 6, 7, 8, 9]] and packed.seqs.last.tolist() == [[0, 2], [0, 4]]
+    assert torch.equal(packed.targets.nan_to_num(-1), padded.targets.nan_to_num(-1))

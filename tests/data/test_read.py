@@ -11,9 +11,10 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import load_pairs as load_source
 
-from rm_trainer.data.formats import PairKeys, load_source
 from rm_trainer.errors import DataError
+from rm_trainer.objectives.pair_rows import PairKeys
 from rm_trainer.use.rows import RowKeys
 from rm_trainer.use.score import read_rows
 
@@ -69,7 +70,7 @@ def test_a_bad_line_is_skipped_and_counted_with_on_error_skip(tmp_path):
 def test_nan_and_infinity_where_a_margin_is_read(tmp_path, number):
     """pyarrow reads the non-JSON constants as floats; the margin's row check refuses them. Where this
     file is read by the Python reader instead (another line stops pyarrow), they are invalid JSON."""
-    from rm_trainer.data.formats import row_problem
+    from rm_trainer.objectives.pair_rows import row_problem
 
     text = LINE.replace(b"1.0", number)
     ds, fmt, _ = pairs(write(tmp_path, "m.jsonl", LINE + text))
@@ -92,7 +93,7 @@ def test_parquet_with_wrong_column_types_names_the_field(tmp_path):
     p = tmp_path / "typed.parquet"
     pq.write_table(pa.table({"prompt": ["q", "r"], "chosen": [1, 2], "rejected": ["a", "b"]}), p)
     ds, fmt, _ = pairs(p)  # read; each row is checked against the format where it is tokenized
-    from rm_trainer.data.formats import row_problem
+    from rm_trainer.objectives.pair_rows import row_problem
 
     assert row_problem(ds[0], fmt, KEYS) == "field 'chosen' is a int, not text; expected a string"
     with pytest.raises(DataError, match=f"{p} row 0: field 'chosen': expected text, got 1"):

@@ -8,16 +8,17 @@ import json
 import math
 
 import pytest
+from helpers import load_pairs as load_source
+from helpers import prepare as prepare_sources
+from helpers import tokenize_pairs as tokenize_source
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from rm_trainer.cli.train_flags import load_run_config
-from rm_trainer.data.formats import PairKeys, is_tie, load_source, row_problem
-from rm_trainer.data.sources import prepare_sources
-from rm_trainer.data.tokenize import tokenize_source
 from rm_trainer.demo import HARMFUL, HELPFUL
 from rm_trainer.errors import DataError
+from rm_trainer.objectives.pair_rows import PairKeys, is_tie, row_problem
 
 KEYS = PairKeys(tie="tie")
 ROW = {"prompt": "Human: hi Assistant:", "chosen": " a", "rejected": " b"}

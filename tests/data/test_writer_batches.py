@@ -15,12 +15,12 @@ import json
 import datasets
 import pytest
 
+from rm_trainer import objectives
 from rm_trainer.cli.train_flags import load_run_config
 from rm_trainer.data.cache import load, prepare_or_load
-from rm_trainer.data.rankings import encode_ranking
 from rm_trainer.data.schema import features, tokenize_map
 from rm_trainer.data.tokenize import encode, load_tokenizer, special_prefix
-from rm_trainer.data.truncation import truncate_pair
+from rm_trainer.data.truncation import truncate
 from rm_trainer.errors import DataError
 
 MAX_LEN = 32
@@ -66,20 +66,14 @@ OBJECTIVES = {
 }
 
 
-def expected_pairs(tok, rows: list[dict]) -> dict[str, list]:
-    """Each pair encoded alone: the pair policy's two sequences, and each side as score_texts encodes it."""
-    prefix, eos = special_prefix(tok), tok.eos_token_id
-    out = {"chosen_ids": [], "rejected_ids": [], "chosen_single_ids": [], "rejected_single_ids": []}
-    for r in rows:
-        ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-        cut = truncate_pair(prefix + ids(r["prompt"]), ids(r["chosen"]), ids(r["rejected"]), eos, MAX_LEN,
-                            keep_prefix=len(prefix))
-        out["chosen_ids"].append(cut.chosen)
-        out["rejected_ids"].append(cut.rejected)
-        for side, pair in (("chosen", cut.chosen), ("rejected", cut.rejected)):
-            alone = encode(tok, r["prompt"], r[side], MAX_LEN, prefix).chosen
-            out[f"{side}_single_ids"].append([] if alone == pair else alone)
-    return out
+def expected(tok, prompt: str, responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """One row encoded alone: its K sequences under the one truncation rule, and each response as
+    score_texts encodes it ([] where that is its sequence)."""
+    prefix = special_prefix(tok)
+    ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    seqs = truncate(prefix + ids(prompt), [ids(r) for r in responses], tok.eos_token_id, MAX_LEN, len(prefix)).seqs
+    alone = [encode(tok, prompt, r, MAX_LEN, prefix).chosen for r in responses]
+    return seqs, [[] if a == s else a for a, s in zip(alone, seqs, strict=True)]
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])
@@ -93,30 +87,26 @@ def test_a_quiet_first_writer_batch_then_cut_rows_prepares_row_for_row(demo_asse
                               "--output_dir", str(tmp_path / "out"), "--max_len", str(MAX_LEN), "--num_proc",
                               str(num_proc), "--max_drop_fraction", "1", *flags])
     tok = load_tokenizer(cfg)
-    dest, hit = prepare_or_load(cfg, tok)
+    dest, hit = prepare_or_load(cfg, tok, objectives.build(cfg))
     assert not hit
     train, test, _, report = load(dest)
     kept = rows if objective == "pairs" else rows[FIRST:]
     assert len(train) == len(test) == len(kept), report
     rep = next(v for k, v in report.items() if not k.startswith("_"))["train"]
+    texts = [(r["prompt"], [r["chosen"], r["rejected"]] if objective == "pairs" else r.get("responses")
+              or [r["response"]]) for r in kept]
+    want = [expected(tok, p, rs) for p, rs in texts]
+    assert train["ids"] == test["ids"] == [w[0] for w in want]
+    assert test["single"] == [w[1] for w in want]  # the held-out split keeps each response's own encoding
     if objective == "pairs":
         assert rep["kept_with_note"]["prompt_truncated"] + rep["kept_with_note"]["response_truncated"] == REST
-        want = expected_pairs(tok, rows)
-        assert train["chosen_ids"] == want["chosen_ids"] and train["rejected_ids"] == want["rejected_ids"]
-        for k in want:  # the held-out split keeps each side's own encoding: cut rows have one, short rows []
-            assert test[k] == want[k], k
         # the shorter (rejected) side of a cut pair keeps more of its prompt alone; short pairs are not cut
-        assert all(test["rejected_single_ids"][FIRST:]) and not any(test["rejected_single_ids"][:FIRST])
+        assert all(s[1] for s in test["single"][FIRST:]) and not any(s[1] for s in test["single"][:FIRST])
         return
     assert rep["dropped"]["malformed"] == FIRST and rep["fraction_truncated_at_max_len"] == 1.0
-    prefix = special_prefix(tok)
     if objective == "ranking":
-        want = [encode_ranking(tok, r["prompt"], r["responses"], MAX_LEN, prefix) for r in kept]
-        assert train["ids"] == test["ids"] == want
         assert train["scores"] == [[3.0, 1.0, 2.0]] * REST
     else:
-        want = [encode_ranking(tok, r["prompt"], [r["response"]], MAX_LEN, prefix)[0] for r in kept]
-        assert train["ids"] == test["ids"] == want
         assert train["targets"] == [[float(r["helpfulness"]), 1.5] for r in kept]
 
 

@@ -154,7 +154,8 @@ def long_run(demo_assets, tiny_pretrained, tmp_path_factory):
     (d / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long))
     out = d / "run"
     train(out, train_args(tiny_pretrained, demo_assets["train"], d / "long.jsonl", "zero2", dtype="fp32", lr=1e-3,
-                          max_steps=4, warmup_steps=1, max_len=48, seed=3, micro_batch_size=4), launcher="python",
+                          max_steps=4, warmup_steps=1, max_len=48, seed=3, micro_batch_size=4, hf_export=True),
+          launcher="python",
           nprocs=1)
     return out, d / "long.jsonl", long
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rm_trainer.eval.rankings import _sums
-from rm_trainer.objectives import ranking_sums
+from rm_trainer.objectives.ranking_loss import ranking_sums
 
 prompt = st.lists(st.integers(0, 3), min_size=2, max_size=6)  # each response's score (ties allowed)
 

@@ -57,7 +57,7 @@ def best_args(assets, model, **extra):
 
 @pytest.mark.slow
 def test_keep_best_keeps_exports_and_resumes_the_best_checkpoint(tmp_path, demo_assets, tiny_pretrained):
-    args = best_args(demo_assets, tiny_pretrained)
+    args = best_args(demo_assets, tiny_pretrained, hf_export=True)
     a = tmp_path / "uninterrupted"
     train(a, args)
     evals = {r["step"]: r["loss"] for r in metrics(a, "eval")}

@@ -18,7 +18,7 @@ from helpers import load_artifact, losses, metrics, train, train_args
 
 from rm_trainer.artifact import checkpoint_files as ckpt
 from rm_trainer.artifact.consolidate import consolidate
-from rm_trainer.data.batching import PairSampler
+from rm_trainer.data.batching import RowSampler
 from rm_trainer.errors import CheckpointError
 from rm_trainer.train.elastic import UNIVERSAL, convert
 
@@ -70,7 +70,7 @@ def same_pairs_per_step(a, b, steps) -> bool:
     def split(out):
         rc = json.loads((out / "run_config.json").read_text())
         t, w, n = rc["run"]["train"], rc["world_size"], rc["train_pairs"]
-        samplers = [PairSampler(n, t["micro_batch_size"], t["grad_accum"], w, r, t["seed"]) for r in range(w)]
+        samplers = [RowSampler(n, t["micro_batch_size"], t["grad_accum"], w, r, t["seed"]) for r in range(w)]
         # every micro-batch of the step, in the order (accumulation step, rank): the same micro-batches
         # whatever the split, so the same sums
         return [[mb for a in range(t["grad_accum"]) for mb in [s.micro_batches(step)[a] for s in samplers]]

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+from helpers import objective
 
-from rm_trainer.loss import pair_sums
+from rm_trainer.objectives.bt_loss import pair_sums
 from rm_trainer.train import logger as logger_mod
 from rm_trainer.train.logger import MetricsLogger
 from rm_trainer.train.step import StepRecord
@@ -17,7 +18,7 @@ from rm_trainer.train.step import StepRecord
 def record(step: int, started: float, skipped: bool = False) -> StepRecord:
     sums = pair_sums(torch.tensor([1.0, 2.0, 0.5, 0.0]), torch.tensor([0.0, 1.0, 1.0, 0.5]))  # 4 pairs
     stats = torch.cat([sums, torch.tensor([400.0, 800.0], dtype=torch.float64)])  # tokens, slots
-    return StepRecord(step, stats, skipped, 0, 1e-3, started)
+    return StepRecord(step, stats, skipped, 0, 1e-3, started, objective())
 
 
 def test_lines_every_k_steps_timed_over_their_window(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import contextlib
 import torch
 from transformers import AutoModel, LlamaConfig
 
-from rm_trainer.model import enable_checkpointing
+from rm_trainer.train.build import enable_checkpointing
 from rm_trainer.train.long_context import ActivationOffload
 
 

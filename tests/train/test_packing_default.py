@@ -9,9 +9,9 @@ from transformers import AutoModel, LlamaConfig
 
 from rm_trainer.config import RunConfig
 from rm_trainer.errors import ConfigError
-from rm_trainer.model import RewardModel
+from rm_trainer.model.reward import RewardModel
+from rm_trainer.train.build import resolve_packing
 from rm_trainer.train.engine import Runtime
-from rm_trainer.train.run import resolve_packing
 
 RT = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

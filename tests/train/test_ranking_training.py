@@ -1,12 +1,13 @@
 """K-wise rankings in real runs (--objective ranking):
 
 - rows of K = 2 are the pairs: a 2-rank ranking run on the demo's pairs written as rankings has the loss
-  trace of the pairs run (1e-6 relative), and the same held-out accuracy;
+  trace of the pairs run (1e-6 relative), and the same held-out accuracy; so do real HH-RLHF pairs at a
+  max_len that cuts most of their prompts (one truncation rule: the prompt cut once per row), on ZeRO-3;
 - K = 4 rows run 4 sequences each per step where the pair split runs 12 (counted from the logged
   `sequences`), and a 2-rank ZeRO-3 run learns the ranking (held-out pairwise accuracy and top-1); rm-eval
   on its held-out file, and on the same rows in UltraFeedback's layout, gives the run's own eval metrics;
 - 2 sequence-parallel ranks train rankings like one rank (losses, gradient norm, held-out metrics);
-- killed with kill -9 and resumed, a ranking run is bit-exact;
+- resumed from one of its checkpoints, a ranking run is bit-exact;
 - a bad row stops the run naming file:line:field, and a pairs file given to a ranking run is named."""
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import pytest
 import torch
 from helpers import (
     ROOT,
-    kill_then_resume,
+    SHARED_HH,
     metrics,
     one_rank_and_two_sequence_ranks,
+    resume_from_copy,
     run_env,
     same_artifact_weights,
     train,
@@ -93,6 +95,54 @@ def test_rankings_of_two_train_exactly_like_their_pairs(tmp_path, tiny_pretraine
     assert eb["prompts"] == 32 and eb["responses"] == 64
 
 
+def hh_prompt_rows(n: int) -> list[dict]:
+    """The first n real HH-RLHF pairs that split into a shared prompt and two answers, as prompt rows."""
+    import gzip
+
+    from rm_trainer.data.formats import split_hh
+
+    rows = []
+    with gzip.open(SHARED_HH, "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            s = split_hh(r["chosen"], r["rejected"])
+            if s is not None:
+                rows.append({"prompt": s[0], "chosen": s[1], "rejected": s[2]})
+            if len(rows) == n:
+                return rows
+    return rows
+
+
+@pytest.mark.skipif(not SHARED_HH.is_file(), reason=f"real HH-RLHF pairs not found at {SHARED_HH}")
+def test_real_hh_pairs_as_rankings_of_two_train_like_the_pairs_when_max_len_cuts_their_prompts(tmp_path):
+    from transformers import AutoModel
+
+    from rm_trainer.demo import tiny_llama_config, train_tokenizer
+
+    pairs = hh_prompt_rows(600)
+    model = tmp_path / "model"
+    tok = train_tokenizer([p["prompt"] + p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], model,
+                          vocab_size=1000, kind="bpe")
+    torch.manual_seed(0)
+    AutoModel.from_config(tiny_llama_config(len(tok))).save_pretrained(model)
+    runs = {}
+    for name, rows, objective in (("pairs", pairs, "pairs"), ("ranking", as_rankings(pairs), "ranking")):
+        runs[name] = out = tmp_path / name
+        train(out, train_args(model, write(tmp_path / f"{name}.jsonl", rows), None, "zero3", **COMMON | {"max_len": 96},
+                              max_steps=6, micro_batch_size=4, test_fraction=0, objective=objective,
+                              max_drop_fraction=0.5, hf_export=False, verify=False))
+    reports = [json.loads((runs[k] / "data_report.json").read_text())["train"]["train"] for k in runs]
+    for k in ("rows", "used", "token_length_percentiles", "fraction_truncated_at_max_len"):
+        assert reports[0][k] == reports[1][k], k  # the same rows kept and cut
+    cut = [{k: r["kept_with_note"][k] for k in ("prompt_truncated", "response_truncated")} for r in reports]
+    assert cut[0] == cut[1] and sum(cut[0].values()) > 0.5 * reports[0]["used"], reports  # max_len cuts most
+    a, b = metrics(runs["pairs"]), metrics(runs["ranking"])
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]), (x["loss"], y["loss"])
+        assert x["acc"] == y["acc"] and x["sequences"] == y["sequences"]
+
+
 def test_four_responses_run_once_each_and_the_ranking_is_learned(tmp_path, tiny_pretrained):
     rows, test = rankings(96, 1), rankings(32, 2)
     data, held_out = write(tmp_path / "train.jsonl", rows), write(tmp_path / "test.jsonl", test)
@@ -153,13 +203,13 @@ def test_two_sequence_ranks_train_rankings_like_one_rank(tmp_path, tiny_pretrain
     assert abs(e2["loss"] - e1["loss"]) <= 1e-5 * e1["loss"]
 
 
-def test_a_killed_ranking_run_resumes_bit_exact(tmp_path, tiny_pretrained):
+def test_a_ranking_run_resumed_from_a_checkpoint_is_bit_exact(tmp_path, tiny_pretrained):
     args = train_args(tiny_pretrained, write(tmp_path / "train.jsonl", rankings(48, 5, k=3)), None, "zero2",
                       **COMMON, max_steps=8, micro_batch_size=2, save_every=2, test_fraction=0,
                       objective="ranking", hf_export=False)
-    a, b = tmp_path / "uninterrupted", tmp_path / "killed"
+    a, b = tmp_path / "uninterrupted", tmp_path / "resumed"
     train(a, args)
-    kill_then_resume(b, args, "6.0", [2, 4])  # killed in step 6, resumed from step_4
+    resume_from_copy(a, b, args, 4)  # as a crash after step_4 leaves it (SIGKILL: the kill tests)
     assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]  # exact float equality
     assert same_artifact_weights(a, b)
 

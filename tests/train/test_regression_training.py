@@ -25,9 +25,9 @@ from helpers import (
     AUTH,
     ROOT,
     Server,
-    kill_then_resume,
     metrics,
     one_rank_and_two_sequence_ranks,
+    resume_from_copy,
     run_env,
     same_artifact_weights,
     train,
@@ -82,7 +82,7 @@ def trained(tmp_path_factory, tiny_pretrained):
     out, held_out = tmp / "run", write(tmp / "test.jsonl", test)
     train(out, train_args(tiny_pretrained, write(tmp / "train.jsonl", rows), held_out, "zero3", **COMMON,
                           max_steps=120, micro_batch_size=8, eval_every=40, missing_attributes="mask",
-                          reward_weights="helpfulness=1,verbosity=-0.25"))
+                          reward_weights="helpfulness=1,verbosity=-0.25", hf_export=True))
     return out, test, held_out
 
 
@@ -225,13 +225,13 @@ async def serve_both(server: Server, queries: list[str], rows: list[tuple[str, s
             return first, await r.json()
 
 
-def test_a_killed_regression_run_resumes_bit_exact(tmp_path, tiny_pretrained):
+def test_a_regression_run_resumed_from_a_checkpoint_is_bit_exact(tmp_path, tiny_pretrained):
     args = train_args(tiny_pretrained, write(tmp_path / "train.jsonl", ratings(64, 5, missing=0.2)), None, "zero2",
                       **COMMON, max_steps=8, micro_batch_size=2, save_every=2, test_fraction=0,
                       missing_attributes="mask", attribute_weights="verbosity=0.5", hf_export=False)
-    a, b = tmp_path / "uninterrupted", tmp_path / "killed"
+    a, b = tmp_path / "uninterrupted", tmp_path / "resumed"
     train(a, args)
-    kill_then_resume(b, args, "6.0", [2, 4])  # killed in step 6, resumed from step_4
+    resume_from_copy(a, b, args, 4)  # as a crash after step_4 leaves it (SIGKILL: the kill tests)
     assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]  # exact float equality
     assert same_artifact_weights(a, b)
 
@@ -279,7 +279,7 @@ def mixed_args(tmp_path, model, **flags) -> list[str]:
 def test_pairs_and_ratings_train_one_head_and_resume_bit_exact(tmp_path, tiny_pretrained):
     args = mixed_args(tmp_path, tiny_pretrained, max_steps=120, micro_batch_size=8, eval_every=120, save_every=40,
                       bt_weight=0.5)
-    a, b = tmp_path / "uninterrupted", tmp_path / "killed"
+    a, b = tmp_path / "uninterrupted", tmp_path / "resumed"
     train(a, args)
     steps = metrics(a)
     # each micro-batch holds rows of both kinds: 2 sequences per pair, 1 per rated row, 16 rows per step
@@ -292,6 +292,6 @@ def test_pairs_and_ratings_train_one_head_and_resume_bit_exact(tmp_path, tiny_pr
     held = make_pairs(32, 9)
     r = model.score_texts([(p["prompt"], p[k]) for p in held for k in ("chosen", "rejected")]).view(-1, 2)
     assert float((r[:, 0] > r[:, 1]).float().mean()) >= 0.9
-    kill_then_resume(b, args, "100.0", [40, 80])  # killed in step 100, resumed from step_80
+    resume_from_copy(a, b, args, 80)  # as a crash after step_80 leaves it (SIGKILL: the kill tests)
     assert [r["loss"] for r in steps] == [r["loss"] for r in metrics(b)]  # exact float equality
     assert same_artifact_weights(a, b)

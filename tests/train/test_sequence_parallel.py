@@ -1,6 +1,6 @@
 """Sequence parallelism (--sequence_parallel N, DeepSpeed's Ulysses) against the unsplit sequence.
 
-- At the seam (tests/sp_ranks.py, no engine): rewards whose last token is on rank 1 of the group, pairs
+- At the seam (tests/support/sp_ranks.py, no engine): rewards whose last token is on rank 1 of the group, pairs
   whose sides end on different ranks, a packed row with a sequence across the boundary, and the
   gradients summed over the group, each equal to one process holding the whole rows.
 - Whole runs: 2 ranks at N=2 (one data-parallel group) against 1 rank at N=1 with the same global batch,
@@ -27,10 +27,10 @@ from helpers import (
     BIN,
     ROOT,
     free_port,
-    kill_then_resume,
     load_artifact,
     losses,
     metrics,
+    resume_from_copy,
     run_env,
     same_artifact_weights,
     train,
@@ -53,7 +53,7 @@ def test_rewards_and_gradients_at_the_seam_equal_the_unsplit_forward(tmp_path, m
         out = tmp_path / f"{n}.json"
         cmd = [sys.executable] if n == 1 else [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port",
                                                str(free_port()), "--master_addr", "127.0.0.1"]
-        p = subprocess.run(cmd + [str(ROOT / "tests" / "sp_ranks.py"), str(out), model_type], cwd=ROOT,
+        p = subprocess.run(cmd + [str(ROOT / "tests" / "support" / "sp_ranks.py"), str(out), model_type], cwd=ROOT,
                            env=run_env(), capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         return json.loads(out.read_text())
@@ -154,13 +154,13 @@ def test_two_groups_of_two_sequence_ranks_train_like_two_data_parallel_ranks(tmp
     assert_same_training(dp, dp_sp, "2 x 2")
 
 
-def test_kill_at_two_sequence_ranks_resumes_bit_exact(tmp_path, demo_assets, tiny_pretrained):
+def test_two_sequence_ranks_resume_bit_exact_and_only_at_their_own_n(tmp_path, demo_assets, tiny_pretrained):
     args = train_args(tiny_pretrained, demo_assets["train"], demo_assets["test"], "zero3",
                       **COMMON | {"save_every": 2, "sequence_parallel": 2})
     a = tmp_path / "straight"
     train(a, args)
-    b = tmp_path / "killed"
-    kill_then_resume(b, args, "6.0", [2, 4])  # killed in step 6, resumed from step_4
+    b = tmp_path / "resumed"
+    resume_from_copy(a, b, args, 4)  # as a crash after step_4 leaves it (SIGKILL: the kill tests)
     assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]  # exact float equality
     assert same_artifact_weights(a, b)
     # the checkpoint resumes at its own N only: said, with both numbers, before any process group

@@ -1,4 +1,4 @@
-"""The real sbatch script on a real 2-node slurm cluster (see slurm_cluster.py), and preemption.
+"""The real sbatch script on a real 2-node slurm cluster (see support/slurm_cluster.py), and preemption.
 
 Skipped with the reason when slurm cannot be installed here (no root / no apt); in CI it runs.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ROOT, load_artifact, metrics, train, train_args
-from slurm_cluster import Cluster, ensure_installed
+from support.slurm_cluster import Cluster, ensure_installed
 
 pytestmark = pytest.mark.slow
 SBATCH = ROOT / "launch" / "slurm" / "train_reward.sbatch"

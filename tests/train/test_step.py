@@ -11,12 +11,16 @@ import signal
 
 import pytest
 import torch
+from helpers import objective
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rm_trainer.data.batching import collate
-from rm_trainer.loss import N_SUMS, pair_sums
-from rm_trainer.train.step import SLOTS, TOKENS, SkipGuard, StepRecord, StopFlag, train_step
+from rm_trainer.objectives.bt_loss import N_SUMS, pair_sums
+from rm_trainer.train.step import SkipGuard, StepOptions, StepRecord, StopFlag, train_step
+
+PAIRS = objective()
+TOKENS, SLOTS = N_SUMS, N_SUMS + 1  # after the objective's sums: real tokens, token slots
+CPU = StepOptions(PAIRS, torch.device("cpu"))
 
 
 class StubEngine:
@@ -58,16 +62,16 @@ class StubEngine:
             self.skipped_steps += 1
 
 
-def micro(n_pairs: int, seed: int) -> dict:
+def micro(n_pairs: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    rows = [{"chosen_ids": torch.randint(1, 9, (int(c),), generator=g).tolist(), "chosen_len": int(c),
-             "rejected_ids": torch.randint(1, 9, (int(r),), generator=g).tolist(), "rejected_len": int(r)}
+    rows = [{"ids": [torch.randint(1, 9, (int(c),), generator=g).tolist(),
+                     torch.randint(1, 9, (int(r),), generator=g).tolist()]}
             for c, r in torch.randint(2, 7, (n_pairs, 2), generator=g)]
-    return collate(rows, pad_id=0)
+    return PAIRS.collate(rows, pad_id=0)
 
 
-def rewards_for(b: dict, seed: int) -> torch.Tensor:
-    return torch.randn(2 * b["chosen_ids"].shape[0], generator=torch.Generator().manual_seed(seed))
+def rewards_for(b, seed: int) -> torch.Tensor:
+    return torch.randn(2 * b.rows, generator=torch.Generator().manual_seed(seed))
 
 
 def test_statistics_are_summed_over_micro_batches_without_a_host_sync(monkeypatch):
@@ -79,13 +83,13 @@ def test_statistics_are_summed_over_micro_batches_without_a_host_sync(monkeypatc
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, **k:
                             (syncs.append(_n), _real(self, *a, **k))[1])
-    rec = train_step(eng, 7, batches, torch.device("cpu"), fused=True, stop_requested=False)
+    rec = train_step(eng, 7, batches, CPU)
     assert syncs == []  # statistics stay on the device; skip and stop are decided from host values
     monkeypatch.undo()
     want = sum(pair_sums(r[: len(r) // 2], r[len(r) // 2:]) for r in rewards)
     assert torch.allclose(rec.stats[:N_SUMS], want, rtol=1e-12)
-    tokens = sum(int(b["chosen_len"].sum() + b["rejected_len"].sum()) for b in batches)
-    slots = sum(b["chosen_ids"].numel() * 2 for b in batches)
+    tokens = sum(int(b.seqs.lens.sum()) for b in batches)
+    slots = sum(b.seqs.input_ids.numel() for b in batches)
     assert rec.stats[TOKENS].item() == tokens and rec.stats[SLOTS].item() == slots and rec.stop_votes == 0
     assert (rec.step, rec.skipped, rec.stop, eng.backwards, eng.steps) == (7, False, False, 2, 2)
     m = rec.metrics(seconds=2.0)
@@ -96,7 +100,7 @@ def test_statistics_are_summed_over_micro_batches_without_a_host_sync(monkeypatc
 def test_a_skipped_step_logs_the_mean_pair_loss_not_the_sum():
     batches = [micro(4, 2), micro(4, 3)]
     rewards = [rewards_for(b, 10 + i) for i, b in enumerate(batches)]
-    rec = train_step(StubEngine(rewards, skip_update=True), 3, batches, torch.device("cpu"), True, False)
+    rec = train_step(StubEngine(rewards, skip_update=True), 3, batches, CPU)
     assert rec.skipped
     want = sum(pair_sums(r[:4], r[4:]) for r in rewards)
     assert rec.metrics(1.0)["loss"] == pytest.approx(want[1].item() / 8, rel=1e-12)  # 8 pairs: the mean
@@ -109,13 +113,13 @@ def test_a_nan_loss_is_logged_as_nan_and_the_skip_is_deepspeeds_decision():
     r = rewards_for(b, 5)
     r[0] = float("nan")
     eng = StubEngine([r, r], skip_update=True)
-    rec = train_step(eng, 1, [b, b], torch.device("cpu"), True, False)
+    rec = train_step(eng, 1, [b, b], CPU)
     assert rec.skipped and math.isnan(rec.metrics(1.0)["loss"]) and rec.metrics(1.0)["acc"] is not None
 
 
 def test_skip_guard_counts_and_aborts_after_k_in_a_row_naming_the_batch():
     guard = SkipGuard(2, lambda step: [step * 10, step * 10 + 1])
-    rec = lambda step, skipped: StepRecord(step, torch.zeros(9), skipped, 0, 0.0, 0.0)  # noqa: E731
+    rec = lambda step, skipped: StepRecord(step, torch.zeros(9), skipped, 0, 0.0, 0.0, PAIRS)  # noqa: E731
     for step, skipped in ((1, True), (2, False), (3, True)):
         guard.check(rec(step, skipped))
     assert (guard.total, guard.in_a_row) == (2, 1)
@@ -131,7 +135,7 @@ def test_stop_flag_is_set_by_usr1_and_term_and_rides_on_the_step():
         os.kill(os.getpid(), signal.SIGUSR1)
         assert flag and flag.signals == ["SIGUSR1"]
         b = micro(1, 6)
-        rec = train_step(StubEngine([rewards_for(b, 7)]), 1, [b], torch.device("cpu"), True, bool(flag))
+        rec = train_step(StubEngine([rewards_for(b, 7)]), 1, [b], StepOptions(PAIRS, torch.device("cpu"), stop=flag))
         assert rec.stop and rec.stop_votes == 1  # one rank voted to stop
     finally:
         for s, h in old.items():
@@ -146,9 +150,8 @@ def test_stop_flag_is_set_by_usr1_and_term_and_rides_on_the_step():
        bt_weight=st.sampled_from([1.0, 0.3]), scale=st.sampled_from([None, 0.05]))
 def test_the_mixed_loss_is_bt_on_the_combined_reward_plus_the_mse_per_row(kinds, k, seed, bt_weight, scale):
     """kinds: True a pair row (two sequences, scores [1, 0]), False a rated row (one sequence, K ratings)."""
-    from rm_trainer.attributes import regression_loss
-    from rm_trainer.objectives import Objective
-    from rm_trainer.train.step import mixed_loss
+    from rm_trainer.objectives.mixed import MixedBatch
+    from rm_trainer.objectives.regression_loss import regression_loss
 
     g = torch.Generator().manual_seed(seed)
     group = torch.tensor([i for i, pair in enumerate(kinds) for _ in range(2 if pair else 1)])
@@ -163,11 +166,13 @@ def test_the_mixed_loss_is_bt_on_the_combined_reward_plus_the_mse_per_row(kinds,
         else:
             targets[at[0]] = torch.randint(0, 5, (k,), generator=g).float()
     c, w = torch.randn(k, generator=g), torch.rand(k, generator=g) + 0.5
-    obj = Objective("bt+regression", attributes=tuple(f"a{i}" for i in range(k)), attribute_weights=tuple(w.tolist()),
-                    combination=tuple(c.tolist()), bt_weight=bt_weight)
-    b = {"group": group, "scores": scores, "targets": targets, "prompts": torch.tensor(G)}
+    names = [f"a{i}" for i in range(k)]
+    obj = objective(train={"objective": "bt+regression", "bt_weight": bt_weight,
+                           "attribute_weights": dict(zip(names, w.tolist(), strict=True))},
+                    data={"attributes": names}, model={"reward_weights": dict(zip(names, c.tolist(), strict=True))})
+    b = MixedBatch(None, None, G, group, scores, targets)
     a = preds.clone().requires_grad_()
-    loss, sums = mixed_loss(b, a, torch.device("cpu"), scale, obj)
+    loss, sums = obj.loss(b, a, scale, None)
     loss.backward()
     # the reference, written from the definition: each row once, a pair's bt_weight x BT of (p @ c)
     ref_p = preds.double().clone().requires_grad_()

@@ -18,9 +18,9 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from helpers import (
     BIN,
     ROOT,
-    kill_then_resume,
     load_artifact,
     metrics,
+    resume_from_copy,
     run_env,
     same_artifact_weights,
     train,
@@ -127,7 +127,7 @@ def rm_eval_ties(out, data, where) -> dict:
     return json.loads((where / "metrics.json").read_text())
 
 
-def test_a_killed_davidson_run_resumes_bit_exact(tmp_path, demo_assets, tiny_pretrained):
+def test_a_davidson_run_resumed_from_a_checkpoint_is_bit_exact(tmp_path, demo_assets, tiny_pretrained):
     rows = [r | {"tie": False} for r in make_pairs(48, 1)] + tied_rows(16, 3)  # a quarter tied: nu starts at 2/3
     random.Random(5).shuffle(rows)
     args = train_args(tiny_pretrained, write(tmp_path / "train.jsonl", rows), None, "zero2", dtype="fp32", lr=1e-3,
@@ -140,8 +140,8 @@ def test_a_killed_davidson_run_resumes_bit_exact(tmp_path, demo_assets, tiny_pre
     want = get_fp32_state_dict_from_zero_checkpoint(str(a / "checkpoints"), "step_8")
     got = consolidated_state_dict(str(a / "checkpoints"), "step_8")
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
-    b = tmp_path / "killed"
-    kill_then_resume(b, args, "6.0", [2, 4])  # killed in step 6, resumed from step_4
+    b = tmp_path / "resumed"
+    resume_from_copy(a, b, args, 4)  # as a crash after step_4 leaves it (SIGKILL: the kill tests)
     ma, mb = metrics(a), metrics(b)
     for key in ("loss", "tie_nu"):
         assert [r[key] for r in ma] == [r[key] for r in mb], key  # exact float equality

@@ -4,7 +4,7 @@ MoE block (an `nn.ModuleList` of experts, and a loop that skips the experts no t
 DeepSeek's and older Mixtral code do) under ZeRO-3, where rank 0's tokens reach only expert 0 and rank 1's
 only expert 1. Without the block as a leaf module the ranks would gather different experts' parameters.
 
-  python tests/moe_ranks.py OUT.json [--no-leaf]
+  python tests/support/moe_ranks.py OUT.json [--no-leaf]
 
 It trains 3 steps through rm_trainer's own engine (train/engine.initialize, with
 moe.leaf_module_classes) and writes the per-step mean loss over the global batch to OUT.json.
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout
 
-from rm_trainer import moe  # noqa: E402
+from rm_trainer.model import moe  # noqa: E402
 from rm_trainer.train import engine  # noqa: E402
 
 H, E, N = 16, 4, 6  # hidden size, experts, tokens per rank

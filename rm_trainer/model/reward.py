@@ -1,13 +1,11 @@
-"""RewardModel: an HF decoder backbone (no lm_head) plus a scalar `score` head read at the last real token;
-and the one batched scorer (score_sequences) that score_texts, rm-score, rm-serve and rm-eval share."""
+"""RewardModel: an HF decoder backbone (no lm_head) plus a scalar `score` head read at the last real token
+(one output per attribute for an attribute head). Its one batched scorer is model/scoring.py."""
 
 from __future__ import annotations
 
-import functools
 import math
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -15,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from rm_trainer import moe
-from rm_trainer.attributes import combination, combine
-from rm_trainer.data.batching import pad_right, token_budget_batches
 from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.errors import UserError
+from rm_trainer.model import moe
+from rm_trainer.model.attributes import combination, combine
+from rm_trainer.model.scoring import score_sequences
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -243,110 +241,3 @@ class RewardModel(nn.Module):
         out = score_sequences(self, [encode_item(self.tokenizer, t, self.max_len, prefix) for t in texts],
                               max_batch_tokens, attributes=attributes)
         return (self.reward_of(out), out) if attributes else out
-
-
-@torch.no_grad()
-def score_sequences(model, seqs: list[list[int]], max_batch_tokens: int, sort: bool = True,
-                    padding_side: str = "right", on_forward=None, attributes: bool = False) -> torch.Tensor:
-    """fp32 rewards of token-id sequences, in input order (an attribute head's combined reward; with
-    attributes=True its (N, K) attributes). padding_side="left" pads in front, with an
-    attention mask and position ids that start at each sequence's first token (what HF pipelines do);
-    the rewards agree with right padding to fp32 rounding. on_forward(rows, seconds) is told of every
-    forward (rm-serve's metrics)."""
-    assert padding_side in ("right", "left"), padding_side
-    device = model.score.weight.device
-    out = torch.empty(len(seqs), *([len(model.attributes)] if attributes else []), dtype=torch.float32)
-    for batch in token_budget_batches([len(s) for s in seqs], max_batch_tokens, sort):
-        started = time.perf_counter()
-        lens = torch.tensor([len(seqs[i]) for i in batch])
-        if padding_side == "right":
-            ids = pad_right([seqs[i] for i in batch], model.pad_token_id).to(device)
-            r = model(ids, lens.to(device))
-        else:
-            T = int(lens.max())
-            ids = torch.full((len(batch), T), model.pad_token_id, dtype=torch.long)
-            mask = torch.zeros(len(batch), T, dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, T - len(seqs[i]):] = torch.tensor(seqs[i])
-                mask[row, T - len(seqs[i]):] = 1
-            pos = (mask.cumsum(1) - 1).clamp(min=0)
-            last = torch.stack([torch.arange(len(batch)), torch.full((len(batch),), T - 1)], 1)
-            r = model(ids.to(device), None, pos.to(device), last.to(device), mask.to(device))
-        r = r if attributes else model.reward_of(r)
-        out[torch.tensor(batch)] = r.float().cpu()  # a device-host sync per batch
-        if on_forward is not None:
-            on_forward(len(batch), time.perf_counter() - started)
-    return out
-
-
-def score_with_attributes(model, seqs: list[list[int]], max_batch_tokens: int, **kwargs
-                          ) -> tuple[list[float], list[dict[str, float]] | None]:
-    """(rewards, each sequence's {attribute: value}) as score_sequences scores them; None in place of the
-    attributes for a scalar head. The rewards are the same bits either way (combine: a sum per row)."""
-    if not model.attributes:
-        return score_sequences(model, seqs, max_batch_tokens, **kwargs).tolist(), None
-    out = score_sequences(model, seqs, max_batch_tokens, attributes=True, **kwargs)
-    return model.reward_of(out).tolist(), [dict(zip(model.attributes, row, strict=True)) for row in out.tolist()]
-
-
-PACKABLE = ("sdpa", "eager", "flash_attention_2")
-
-
-def check_packing(forward, backbone_config, device: torch.device) -> str | None:
-    """None if packed rows give the same rewards as separate padded rows through `forward` (the model or
-    its engine), else what is wrong. Guards the silent failures: an attention implementation that does
-    not split packed rows, or a forgotten cache, lets sequences attend to each other."""
-    impl = getattr(backbone_config, "_attn_implementation", None) or "default"
-    if impl not in PACKABLE:
-        return (f"attention implementation {impl!r} cannot keep packed sequences apart; use sdpa or eager "
-                "(or flash_attention_2 with the flash_attn package), or turn packing off")
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randint(1, backbone_config.vocab_size, (n,), generator=g) for n in (5, 7))
-    padded = torch.zeros(2, 7, dtype=torch.long)
-    padded[0, :5], padded[1] = a, b
-    with torch.no_grad():
-        want = forward(padded.to(device), torch.tensor([5, 7], device=device))
-        got = forward(torch.cat([a, b])[None].to(device), None, torch.cat([torch.arange(5), torch.arange(7)])[None]
-                      .to(device), torch.tensor([[0, 4], [0, 11]], device=device))
-    err, scale = float((got - want).abs().max()), float(want.abs().max().clamp(min=1e-3))
-    if err > 1e-2 * scale:  # a leak between sequences moves rewards by O(1); precision by far less
-        return (f"packed sequences attend to each other with attention implementation {impl!r} (packed vs "
-                f"padded rewards differ by {err:.3g}); use sdpa or eager, or turn packing off")
-    return None
-
-
-def disable_dropout(module: nn.Module) -> int:
-    """p = 0 for every dropout layer and every *dropout* config field; returns how many were non-zero."""
-    n = 0
-    for m in module.modules():
-        if isinstance(m, nn.Dropout) and m.p > 0:
-            m.p, n = 0.0, n + 1
-    cfg = getattr(module, "config", None)
-    for key, value in (vars(cfg).items() if cfg is not None else []):
-        # some attention implementations read the probability from the config, not from a module
-        if "dropout" in key and isinstance(value, float) and value > 0:
-            setattr(cfg, key, 0.0)
-            n += 1
-    return n
-
-
-def enable_checkpointing(backbone: nn.Module, use_reentrant: bool = False,
-                         mark: Callable[[torch.Tensor], None] | None = None) -> None:
-    """Activation checkpointing of every decoder layer (transformers v5 renamed the method). mark: called
-    with each layer's input as the checkpoint receives it, after the layer's forward pre-hooks (ZeRO-3's
-    replace it), before the checkpoint saves it (the activation offload's hooks look for it there)."""
-    kwargs = {"use_reentrant": use_reentrant}
-    if hasattr(backbone, "activation_checkpointing_enable"):
-        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if mark is not None:
-        for m in backbone.modules():
-            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
-                m._gradient_checkpointing_func = functools.partial(_marked, m._gradient_checkpointing_func, mark)
-
-
-def _marked(checkpoint: Callable, mark: Callable, function: Callable, *args, **kwargs):
-    if args and torch.is_tensor(args[0]):
-        mark(args[0])
-    return checkpoint(function, *args, **kwargs)

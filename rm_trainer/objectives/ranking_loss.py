@@ -1,4 +1,4 @@
-"""Objectives beyond one pair, in fp32 with closed-form backwards: K-wise rankings (`--objective ranking`).
+"""The K-wise ranking losses (`--objective ranking`), in fp32 with closed-form backwards, and their sums.
 
 A ranking batch is flat: S response sequences, each run through the backbone once, with `group` (S,) the
 index of the prompt each belongs to (0..G-1) and `scores` (S,) its rating (higher is better; equal
@@ -20,13 +20,8 @@ train.step), as for pairs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-
-from rm_trainer.attributes import ATTRIBUTE_SUMS, combination, regression_metrics
-from rm_trainer.loss import N_SUMS, metrics_from_sums
 
 RANKING_LOSSES = ("pairs", "plackett_luce")
 
@@ -185,47 +180,3 @@ def ranking_metrics(sums: torch.Tensor) -> dict[str, float]:
     return {"loss": s[1] / s[0], "acc": s[3] / s[2] if s[2] else float("nan"), "top1": s[4] / s[0],
             "reward_mean": mean, "reward_std": max(s[7] / s[5] - mean * mean, 0.0) ** 0.5,
             "prompts": int(s[0]), "pairs": int(s[2]), "responses": int(s[5]), "responses_per_prompt": s[5] / s[0]}
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What a run trains (train.objective) with its options: the loss of a micro-batch follows from it, and
-    so do the width of a step's statistics and the metrics read from them."""
-
-    kind: str = "pairs"  # pairs | ranking | regression | bt+regression
-    ranking_loss: str = "pairs"
-    attributes: tuple[str, ...] = ()  # regression: the head's outputs, in order
-    attribute_weights: tuple[float, ...] | None = None  # regression: each attribute's weight in the loss
-    combination: tuple[float, ...] = ()  # bt+regression: the reward's coefficients, which the BT term trains
-    bt_weight: float = 1.0  # bt+regression: the BT term's weight
-
-    @classmethod
-    def of(cls, cfg) -> Objective:
-        t, names = cfg.train, tuple(cfg.data.attributes or ())
-        w = t.attribute_weights
-        c = tuple(combination(list(names), cfg.model.reward_weights).tolist()) if names else ()
-        return cls(t.objective, t.ranking_loss, names, tuple(float(w.get(a, 1.0)) for a in names) if w else None,
-                   c, t.bt_weight)
-
-    def weights(self, device: torch.device) -> torch.Tensor | None:
-        return None if self.attribute_weights is None else torch.tensor(self.attribute_weights, device=device)
-
-    def sums_width(self) -> int:
-        """How many of a step's statistics are the objective's sums (tokens and the rest follow them)."""
-        regression = 2 + len(ATTRIBUTE_SUMS) * len(self.attributes)
-        return {"pairs": N_SUMS, "ranking": len(RANKING_FIELDS), "regression": regression}.get(
-            self.kind, len(RANKING_FIELDS) + regression)
-
-    def metrics(self, sums: torch.Tensor) -> dict[str, float]:
-        if self.kind == "ranking":
-            return ranking_metrics(sums)
-        if self.kind == "regression":
-            return regression_metrics(sums, list(self.attributes))
-        if self.kind == "bt+regression":  # the pairs' accuracy and BT loss, each attribute's RMSE and Pearson
-            n = len(RANKING_FIELDS)
-            bt, reg = ranking_metrics(sums[:n]), regression_metrics(sums[n:], list(self.attributes))
-            rows, pairs = float(sums[0]), float(sums[2])
-            return reg | {"loss": (self.bt_weight * float(sums[1]) + float(sums[n + 1])) / rows,
-                          "bt_loss": float(sums[1]) / pairs if pairs else float("nan"), "acc": bt["acc"],
-                          "pairs": int(pairs), "rows": int(rows), "responses": bt["responses"]}
-        return metrics_from_sums(sums)

@@ -4,7 +4,8 @@ Production modules read no test variables; only this file does.
 
   RM_FAULT_PAUSE_AT="STEP.MICRO"  before micro step MICRO of optimizer step STEP, every rank writes
                                   OUT/.paused_rank{r} and sleeps, so a test can SIGKILL the job at an exact
-                                  point (mid-accumulation included)
+                                  point (mid-accumulation included), or signal a rank there; the ranks
+                                  go on when the test writes OUT/.resume
   RM_FAULT_NAN_GRAD="STEP:RANK"   at that step that rank's reward gradients become NaN while its loss stays
                                   finite (DeepSpeed must skip the update on every rank)
   RM_FAULT_SLOW_PREPARE="SECONDS" rank 0's data preparation takes that much longer
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout
 
 from rm_trainer.cli.train import entry  # noqa: E402
 from rm_trainer.data import cache as data_cache  # noqa: E402
@@ -33,7 +34,9 @@ def _pause_before(micro_batches, micro: int, rank: int):
     for i, b in enumerate(micro_batches):
         if i == micro:
             (_out_dir() / f".paused_rank{rank}").write_text(str(os.getpid()))
-            time.sleep(3600)
+            deadline = time.time() + 3600
+            while not (_out_dir() / ".resume").exists() and time.time() < deadline:
+                time.sleep(0.05)
         yield b
 
 

@@ -8,7 +8,8 @@ attributes it has,
 
 and the batch loss is the mean over the N responses, or their sum times `scale` (micro-batches of
 different sizes, as for pairs in train.step). Missing values add nothing and get no gradient. The
-scalar reward that PPO reads is a fixed linear combination of the attributes, r = p @ c (`combine`).
+scalar reward that PPO reads is a fixed linear combination of the attributes, r = p @ c
+(model/attributes.py).
 
 Statistics (regression_sums) are float64 sums, exact over micro-batches and ranks, from which
 regression_metrics gives each attribute's RMSE and Pearson correlation.
@@ -63,25 +64,6 @@ def fused_regression_loss(preds: torch.Tensor, targets: torch.Tensor, present: t
     """The regression loss of N responses' K predicted attributes (module docstring)."""
     assert preds.dim() == 2 and preds.shape == targets.shape, (preds.shape, targets.shape)
     return _FusedRegression.apply(preds, targets, present, weights, scale)
-
-
-def combination(names: list[str], spec: dict[str, float] | None) -> torch.Tensor:
-    """The reward's coefficients over `names` (K,): `spec` maps some attributes to their weights
-    (`--reward_weights helpfulness=1,verbosity=-0.3`); without one the reward is the first attribute.
-    Raises ValueError naming an attribute that is not among `names`."""
-    if not spec:
-        return torch.eye(len(names))[0]
-    unknown = sorted(set(spec) - set(names))
-    if unknown:
-        raise ValueError(f"reward weights name {', '.join(unknown)}, not among the attributes {', '.join(names)}")
-    return torch.tensor([float(spec.get(n, 0.0)) for n in names])
-
-
-def combine(preds: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """The scalar reward (N,) of predicted attributes (N, K), in fp32: what PPO reads. A sum per row, not a
-    matrix product, so a row's reward has the same bits in any batch."""
-    p = _fp32(preds)
-    return (p * coefficients.to(p)).sum(-1)
 
 
 ATTRIBUTE_SUMS = ("rated", "sse", "y", "yy", "p", "pp", "py")  # per attribute, after (rows, loss sum)

@@ -9,25 +9,23 @@ Two layouts are read, decided once per source from its first row:
   "overall_score": number, "fine-grained_score": number, ...}, ...]}, rated by one of the completions'
   score fields (`overall_score` by default).
 
-Each response is encoded on its own, exactly as score_texts encodes (prompt, response) for scoring
-(tokenize.encode): the reward the ranking loss trains is the one every scoring path reads. A row is
-kept as K sequences that each run through the backbone once per step, with the row's scores.
+A row is K sequences, cut by the one truncation rule (data/truncation.py: the prompt once for all K
+responses, from the left), that each run through the backbone once per step, with the row's scores. A
+row of K = 2 with different scores is exactly the pair it is. Where max_len cuts nothing, each sequence
+is what score_texts encodes for (prompt, response); held-out rows keep each response's own encoding
+besides (`single`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from rm_trainer.data import read
-from rm_trainer.data.batching import pack_sequences, pad_right
-from rm_trainer.data.formats import row_location, skip_hint
-from rm_trainer.data.schema import features, tokenize_map
-from rm_trainer.data.tokenize import encode_item, special_prefix
+from rm_trainer.data.formats import render_messages
+from rm_trainer.data.tokenize import Encoded
 from rm_trainer.errors import DataError
+from rm_trainer.objectives.base import RowReader
 
 UF_SCORES = ("overall_score", "fine-grained_score")
 
@@ -49,7 +47,7 @@ def detect_ranking_format(row: Any, keys: RankingKeys) -> str:
 
 
 class RankingLayout:
-    """formats.load_source's view of ranking sources (formats.PairLayout is the pairs' one)."""
+    """formats.load_source's view of ranking sources (pair_rows.PairLayout is the pairs' one)."""
 
     def __init__(self, keys: RankingKeys) -> None:
         self.keys = keys
@@ -164,85 +162,37 @@ def ranking_status(responses: list[str], scores: list[float]) -> str:
     return ""
 
 
-RANKING_COLUMNS = ("ids", "scores", "status", "source", "tokens", "longest")
-DROP_REASONS = ("malformed", "empty_response", "all_responses_tied")
+DROP_REASONS = ("malformed", "empty_response", "all_responses_tied", "identical_responses")
 
 
-def encode_ranking(tok, prompt: Any, responses: list[str], max_len: int, prefix: list[int]) -> list[list[int]]:
-    """Each response as score_texts encodes (prompt, response): a messages prompt takes the response as the
-    assistant's turn, rendered with the chat template."""
+def prompt_text(tok, prompt: Any, responses: list[str]) -> tuple[str, list[str]]:
+    """(prompt text, response texts): a messages prompt takes each response as the assistant's turn,
+    rendered with the chat template (as score_texts renders (prompt messages, response))."""
     if isinstance(prompt, str):
-        return [encode_item(tok, (prompt, r), max_len, prefix) for r in responses]
-    return [encode_item(tok, (prompt, [{"role": "assistant", "content": r}]), max_len, prefix) for r in responses]
+        return prompt, list(responses)
+    if not getattr(tok, "chat_template", None):
+        raise DataError("the prompt is a list of messages, and the tokenizer has no chat template to render it "
+                        "with; pass --chat_template FILE (a Jinja template), or give the prompt as text")
+    return render_messages(tok, prompt, [[{"role": "assistant", "content": r}] for r in responses])
 
 
-def tokenize_rankings(ds, fmt: str, tok, max_len: int, on_error: str, keys: RankingKeys = RankingKeys(),
-                      source_id: int = 0, path: str = "", num_proc: int | None = None):
-    """One datasets.map over a ranking source: each row checked against the source's layout (a malformed
-    one raises DataError naming file:line and field, unless on_error is skip, which counts it as
-    "malformed"), then each response encoded. Every row gets a status (a drop reason or ""), so nothing
-    is lost uncounted. Columns: ids (K id lists), scores (K), status, source, tokens (all K lengths) and
-    longest (the longest response's)."""
-    prefix = special_prefix(tok)
+class RankingReader(RowReader):
+    """Ranking rows for data.sources and rm-eval (base.RowReader): the scores label, rows of K responses."""
 
-    def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in RANKING_COLUMNS}
-        for i, vals in zip(indices, zip(*batch.values(), strict=True), strict=True):
-            row = dict(zip(batch, vals, strict=True))
-            problem = ranking_problem(row, fmt, keys)
-            if problem and on_error == "error":
-                raise DataError(f"{row_location(path, i)}: {problem}" + skip_hint())
-            ids, scores, status = [], [], "malformed"
-            if not problem:
-                prompt, responses, scores = ranking_texts(row, fmt, keys)
-                status = ranking_status(responses, scores)
-                ids = encode_ranking(tok, prompt, responses, max_len, prefix)
-            values = (ids, scores, status, source_id, sum(map(len, ids)), max(map(len, ids), default=0))
-            for k, v in zip(RANKING_COLUMNS, values, strict=True):
-                out[k].append(v)
-        return out
+    drop_reasons = DROP_REASONS
+    labels = {"scores": "floats"}
 
-    schema = features(ids="ids2", scores="floats", status="str", source="int", tokens="int", longest="int")
-    return tokenize_map(ds, fn, schema, path=path, source_id=source_id, num_proc=num_proc)
+    def __init__(self, tok, d, work_dir: str | None = None, keys: RankingKeys | None = None) -> None:
+        super().__init__(tok, d, work_dir)
+        self.keys = keys or RankingKeys(prompt=d.prompt_key, uf_score=d.ranking_score)
+        self.layout = RankingLayout(self.keys)
 
+    def parse(self, row: dict, fmt: str) -> tuple[tuple[str, list[str]], dict[str, Any], str]:
+        prompt, responses, scores = ranking_texts(row, fmt, self.keys)
+        return prompt_text(self.tok, prompt, responses), {"scores": scores}, ranking_status(responses, scores)
 
-def split_report(tokd, idx, max_len: int, malformed_before: int = 0):
-    """(rows kept, their report) of one split (`idx`: its rows of the tokenized source): counts by status,
-    responses per row, and the longest response's token lengths, from whole columns read once."""
-    import numpy as np
-
-    status = np.asarray(tokd.data.column("status").to_numpy(zero_copy_only=False))[idx]
-    counts = Counter(status.tolist())
-    counts["malformed"] += malformed_before
-    real = idx[status != "malformed"]
-    longest = np.asarray(tokd.data.column("longest").to_numpy())[real]
-    k = np.asarray([len(x) for x in tokd.select(real)["scores"]]) if len(real) else np.zeros(0)
-    rep = {"rows": len(idx) + malformed_before, "used": sum(v for r, v in counts.items() if r not in DROP_REASONS),
-           "dropped": {r: counts.get(r, 0) for r in DROP_REASONS}, "kept_with_note": {}}
-    if len(real):
-        rep["responses_per_row"] = {"min": int(k.min()), "mean": round(float(k.mean()), 3), "max": int(k.max())}
-        rep["token_length_percentiles"] = {"longest_response": {f"p{q}": int(np.percentile(longest, q))
-                                                                for q in (50, 90, 99)} | {"max": int(longest.max())}}
-        rep["fraction_truncated_at_max_len"] = round(float((longest >= max_len).mean()), 4)
-    keep = idx[~np.isin(status, DROP_REASONS)]
-    return tokd.remove_columns(["status"]).select(keep), rep
-
-
-def collate_rankings(rows: list[dict[str, Any]], pad_id: int, pack_len: int | None = None,
-                     packing: bool = False) -> dict[str, torch.Tensor]:
-    """A micro-batch of ranking rows ({"ids": [K lists], "scores": [K]}) as one forward over their S
-    responses, each once: padded (`input_ids` (S, T), `lens`) or packed (`input_ids`, `position_ids`,
-    `last`, as data.batching.pack_sequences), with `group` (S,) the row of each response (0..B-1),
-    `scores` (S,), `prompts` (B, on the host) and each row's `source`."""
-    seqs = [ids for r in rows for ids in r["ids"]]
-    group = torch.cat([torch.full((len(r["ids"]),), i, dtype=torch.long) for i, r in enumerate(rows)])
-    scores = torch.tensor([float(s) for r in rows for s in r["scores"]], dtype=torch.float32)
-    fields = {"lens": torch.tensor([len(s) for s in seqs], dtype=torch.long), "group": group, "scores": scores,
-              "prompts": torch.tensor(len(rows))}  # a host value: the loss's G, read without a device sync
-    if "source" in rows[0]:
-        fields["source"] = torch.tensor([r["source"] for r in rows], dtype=torch.long)
-    if "targets" in rows[0]:  # bt+regression's mixed rows (data.mixed): each sequence's K ratings, NaN if none
-        fields["targets"] = torch.tensor([t for r in rows for t in r["targets"]], dtype=torch.float32)
-    if packing:
-        return pack_sequences(seqs, pad_id, pack_len) | fields
-    return {"input_ids": pad_right(seqs, pad_id)} | fields
+    def status(self, enc: Encoded, texts: tuple[str, list[str]], before: str) -> str:
+        """A row whose responses are all one sequence (the same text, or the same after the cut) ranks
+        nothing: dropped, as a pair that is identical is."""
+        seqs = enc.cut.seqs
+        return before or ("identical_responses" if all(x == seqs[0] for x in seqs[1:]) else enc.note)

@@ -2,8 +2,8 @@
 """Test-only worker for tests/train/test_sequence_parallel.py: the reward model's forward and backward at
 the sequence-parallel seam, without an engine.
 
-  torchrun --nproc_per_node 2 tests/sp_ranks.py OUT.json MODEL_TYPE   # N=2: each rank holds half the columns
-  python tests/sp_ranks.py OUT.json MODEL_TYPE                        # the unsplit reference
+  torchrun --nproc_per_node 2 tests/support/sp_ranks.py OUT.json MODEL_TYPE   # N=2: each rank holds half the columns
+  python tests/support/sp_ranks.py OUT.json MODEL_TYPE                        # the unsplit reference
 
 A tiny backbone (llama, or qwen2 with grouped KV heads) from a fixed seed, one right-padded batch whose last
 tokens fall on rank 0, on rank 1 and on either side of the boundary, and a batch of a packed row and a padded
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout
 
-from rm_trainer.model import RewardModel  # noqa: E402
+from rm_trainer.model.reward import RewardModel  # noqa: E402
 from rm_trainer.train import engine  # noqa: E402
 
 T = 16  # columns of the padded batch: rank 0 holds 0..7, rank 1 holds 8..15
