@@ -54,8 +54,8 @@ class Evaluator:
     def reward_stats(self) -> dict:
         if not self.last or "reward_mean" not in self.last:  # regression: the attributes keep their scale
             return {}
-        return {"mean": self.last["reward_mean"], "std": self.last["reward_std"], "pairs": self.last["pairs"],
-                "step": self.last_step}
+        counted = {k: self.last[k] for k in ("pairs", "rows") if k in self.last}  # what the statistics cover
+        return {"mean": self.last["reward_mean"], "std": self.last["reward_std"], **counted, "step": self.last_step}
 
     def single_view(self) -> bool:
         """Whether some held-out response reads differently on its own than in its row (truncation): then
