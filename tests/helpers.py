@@ -1,12 +1,15 @@
-"""Launch real training runs (torchrun by default; the deepspeed launcher and plain python where a test
-names them) from tests. torchrun starts two ranks about 5 s sooner than the deepspeed launcher, whose
-runner and launch processes each import deepspeed and torch first (measured: 16.8 s vs 21.9 s for the
-shared 12-step 2-rank run); the runs that name the deepspeed launcher keep it covered."""
+"""Launch real training runs from tests: by default each rank a process told its RANK, WORLD_SIZE and
+MASTER_ADDR/PORT in its environment, as srun starts them (tests/support/env_launch.py); torchrun, the
+deepspeed launcher and plain python where a test names them. The launchers are the fixed cost every test
+pays: torchrun imports torch before starting a rank, and the deepspeed launcher's runner and launch
+processes each import deepspeed and torch first (measured: 16.8 s vs 21.9 s for the shared 12-step
+2-rank run); the runs that name them keep both covered."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,9 +29,11 @@ SHARED_HH = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 def train_args(model, data, test_data=None, ds: str | None = None, **flags) -> list[str]:
     """A training command line: the model, the data, the held-out file, the DeepSpeed JSON
     (ds_configs/<ds>.json), then `--flag value` for every keyword (True: the bare boolean flag, False:
-    --no-flag, None: left out). The one place tests spell rm-train's arguments. The HF export is off
-    unless a test reads OUT/hf (hf_export=True): a run's own default is on."""
-    flags = {"hf_export": False} | flags
+    --no-flag, None: left out). The one place tests spell rm-train's arguments. The HF export and the
+    tensorboard log are off unless a test reads OUT/hf or OUT/tb (hf_export=True, tensorboard=True, or a
+    report_to of its own): a run's own defaults are on. Each costs rank 0 about half a second per launch."""
+    quiet = {"hf_export": False} | ({} if "report_to" in flags else {"tensorboard": False})
+    flags = quiet | flags
     args = ["--model", str(model), "--data", str(data)]
     if test_data is not None:
         args += ["--test_data", str(test_data)]
@@ -61,11 +66,16 @@ def run_env() -> dict[str, str]:
 
 
 FAULT_LAUNCHER = Path(__file__).resolve().parent / "support" / "fault_launch.py"
+ENV_LAUNCHER = Path(__file__).resolve().parent / "support" / "env_launch.py"
 
 
 def launch_cmd(launcher: str, nprocs: int, faults: bool = False) -> list[str]:
-    """faults=True runs tests/support/fault_launch.py (the entry point with RM_FAULT_* injection) instead."""
+    """The command that starts `nprocs` ranks: "env" (tests/support/env_launch.py: each rank told its RANK and
+    the rest in its environment, as srun does; the default), "torchrun", "deepspeed", or "python" (one
+    process). faults=True runs tests/support/fault_launch.py (the entry point with RM_FAULT_* injection)."""
     script = str(FAULT_LAUNCHER if faults else ROOT / "launch" / "train_reward.py")
+    if launcher == "env":
+        return [sys.executable, str(ENV_LAUNCHER), str(nprocs), str(free_port()), script]
     if launcher == "deepspeed":
         return [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()), script]
     if launcher == "torchrun":
@@ -79,7 +89,7 @@ def _faults(env: dict | None) -> bool:
     return any(k.startswith("RM_FAULT_") for k in env or {})
 
 
-def train(out: Path, args: list[str], launcher: str = "torchrun", nprocs: int = 2,
+def train(out: Path, args: list[str], launcher: str = "env", nprocs: int = 2,
           timeout: int = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = launch_cmd(launcher, nprocs, _faults(env)) + args + ["--output_dir", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=run_env() | (env or {}), capture_output=True, text=True,
@@ -167,38 +177,45 @@ def load_artifact(out: Path) -> dict:
     return torch.load(out / "reward.pt", map_location="cpu", weights_only=True)
 
 
-_TRAINED: dict[tuple, Path] = {}  # one pytest session's finished runs, by command line
-_RUNS_ROOT: list[Path] = []  # where they are (made on first use, removed when the session ends)
+RUN_FOLDER: list[Path] = []  # the pytest run's shared folder (conftest.shared_folder), for all its xdist workers
 
 
-def trained(args: list[str], launcher: str = "torchrun", nprocs: int = 2, env: dict | None = None) -> Path:
-    """The output folder of `args` run to the end, trained once per pytest session however many tests ask
-    for the same run (the same launcher, ranks, arguments and environment). Read it, never write into it:
-    a test that changes a run's folder copies it first (resume_from_copy)."""
-    key = (launcher, nprocs, tuple(map(str, args)), tuple(sorted((env or {}).items())))
-    if key not in _TRAINED:
-        import atexit
-        import hashlib
-        import shutil
-        import tempfile
+def made_once(name: str, build) -> Path:
+    """RUN_FOLDER/name, built by build(folder) once for the whole pytest run: the first worker that asks builds it
+    under a file lock, the others wait and reuse it. Read it, never write into it."""
+    from filelock import FileLock
 
-        if not _RUNS_ROOT:
-            _RUNS_ROOT.append(Path(tempfile.mkdtemp(prefix="rm_trainer_runs_")))
-            atexit.register(shutil.rmtree, _RUNS_ROOT[0], ignore_errors=True)
-        out = _RUNS_ROOT[0] / hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-        train(out, args, launcher, nprocs, env=env)
-        _TRAINED[key] = out
-    return _TRAINED[key]
+    assert RUN_FOLDER, "conftest.shared_folder sets the shared folder"
+    out = RUN_FOLDER[0] / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / ".made").exists():
+            shutil.rmtree(out, ignore_errors=True)  # a build that failed half-way
+            out.mkdir()
+            build(out)
+            (out / ".made").write_text("")
+    return out
 
 
-def resume_from_copy(done: Path, out: Path, args: list[str], step: int, launcher: str = "torchrun",
+def trained(args: list[str], launcher: str = "env", nprocs: int = 2, env: dict | None = None) -> Path:
+    """The output folder of `args` run to the end, trained once per pytest run however many tests (in any
+    xdist worker) ask for the same run: the same launcher, ranks, arguments and environment. What it
+    printed is beside it (OUT.log). Read it, never write into it: a test that changes a run's folder copies
+    it first (resume_from_copy)."""
+    import hashlib
+
+    key = repr((launcher, nprocs, tuple(map(str, args)), tuple(sorted((env or {}).items()))))
+    name = "runs/" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    holder = made_once(name, lambda d: train(d / "run", args, launcher, nprocs, env=env))
+    return holder / "run"
+
+
+def resume_from_copy(done: Path, out: Path, args: list[str], step: int, launcher: str = "env",
                      nprocs: int = 2) -> subprocess.CompletedProcess:
     """Run `args` again from a copy of the finished run `done` as it stood when step_`step` was its newest
     committed checkpoint (later checkpoints and the end-of-run files removed, `latest` pointing back):
     the run must resume from there and finish. What a crash after that commit leaves; SIGKILL itself, at
     every point of a step and a save, is the kill tests' (kill_then_resume)."""
-    import shutil
-
     from rm_trainer.artifact import checkpoint_files as ckpt
 
     shutil.copytree(done, out, ignore=shutil.ignore_patterns("reward.pt", "hf", "best", "lora_adapter", "eval",
@@ -214,7 +231,7 @@ def resume_from_copy(done: Path, out: Path, args: list[str], step: int, launcher
     return p
 
 
-def start(out: Path, args: list[str], launcher: str = "torchrun", nprocs: int = 2,
+def start(out: Path, args: list[str], launcher: str = "env", nprocs: int = 2,
           env: dict | None = None) -> subprocess.Popen:
     """Start a run in its own process group, so a test can SIGKILL the launcher and every rank."""
     cmd = launch_cmd(launcher, nprocs, _faults(env)) + args + ["--output_dir", str(out)]

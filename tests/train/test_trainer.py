@@ -84,7 +84,8 @@ def test_packing_auto_packs_by_default_and_says_so(run):
     """No packing flag: the start-up check passes for sdpa, so the run packs (one line says so); --batching
     random and --no-packing stay padded. The packed default and the padded runs train the same steps."""
     def log(name):
-        return (run(name).parent / f"{name}.log").read_text()
+        out = run(name)
+        return (out.parent / f"{out.name}.log").read_text()
 
     assert "packing on: packed rows score like padded ones" in log("ds_z2_w2")
     for name in ("ds_z3_random", "torchrun_z3_w2"):
