@@ -33,6 +33,7 @@ from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.errors import DataError, UserError
 from rm_trainer.eval import diagnostics, report, rewardbench
 from rm_trainer.model.scoring import score_sequences
+from rm_trainer.objectives.base import single_view
 from rm_trainer.objectives.pair_rows import DROP_REASONS, PairKeys, PairReader
 from rm_trainer.use.score import row_where
 
@@ -96,8 +97,7 @@ def _pairs_file(path: str, tok, max_len: int, chat: bool, opts: EvalOptions, sid
     dropped = Counter(s for s in status if s in drops) + Counter({"malformed": pre_bad} if pre_bad else {})
     ids = tokd["ids"]
     if opts.truncation == "single":  # each response as it is encoded on its own
-        ids = [[s or i for s, i in zip(single, row, strict=True)] for single, row in zip(tokd["single"], ids,
-                                                                                            strict=True)]
+        ids = [single_view(single, row) for single, row in zip(tokd["single"], ids, strict=True)]
     c_ids, r_ids = [r[0] if r else [] for r in ids], [r[1] if r else [] for r in ids]
     tie = tokd["tie"]
     return ([c_ids[i] for i in keep], [r_ids[i] for i in keep], [str(subsets[i]) for i in keep],

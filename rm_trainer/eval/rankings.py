@@ -24,6 +24,7 @@ from rm_trainer.config import DataConfig
 from rm_trainer.data import read
 from rm_trainer.errors import UserError
 from rm_trainer.model.scoring import score_sequences
+from rm_trainer.objectives.base import single_view
 from rm_trainer.objectives.ranking_loss import RANKING_FIELDS, ranking_metrics, ranking_sums
 from rm_trainer.objectives.ranking_rows import DROP_REASONS, RankingKeys, RankingLayout, RankingReader
 
@@ -72,7 +73,7 @@ def evaluate_rankings(model, files: list[tuple[str, object, str, int]], keys: Ra
                 dropped[status] += 1
                 continue
             if truncation == "single":  # each response as it is encoded on its own
-                ids = [s or x for s, x in zip(single, ids, strict=True)]
+                ids = single_view(single, ids)
             group += [len(where)] * len(ids)
             seqs += ids
             scores += rated

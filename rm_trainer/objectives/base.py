@@ -105,11 +105,15 @@ class Objective(ABC):
         return None
 
 
+def single_view(single: list[list[int]], ids: list[list[int]]) -> list[list[int]]:
+    """A row's responses each as it is encoded on its own (as score_texts encodes it): its `single` sequence
+    where truncation made the row's differ (a row keeps `single` empty where they are the same), else `ids`."""
+    return [s or i for s, i in zip(single, ids, strict=True)]
+
+
 def sequences_of(rows: list[dict], single: bool = False) -> list[list[int]]:
     """Every row's sequences, row by row (single: each response as it is encoded on its own)."""
-    if single:
-        return [s or ids for r in rows for s, ids in zip(r["single"], r["ids"], strict=True)]
-    return [ids for r in rows for ids in r["ids"]]
+    return [s for r in rows for s in (single_view(r["single"], r["ids"]) if single else r["ids"])]
 
 
 def source_of(rows: list[dict]) -> torch.Tensor:

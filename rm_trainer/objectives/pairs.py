@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from rm_trainer.data.batching import Sequences
-from rm_trainer.objectives.base import Batch, Objective, source_of
+from rm_trainer.objectives.base import Batch, Objective, single_view, source_of
 from rm_trainer.objectives.bt_loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, metrics_from_sums, pair_sums
 from rm_trainer.objectives.pair_rows import PairReader
 
@@ -56,8 +56,8 @@ class Pairs(Objective):
                 single: bool = False) -> PairBatch:
         """single: each response as it is encoded on its own (the held-out rows' `single`), as score_texts
         encodes it, for the end-of-run report."""
-        pick = (lambda r, k: r["single"][k] or r["ids"][k]) if single else (lambda r, k: r["ids"][k])  # noqa: E731
-        seqs = [pick(r, 0) for r in rows] + [pick(r, 1) for r in rows]
+        views = [single_view(r["single"], r["ids"]) if single else r["ids"] for r in rows]
+        seqs = [v[0] for v in views] + [v[1] for v in views]
         d = self.data  # the labels the run reads (--margin_key, --tie_key); the others are not in its rows
         margin = torch.tensor([r["margin"] for r in rows], dtype=torch.float32) if d.margin_key else None
         tie = torch.tensor([bool(r["tie"]) for r in rows], dtype=torch.bool) if d.tie_key else None

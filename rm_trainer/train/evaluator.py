@@ -16,6 +16,7 @@ import torch
 from rm_trainer.data.batching import eval_batches
 from rm_trainer.eval import diagnostics
 from rm_trainer.objectives import Objective
+from rm_trainer.objectives.base import single_view
 from rm_trainer.train import engine
 
 
@@ -43,7 +44,7 @@ class Evaluator:
     def lengths(self, single: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Response tokens of every test pair (after the shared prefix), computed once, on rank 0."""
         if single:
-            return _lengths([[s or p for s, p in zip(r["single"], r["ids"], strict=True)] for r in self.test])
+            return _lengths([single_view(r["single"], r["ids"]) for r in self.test])
         if self._lengths is None:
             self._lengths = _lengths(self.test["ids"])
         return self._lengths
