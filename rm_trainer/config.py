@@ -182,7 +182,12 @@ class TrainConfig(Section):
         "their sequences into rows of pack_len tokens. auto: on when the start-up check proves packed rows "
         "score like padded ones for this model and attention (else grouped, saying why), and batching is not "
         "random; on: the check must pass; off: padded")
-    _switches = field_validator("packing", mode="before")(switch)
+    share_prompt: Literal["auto", "on", "off"] = Field(
+        "auto", description="one prompt, many responses: each row's prompt encoded once, its responses after "
+        "it, each attending to the prompt and itself (docs/batching.md). auto: where the start-up check proves "
+        "it exact for this model and attention, on the rows where it costs less (else off, saying why); on: "
+        "every row with a common prefix, and the check must pass; off: each response its own sequence")
+    _switches = field_validator("packing", "share_prompt", mode="before")(switch)
     pack_len: int | None = Field(None, ge=8, description="tokens per packed row (default 2 x data.max_len)")
     sequence_parallel: int = Field(1, ge=1, description="sequence ranks per data-parallel group (DeepSpeed's Ulysses): "
                                    "each holds 1/N of every row's tokens, for long inputs; must divide the world "
@@ -257,6 +262,9 @@ class RunConfig(Section):
         if self.train.pack_len is not None and self.train.pack_len < self.data.max_len:
             problems.append(f"train.pack_len ({self.train.pack_len}) must be at least data.max_len "
                             f"({self.data.max_len}): a sequence is never split across packed rows")
+        if self.train.share_prompt == "on" and self.train.sequence_parallel > 1:
+            problems.append("train.share_prompt on: shared prompts are not supported with sequence parallelism "
+                            "(train.sequence_parallel > 1); use share_prompt auto or off")
         if self.train.keep_best and not (self.data.test_path or self.data.test_fraction > 0
                                          or any(src.test_path or src.test_fraction for src in self.data.sources or [])):
             problems.append("train.keep_best ranks checkpoints by a held-out metric: give data.test_path "

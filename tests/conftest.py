@@ -77,8 +77,9 @@ def tiny_pretrained(demo_assets, shared_folder) -> str:
 # name: (launcher, ranks, ds_config, extra flags); every run: 12 steps, fp32, eval and save at 6 and 12.
 # "ds_" names the DeepSpeed config's runs; ds_z2_w2 starts through the deepspeed launcher, torchrun_z3_w2
 # through torchrun, the others through the tests' env launcher (helpers.launch_cmd), seconds cheaper each.
-# The default, --packing auto, packs (single_z2, ds_z2_w2, single_accum); the ZeRO-3 runs are padded
-# (grouped batching), the baseline the batching modes and reward paths are compared with.
+# The default (--packing auto, --share_prompt auto: single_z2, ds_z2_w2, single_accum) shares each pair's
+# prompt, and packs where packed micro-batches cost less; the ZeRO-3 runs are padded (grouped batching), the
+# baseline the batching modes and reward paths are compared with.
 PADDED = {"packing": False}
 RUNS = {
     "single_z2": ("python", 1, "zero2", {"micro_batch_size": 4}),

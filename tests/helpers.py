@@ -310,3 +310,45 @@ class Server:
         finally:
             self.proc.kill()
         return self.proc.stdout.read()
+
+
+class Live:
+    """The few Engine methods the start-up checks (resolve_packing, resolve_sharing) use, over a real
+    RewardModel."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args):
+        return self.model(*args)
+
+    def eval(self):
+        self.model.eval()
+
+    def train(self):
+        self.model.train()
+
+
+def cfg(**train):
+    """A RunConfig with placeholder paths and these train fields."""
+    from rm_trainer.config import RunConfig
+
+    return RunConfig(model={"path": "m"}, data={"train_path": "d"}, output={"output_dir": "o"}, train=train)
+
+
+def hh_prompt_rows(n: int) -> list[dict]:
+    """The first n real HH-RLHF pairs that split into a shared prompt and two answers, as prompt rows."""
+    import gzip
+
+    from rm_trainer.data.formats import split_hh
+
+    rows = []
+    with gzip.open(SHARED_HH, "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            s = split_hh(r["chosen"], r["rejected"])
+            if s is not None:
+                rows.append({"prompt": s[0], "chosen": s[1], "rejected": s[2]})
+            if len(rows) == n:
+                return rows
+    return rows

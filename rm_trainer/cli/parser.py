@@ -95,6 +95,12 @@ def add_model_options(p: Parser, batch_tokens: bool = True) -> None:
         p.add_argument("--max_batch_tokens", type=int, default=16384, help="padded tokens per forward")
 
 
+SHARE_MODES = ("auto", "on", "off")
+SHARE_HELP = ("responses to one prompt encode it once (a responses list, rows or requests repeating a prompt): "
+              "auto where a check on the model proves it exact and it costs less; on: wherever they share a "
+              "prefix; off")
+
+
 def add_on_error(p: Parser) -> None:
     p.add_argument("--on_error", choices=("error", "skip"), default="error",
                    help="a malformed row stops the run (naming file:line:field), or is counted and left out")

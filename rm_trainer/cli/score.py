@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import fields
 
-from rm_trainer.cli.parser import Parser, add_model_options, add_on_error, model_options, run
+from rm_trainer.cli.parser import SHARE_HELP, SHARE_MODES, Parser, add_model_options, add_on_error, model_options, run
 
 PROG = "rm-score"
 
@@ -32,6 +32,7 @@ def parser() -> Parser:
     for f in fields(RowKeys):
         p.add_argument(f"--{f.name}_key", default=f.default, help=f"column of the {f.name} field")
     p.add_argument("--chunk_rows", type=int, default=2048, help="rows per resumable chunk")
+    p.add_argument("--share_prompt", choices=SHARE_MODES, default="auto", help=SHARE_HELP)
     add_on_error(p)
     p.add_argument("--wait_timeout_s", type=float, default=86400, help="rank 0's wait for the other ranks")
     return p
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
         keys = RowKeys(**{f.name: getattr(args, f"{f.name}_key") for f in fields(RowKeys)})
         opts = ScoreOptions(args.data, args.output, keys, args.max_batch_tokens, args.chunk_rows, args.on_error,
-                            args.wait_timeout_s)
+                            args.wait_timeout_s, args.share_prompt)
         report = score(model_options(args), opts)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(report), flush=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import fields
 
-from rm_trainer.cli.parser import Parser, add_model_options, model_options, run
+from rm_trainer.cli.parser import SHARE_HELP, SHARE_MODES, Parser, add_model_options, model_options, run
 from rm_trainer.errors import UserError
 
 PROG = "rm-serve"
@@ -26,6 +26,7 @@ HELP = {
     "max_chars": "characters per text",
     "max_body_bytes": "request body size",
     "shutdown_timeout_s": "time to finish queued requests on exit",
+    "share_prompt": SHARE_HELP,
 }
 
 
@@ -36,7 +37,8 @@ def parser() -> Parser:
     add_model_options(p, batch_tokens=False)
     for f in fields(ServeOptions):
         kind = str if f.type in ("str", "str | None") else {"int": int, "float": float}[f.type]
-        p.add_argument(f"--{f.name}", type=kind, default=f.default, help=HELP[f.name])
+        p.add_argument(f"--{f.name}", type=kind, default=f.default, help=HELP[f.name],
+                       choices=SHARE_MODES if f.name == "share_prompt" else None)
     return p
 
 

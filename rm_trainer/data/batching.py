@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rm_trainer.data.segments import lay_out, spread
+
 
 def pad_right(seqs: list[list[int]], pad_id: int, length: int | None = None) -> torch.Tensor:
     T = length or max(len(s) for s in seqs)
@@ -46,6 +48,7 @@ class Sequences:
     lens: torch.Tensor
     position_ids: torch.Tensor | None = None
     last: torch.Tensor | None = None
+    segments: torch.Tensor | None = None  # shared prompts (data.segments): (R, 2, L) segment and branch
 
     @classmethod
     def of(cls, seqs: list[list[int]], pad_id: int, pack_len: int | None = None, packing: bool = False) -> Sequences:
@@ -55,15 +58,31 @@ class Sequences:
             return cls(lens=lens, **pack_sequences(seqs, pad_id, pack_len))
         return cls(pad_right(seqs, pad_id), lens)
 
+    @classmethod
+    def shared(cls, groups: list[list[list[int]]], pad_id: int, rule, pack_len: int | None = None,
+               packing: bool = False, order: list[int] | None = None) -> Sequences:
+        """Rows of sequences (each row's prompt once where `rule` shares it: data.segments), the outputs
+        row by row, or in `order` (indices into that row-by-row list)."""
+        laid = lay_out(groups, pad_id, rule, pack_len, packing)
+        lens = torch.tensor([len(s) for g in groups for s in g], dtype=torch.long)
+        if order is not None:
+            laid["last"], lens = laid["last"][order], lens[order]
+        return cls(lens=lens, **laid)
+
     def run(self, model, device: torch.device) -> torch.Tensor:
         """The model's (or its engine's) output for every sequence: (S,) rewards, or (S, K) attributes."""
+        if self.segments is not None:
+            return model(self.input_ids.to(device), None, self.position_ids.to(device), self.last.to(device),
+                         None, self.segments.to(device))
         if self.position_ids is not None:
             return model(self.input_ids.to(device), None, self.position_ids.to(device), self.last.to(device))
         return model(self.input_ids.to(device), self.lens.to(device))
 
     @property
     def tokens(self) -> int:
-        """Real tokens (a host value)."""
+        """Real tokens the forward computes (a host value): with shared prompts, each prompt once."""
+        if self.segments is not None:
+            return int((self.segments[:, 0] >= 0).sum())
         return int(self.lens.sum())
 
     @property
@@ -79,14 +98,7 @@ def pack_sequences(seqs: list[list[int]], pad_id: int, pack_len: int | None) -> 
     model.RewardModel.forward); the tail of a row that is not full is padding with positions of its own.
     `last` holds (row, column) of each sequence's final token, where its reward is read, in seqs' order."""
     total = sum(len(x) for x in seqs)
-    pack_len = pack_len or total
-    assert max(len(x) for x in seqs) <= pack_len, f"a sequence is longer than pack_len={pack_len}"
-    # The fewest rows that hold every sequence, filled evenly (longest first, each to the emptiest row):
-    # every row is padded to the fullest one, so even rows waste least.
-    n_rows = -(-total // pack_len)
-    while (spread := _spread(seqs, n_rows, pack_len)) is None:
-        n_rows += 1
-    place, fill = spread
+    place, fill = spread([len(x) for x in seqs], pack_len or total)
     L = max(fill)
     ids = torch.full((len(fill), L), pad_id, dtype=torch.long)
     pos = torch.zeros((len(fill), L), dtype=torch.long)
@@ -98,20 +110,6 @@ def pack_sequences(seqs: list[list[int]], pad_id: int, pack_len: int | None) -> 
         pos[row, used:] = torch.arange(L - used)  # padding: a segment of its own, never attended to
     return {"input_ids": ids, "position_ids": pos,
             "last": torch.tensor([(row, col + len(seqs[i]) - 1) for i, (row, col) in enumerate(place)])}
-
-
-def _spread(seqs: list[list[int]], n_rows: int, cap: int):
-    """((row, column) of each sequence, fill of each row) when the sequences, longest first, each go to the
-    emptiest of n_rows rows; None if a row then holds more than cap tokens."""
-    heap = [(0, k) for k in range(n_rows)]
-    place = [(0, 0)] * len(seqs)
-    fill = [0] * n_rows
-    for i in sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i)):
-        used, row = heapq.heappop(heap)
-        place[i] = (row, used)
-        fill[row] = used + len(seqs[i])
-        heapq.heappush(heap, (fill[row], row))
-    return (place, fill) if max(fill) <= cap else None
 
 
 def balanced_groups(idx: list[int], tokens: np.ndarray, k: int) -> list[list[int]]:
@@ -178,10 +176,11 @@ def get_preference_iterator(dataset, sampler: RowSampler, collate: Callable[...,
     update, drawn from the sampler's global batch s - 1). collate(rows, packing=...): the objective's batch of
     those rows (objectives/*: padded, or packed into rows of pack_len tokens when the sampler packs)."""
     for step in range(done + 1, total_steps + 1):
-        yield step, [collate(_rows(dataset, idx), packing=sampler.packing) for idx in sampler.micro_batches(step - 1)]
+        yield step, [collate(rows_of(dataset, idx), packing=sampler.packing) for idx in sampler.micro_batches(step - 1)]
 
 
-def _rows(dataset, idx: list[int]) -> list[dict[str, Any]]:
+def rows_of(dataset, idx: list[int]) -> list[dict[str, Any]]:
+    """Rows idx of an arrow dataset, each a dict (read column-major, once)."""
     cols = dataset[idx]  # column-major dict of lists
     return [dict(zip(cols, vals, strict=False)) for vals in zip(*cols.values(), strict=False)]
 

@@ -106,6 +106,7 @@ def dry_run_report(cfg, tok, objective) -> str:
     with tempfile.TemporaryDirectory() as scratch:
         train, _, report, _ = prepare_sources(cfg, tok, objective, work_dir=scratch)
         ids = train[0]["ids"][0]
+        tokens, segment = (int(train.data.column(k).to_numpy().sum()) for k in ("tokens", "segment"))
     lines = []
     for name, rep in report.items():
         if name.startswith("_"):
@@ -121,6 +122,10 @@ def dry_run_report(cfg, tok, objective) -> str:
                 lines.append(f"  token lengths {r['token_length_percentiles']}; "
                              f"{r['fraction_truncated_at_max_len']:.1%} of rows exceed max_len={cfg.data.max_len}")
     lines.append(objective.describe(report))
+    if objective.shares_prompts and cfg.train.share_prompt != "off" and tokens:
+        lines.append(f"shared prompts (--share_prompt {cfg.train.share_prompt}): {segment:,} tokens per epoch instead "
+                     f"of {tokens:,} ({1 - segment / tokens:.1%} saved) where every row with a common prefix "
+                     "shares it (on; auto: the rows where it costs less for the model, after the start-up check)")
     lines.append("example (the first training row's first sequence), the reward is read at the marked token:")
     lines.append("  " + tok.decode(ids[:-1]) + " \u27e6" + tok.decode(ids[-1:]) + "\u27e7")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ the consumers of the exported model that tokenize raw text.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -80,6 +81,30 @@ def encode_item(tok, item, max_len: int, prefix: list[int]) -> list[int]:
         p, c, _ = render_conversation(tok, prompt, response, response, None)
         return encode(tok, p, c, max_len, prefix).chosen
     return encode(tok, prompt, response, max_len, prefix=prefix).chosen
+
+
+def item_key(item):
+    """Which prompt an item answers (scoring's keys: items of one prompt may share it, data.segments): the
+    prompt of a (prompt, response) pair, or a conversation's turns before the response; None for a full
+    text."""
+    if isinstance(item, tuple):
+        return item[0] if isinstance(item[0], str) else json.dumps(item[0], sort_keys=True)
+    if isinstance(item, list):
+        return json.dumps(split_conversation(item)[0], sort_keys=True)
+    return None
+
+
+def expand_groups(items: list) -> list:
+    """score_texts' items with each (prompt, [response, ...]) group as one (prompt, response) item per
+    response (a response list of texts, or of message lists); (prompt, response messages) stays one item."""
+    out = []
+    for it in items:
+        if (isinstance(it, tuple) and len(it) == 2 and isinstance(it[1], list) and it[1]
+                and all(isinstance(r, str) or (isinstance(r, list) and r and isinstance(r[0], dict)) for r in it[1])):
+            out += [(it[0], r) for r in it[1]]
+        else:
+            out.append(it)
+    return out
 
 
 @dataclass(frozen=True)

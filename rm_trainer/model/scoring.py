@@ -1,5 +1,6 @@
 """The one batched scorer: score_texts, rm-score, rm-serve, rm-eval and the end-of-run report all score
-token-id sequences through score_sequences (length-sorted token-budget batches, right or left padding)."""
+token-id sequences through score_sequences (length-sorted token-budget batches, right or left padding, or
+shared-prompt segments where the caller says which sequences belong to one prompt)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,38 @@ import time
 
 import torch
 
-from rm_trainer.data.batching import pad_right, token_budget_batches
+from rm_trainer.data.batching import Sequences, pad_right, token_budget_batches
+from rm_trainer.data.segments import ALWAYS, ShareRule, share_groups, shared_prefix
+
+
+class Forwarded:
+    """What scoring's forwards computed (an on_forward callback): sequences, their tokens, and the tokens
+    the forwards ran (fewer where prompts were shared)."""
+
+    def __init__(self) -> None:
+        self.sequences = self.tokens = self.forwarded = 0
+
+    def add(self, sequences: int, seconds: float, forwarded: int, tokens: int | None = None) -> None:
+        self.sequences += sequences
+        self.forwarded += forwarded
+        self.tokens += forwarded if tokens is None else tokens
 
 
 @torch.no_grad()
 def score_sequences(model, seqs: list[list[int]], max_batch_tokens: int, sort: bool = True,
-                    padding_side: str = "right", on_forward=None, attributes: bool = False) -> torch.Tensor:
+                    padding_side: str = "right", on_forward=None, attributes: bool = False,
+                    share: ShareRule | None = None, keys: list | None = None) -> torch.Tensor:
     """fp32 rewards of token-id sequences, in input order (an attribute head's combined reward; with
-    attributes=True its (N, K) attributes). padding_side="left" pads in front, with an
-    attention mask and position ids that start at each sequence's first token (what HF pipelines do);
-    the rewards agree with right padding to fp32 rounding. on_forward(rows, seconds) is told of every
-    forward (rm-serve's metrics)."""
+    attributes=True its (N, K) attributes). padding_side="left" pads in front, with an attention mask and
+    position ids that start at each sequence's first token (what HF pipelines do); the rewards agree with
+    right padding to fp32 rounding. on_forward(rows, seconds, tokens[, own tokens]) is told of every forward
+    (rm-serve's metrics; tokens: those it computed). share (model.sharing.scoring_rule) with keys: sequences
+    of one key (not None) share their common prefix where the rule says it costs less."""
     assert padding_side in ("right", "left"), padding_side
-    device = model.score.weight.device
     out = torch.empty(len(seqs), *([len(model.attributes)] if attributes else []), dtype=torch.float32)
+    if share is not None and keys is not None and padding_side == "right":
+        return _score_shared(model, seqs, max_batch_tokens, share, keys, out, on_forward, attributes)
+    device = model.score.weight.device
     for batch in token_budget_batches([len(s) for s in seqs], max_batch_tokens, sort):
         started = time.perf_counter()
         lens = torch.tensor([len(seqs[i]) for i in batch])
@@ -40,7 +59,29 @@ def score_sequences(model, seqs: list[list[int]], max_batch_tokens: int, sort: b
         r = r if attributes else model.reward_of(r)
         out[torch.tensor(batch)] = r.float().cpu()  # a device-host sync per batch
         if on_forward is not None:
-            on_forward(len(batch), time.perf_counter() - started)
+            on_forward(len(batch), time.perf_counter() - started, int(lens.sum()))
+    return out
+
+
+def _score_shared(model, seqs: list[list[int]], max_batch_tokens: int, share: ShareRule, keys: list,
+                  out: torch.Tensor, on_forward, attributes: bool) -> torch.Tensor:
+    """score_sequences with shared prompts: the groups of data.segments.share_groups, batched by their
+    segments' tokens, one segment per batch row."""
+    device = model.score.weight.device
+    groups = share_groups(seqs, keys, share, max_batch_tokens)
+    sizes = []
+    for g in groups:
+        s = shared_prefix([seqs[i] for i in g])
+        sizes.append(s + sum(len(seqs[i]) - s for i in g))
+    for batch in token_budget_batches(sizes, max_batch_tokens):
+        started = time.perf_counter()
+        rows = [[seqs[i] for i in groups[g]] for g in batch]
+        laid = Sequences.shared(rows, model.pad_token_id, ALWAYS)
+        r = laid.run(model, device)
+        r = r if attributes else model.reward_of(r)
+        out[torch.tensor([i for g in batch for i in groups[g]])] = r.float().cpu()
+        if on_forward is not None:
+            on_forward(len(laid.lens), time.perf_counter() - started, laid.tokens, int(laid.lens.sum()))
     return out
 
 

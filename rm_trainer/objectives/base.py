@@ -16,8 +16,8 @@ run needs to know about what it trains:
 Every objective's tokenized rows share one schema (ROW_COLUMNS): `ids`, the K sequences of one prompt's
 responses (a pair is K = 2: chosen, rejected; a rated response K = 1), cut by data.truncation's rule, with
 `single`, each response encoded on its own where that differs, `status` (a drop reason, a note or ""),
-`source`, the token counts before the cut, and `longest`/`tokens` for the sampler; then the objective's
-own labels.
+`source`, the token counts before the cut, and `longest`/`tokens`/`segment` for the sampler (`segment`:
+the tokens of the row with its shared prompt once, data.segments); then the objective's own labels.
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ import torch
 from rm_trainer.data.batching import Sequences
 from rm_trainer.data.formats import row_location, skip_hint
 from rm_trainer.data.schema import features, tokenize_map
+from rm_trainer.data.segments import ShareRule, shared_prefix
 from rm_trainer.data.tokenize import CUT_NOTES, Encoded, RowEncoder, default_num_proc
 from rm_trainer.errors import DataError
 
 ROW_COLUMNS = {"ids": "ids2", "single": "ids2", "status": "str", "source": "int", "prompt_tokens": "int",
-               "response_tokens": "ints", "longest": "int", "tokens": "int"}
+               "response_tokens": "ints", "longest": "int", "tokens": "int", "segment": "int"}
 REPORT_ONLY = ("status", "prompt_tokens", "response_tokens")  # read by the split's report, then dropped
 
 
@@ -63,6 +64,7 @@ class Objective(ABC):
     source_keys: ClassVar[tuple[str, ...]] = ("loss", "acc")  # eval/<source>/..., when finite
     row_modules: ClassVar[tuple[str, ...]] = ()  # modules whose source decides the token ids (cache key)
     attributes: list[str] | None = None  # the head's outputs (an attribute head), else one scalar reward
+    shares_prompts: ClassVar[bool] = True  # rows of K >= 2 responses to one prompt (--share_prompt)
     pair_report: ClassVar[bool] = False  # evaluation also reports per pair (rewards(): diagnostics, OUT/eval/)
     sums_width: int
 
@@ -74,7 +76,7 @@ class Objective(ABC):
 
     @abstractmethod
     def collate(self, rows: list[dict], pad_id: int, pack_len: int | None = None, packing: bool = False,
-                single: bool = False) -> Batch: ...
+                single: bool = False, share: ShareRule | None = None) -> Batch: ...
 
     @abstractmethod
     def loss(self, b: Batch, out: torch.Tensor, scale: float | None, log_nu: torch.Tensor | None
@@ -109,6 +111,18 @@ def single_view(single: list[list[int]], ids: list[list[int]]) -> list[list[int]
     """A row's responses each as it is encoded on its own (as score_texts encodes it): its `single` sequence
     where truncation made the row's differ (a row keeps `single` empty where they are the same), else `ids`."""
     return [s or i for s, i in zip(single, ids, strict=True)]
+
+
+def batch_sequences(views: list[list[list[int]]], pad_id: int, pack_len: int | None, packing: bool,
+                    share: ShareRule | None, member_major: bool = False) -> Sequences:
+    """Rows' sequences (`views`: each row's, as the batch reads them) as one forward: each row's shared
+    prompt once where `share` says so (data.segments), else right-padded or packed. The outputs come row
+    by row, or member_major (rows of K = 2: every row's first, then every row's second)."""
+    if share is None:
+        flat = [v[k] for k in range(2) for v in views] if member_major else [s for v in views for s in v]
+        return Sequences.of(flat, pad_id, pack_len, packing)
+    order = torch.arange(2 * len(views)).view(-1, 2).T.flatten().tolist() if member_major else None
+    return Sequences.shared(views, pad_id, share, pack_len, packing, order)
 
 
 def sequences_of(rows: list[dict], single: bool = False) -> list[list[int]]:
@@ -186,13 +200,14 @@ class RowReader(ABC):
     def _append(self, out: dict[str, list], parsed, enc: Encoded | None, source_id: int) -> None:
         if parsed is None:
             values = {"ids": [], "single": [], "status": "malformed", "prompt_tokens": 0, "response_tokens": [],
-                      "longest": 0, "tokens": 0} | self.empty_labels()
+                      "longest": 0, "tokens": 0, "segment": 0} | self.empty_labels()
         else:
             texts, labels, before = parsed
             seqs = enc.cut.seqs
             values = {"ids": seqs, "single": enc.single, "status": self.status(enc, texts, before),
                       "prompt_tokens": enc.prompt_tokens, "response_tokens": enc.response_tokens,
-                      "longest": max(map(len, seqs)), "tokens": sum(map(len, seqs))} | labels
+                      "longest": max(map(len, seqs)), "tokens": sum(map(len, seqs)),
+                      "segment": sum(map(len, seqs)) - (len(seqs) - 1) * shared_prefix(seqs)} | labels
         for k, v in values.items():
             out[k].append(v)
         out["source"].append(source_id)

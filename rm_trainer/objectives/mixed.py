@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from rm_trainer.data.segments import ShareRule
 from rm_trainer.model.attributes import combine
 from rm_trainer.objectives.base import source_of
 from rm_trainer.objectives.mixed_rows import MixedReader
@@ -29,6 +30,7 @@ class MixedBatch(RankingBatch):
 
 class BtRegression(Regression):
     name = "bt+regression"
+    shares_prompts = True  # its pair rows (a rated row is one sequence, left as it is)
     source_keys = ("loss", "acc")
     row_modules = ("rm_trainer.objectives.mixed_rows", "rm_trainer.objectives.pair_rows",
                    "rm_trainer.objectives.rating_rows", "rm_trainer.objectives.ranking_rows")
@@ -46,8 +48,8 @@ class BtRegression(Regression):
         return super().identity() | {"chosen_key": d.chosen_key, "rejected_key": d.rejected_key}
 
     def collate(self, rows: list[dict], pad_id: int, pack_len: int | None = None, packing: bool = False,
-                single: bool = False) -> MixedBatch:
-        seqs, group, scores = collate_groups(rows, pad_id, pack_len, packing)
+                single: bool = False, share: ShareRule | None = None) -> MixedBatch:
+        seqs, group, scores = collate_groups(rows, pad_id, pack_len, packing, share=share)
         targets = torch.tensor([t for r in rows for t in r["targets"]], dtype=torch.float32)
         return MixedBatch(seqs, source_of(rows), len(rows), group, scores, targets)
 

@@ -8,7 +8,7 @@ row's with each sequence's ratings, so that any batch may hold both kinds:
     ids      a pair's [chosen, rejected] ids, or a rated row's [response] ids
     scores   [1, 0] for a pair (chosen above rejected), [0] for a rated row (no pair)
     targets  per sequence its K ratings; NaN for a pair's sequences (no rating)
-    source, tokens, longest
+    source, tokens, longest, segment
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def unify_pairs(ds, k: int):
     def fn(b: dict[str, list]) -> dict[str, list]:
         n = len(b["ids"])
         return {"ids": b["ids"], "scores": [[1.0, 0.0]] * n, "targets": [[nan, nan]] * n, "source": b["source"],
-                "tokens": b["tokens"], "longest": b["longest"]}
+                "tokens": b["tokens"], "longest": b["longest"], "segment": b["segment"]}
 
     return ds.map(fn, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="pairs as mixed rows",
                   load_from_cache_file=False, features=_features())
@@ -84,7 +84,7 @@ def unify_ratings(ds):
 
     def fn(b: dict[str, list]) -> dict[str, list]:
         return {"ids": b["ids"], "scores": [[0.0]] * len(b["ids"]), "targets": [[t] for t in b["targets"]],
-                "source": b["source"], "tokens": b["tokens"], "longest": b["longest"]}
+                "source": b["source"], "tokens": b["tokens"], "longest": b["longest"], "segment": b["segment"]}
 
     return ds.map(fn, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="ratings as mixed rows",
                   load_from_cache_file=False, features=_features())
@@ -92,4 +92,5 @@ def unify_ratings(ds):
 
 def _features():
     """One arrow schema for both kinds, so that their datasets concatenate."""
-    return features(ids="ids2", scores="floats", targets="floats2", source="int", tokens="int", longest="int")
+    return features(ids="ids2", scores="floats", targets="floats2", source="int", tokens="int", longest="int",
+                    segment="int")

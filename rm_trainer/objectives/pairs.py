@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from rm_trainer.data.batching import Sequences
-from rm_trainer.objectives.base import Batch, Objective, single_view, source_of
+from rm_trainer.data.segments import ShareRule
+from rm_trainer.objectives.base import Batch, Objective, batch_sequences, single_view, source_of
 from rm_trainer.objectives.bt_loss import N_SUMS, bradley_terry_loss, fused_bradley_terry, metrics_from_sums, pair_sums
 from rm_trainer.objectives.pair_rows import PairReader
 
@@ -53,15 +53,15 @@ class Pairs(Objective):
         return {k: getattr(d, k) for k in ("prompt_key", "chosen_key", "rejected_key", "margin_key", "tie_key")}
 
     def collate(self, rows: list[dict], pad_id: int, pack_len: int | None = None, packing: bool = False,
-                single: bool = False) -> PairBatch:
+                single: bool = False, share: ShareRule | None = None) -> PairBatch:
         """single: each response as it is encoded on its own (the held-out rows' `single`), as score_texts
-        encodes it, for the end-of-run report."""
+        encodes it, for the end-of-run report. share: each pair's prompt once where the rule says so."""
         views = [single_view(r["single"], r["ids"]) if single else r["ids"] for r in rows]
-        seqs = [v[0] for v in views] + [v[1] for v in views]
         d = self.data  # the labels the run reads (--margin_key, --tie_key); the others are not in its rows
         margin = torch.tensor([r["margin"] for r in rows], dtype=torch.float32) if d.margin_key else None
         tie = torch.tensor([bool(r["tie"]) for r in rows], dtype=torch.bool) if d.tie_key else None
-        return PairBatch(Sequences.of(seqs, pad_id, pack_len, packing), source_of(rows), len(rows), margin, tie)
+        seqs = batch_sequences(views, pad_id, pack_len, packing, share, member_major=True)
+        return PairBatch(seqs, source_of(rows), len(rows), margin, tie)
 
     def loss(self, b: PairBatch, out: torch.Tensor, scale: float | None, log_nu: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor]:

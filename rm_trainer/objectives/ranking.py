@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from rm_trainer.data.batching import Sequences
-from rm_trainer.objectives.base import Batch, Objective, sequences_of, source_of
+from rm_trainer.data.segments import ShareRule
+from rm_trainer.objectives.base import Batch, Objective, batch_sequences, single_view, source_of
 from rm_trainer.objectives.ranking_loss import RANKING_FIELDS, fused_ranking_loss, ranking_metrics, ranking_sums
 from rm_trainer.objectives.ranking_rows import RankingReader
 
@@ -25,12 +26,14 @@ class RankingBatch(Batch):
     scores: torch.Tensor | None = None
 
 
-def collate_groups(rows: list[dict], pad_id: int, pack_len: int | None, packing: bool, single: bool = False
-                   ) -> tuple[Sequences, torch.Tensor, torch.Tensor]:
-    """The sequences of rows of K responses, row by row, with each one's row and score."""
+def collate_groups(rows: list[dict], pad_id: int, pack_len: int | None, packing: bool, single: bool = False,
+                   share: ShareRule | None = None) -> tuple[Sequences, torch.Tensor, torch.Tensor]:
+    """The sequences of rows of K responses, row by row (each row's prompt once where `share` says so),
+    with each one's row and score."""
     group = torch.cat([torch.full((len(r["ids"]),), i, dtype=torch.long) for i, r in enumerate(rows)])
     scores = torch.tensor([float(s) for r in rows for s in r["scores"]], dtype=torch.float32)
-    return Sequences.of(sequences_of(rows, single), pad_id, pack_len, packing), group, scores
+    views = [single_view(r["single"], r["ids"]) if single else r["ids"] for r in rows]
+    return batch_sequences(views, pad_id, pack_len, packing, share), group, scores
 
 
 class Ranking(Objective):
@@ -50,8 +53,8 @@ class Ranking(Objective):
         return {"prompt_key": self.data.prompt_key, "ranking_score": self.data.ranking_score}
 
     def collate(self, rows: list[dict], pad_id: int, pack_len: int | None = None, packing: bool = False,
-                single: bool = False) -> RankingBatch:
-        seqs, group, scores = collate_groups(rows, pad_id, pack_len, packing, single)
+                single: bool = False, share: ShareRule | None = None) -> RankingBatch:
+        seqs, group, scores = collate_groups(rows, pad_id, pack_len, packing, single, share)
         return RankingBatch(seqs, source_of(rows), len(rows), group, scores)
 
     def loss(self, b: RankingBatch, out: torch.Tensor, scale: float | None, log_nu: torch.Tensor | None

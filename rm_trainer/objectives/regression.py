@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from rm_trainer.data.batching import Sequences
+from rm_trainer.data.segments import ShareRule
 from rm_trainer.model.attributes import combination
 from rm_trainer.objectives.base import Batch, Objective, sequences_of, source_of
 from rm_trainer.objectives.rating_rows import RatingReader
@@ -32,6 +33,7 @@ class RatingBatch(Batch):
 
 class Regression(Objective):
     name = "regression"
+    shares_prompts = False  # a rated row is one response
     source_keys = ("loss",)  # and every rmse/<attribute>, pearson/<attribute>
     row_modules = ("rm_trainer.objectives.rating_rows", "rm_trainer.objectives.ranking_rows")
 
@@ -59,7 +61,8 @@ class Regression(Objective):
                 "missing_attributes": d.missing_attributes}
 
     def collate(self, rows: list[dict], pad_id: int, pack_len: int | None = None, packing: bool = False,
-                single: bool = False) -> RatingBatch:
+                single: bool = False, share: ShareRule | None = None) -> RatingBatch:
+        """share: unused, a rated row is one response (one sequence, nothing to share within it)."""
         targets = torch.tensor([r["targets"] for r in rows], dtype=torch.float32)
         return RatingBatch(Sequences.of(sequences_of(rows), pad_id, pack_len, packing), source_of(rows), len(rows),
                            targets)

@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 from rm_trainer.config import RunConfig
-from rm_trainer.data.batching import RowSampler
+from rm_trainer.data.batching import RowSampler, rows_of
+from rm_trainer.data.segments import ALWAYS, ShareRule
 from rm_trainer.errors import ConfigError, DataError
 from rm_trainer.model import moe
 from rm_trainer.model.backbone import build_backbone
 from rm_trainer.model.lora import apply_lora, trainable_summary
 from rm_trainer.model.reward import DTYPES, RewardModel
+from rm_trainer.model.sharing import check_sharing
 from rm_trainer.objectives import Objective
 from rm_trainer.train import engine, long_context, sequence_parallel
 from rm_trainer.train.ds_config import fill_scheduler_steps
@@ -78,7 +80,41 @@ def build_engine(cfg: RunConfig, ds_cfg: dict, rt: engine.Runtime, objective: Ob
     return eng, backbone
 
 
-def resolve_packing(cfg: RunConfig, eng, backbone_config, rt: engine.Runtime) -> bool:
+def resolve_layout(cfg: RunConfig, eng, backbone_config, rt: engine.Runtime, objective: Objective, train_ds,
+                   pad_id: int) -> tuple[bool, ShareRule | None]:
+    """(packing, which rows share their prompt): --share_prompt and --packing, each proven on the live engine
+    where auto or on asks for it; --packing auto also only where packed micro-batches cost less (packing_pays)."""
+    share = resolve_sharing(cfg, eng, backbone_config, rt, objective)
+    pays = functools.partial(packing_pays, cfg, train_ds, rt, objective, share, ShareRule.of(backbone_config), pad_id)
+    return resolve_packing(cfg, eng, backbone_config, rt, pays), share
+
+
+def packing_pays(cfg: RunConfig, train_ds, rt: engine.Runtime, objective: Objective, share: ShareRule | None,
+                 rule: ShareRule, pad_id: int, steps: int = 4) -> tuple[bool, str]:
+    """(whether packed micro-batches cost less than grouped ones, the two costs): the modelled FLOPs
+    (ShareRule.batch_cost) of every rank's micro-batches over the first `steps` steps, each way. Packed rows
+    are dense (every pair of a row's pack_len tokens), grouped ones padded; grouping wins where a rank has
+    several micro-batches per step to sort rows into, packing where it has one (docs/batching.md). The same
+    answer on every rank: each computes it for all of them, from the seeded sampler (host work only)."""
+    t = cfg.train
+    n = min(steps, len(train_ds) // (t.micro_batch_size * t.grad_accum * rt.dp_world))
+    cost = {}
+    lengths = {k: train_ds.data.column("segment" if share else k).to_numpy() for k in ("longest", "tokens")}
+    for packing in (False, True):
+        cost[packing] = 0.0
+        for rank in range(rt.dp_world):
+            s = RowSampler(len(train_ds), t.micro_batch_size, t.grad_accum, rt.dp_world, rank, t.seed, "grouped",
+                           packing, **lengths)
+            for step in range(n):
+                for idx in s.micro_batches(step):
+                    seqs = objective.collate(rows_of(train_ds, idx), pad_id, cfg.pack_len, packing, share=share).seqs
+                    cost[packing] += rule.batch_cost(*seqs.input_ids.shape, seqs.position_ids is not None)
+    why = f"modelled cost of the first {n} steps: packed {cost[True]:.4g}, grouped {cost[False]:.4g}"
+    return cost[True] < cost[False], why
+
+
+def resolve_packing(cfg: RunConfig, eng, backbone_config, rt: engine.Runtime,
+                    pays: Callable[[], tuple[bool, str]] | None = None) -> bool:
     """train.packing on: packed rows must score like padded ones through the live engine (model.check_packing),
     else a config error; auto: packing where that holds and batching is grouped (random asks for the pairs
     as drawn), else grouped batching, said in one line; off: padded. Every rank runs the check (a forward:
@@ -96,18 +132,56 @@ def resolve_packing(cfg: RunConfig, eng, backbone_config, rt: engine.Runtime) ->
         if rt.is_main:
             print(f"[rm_trainer] packing off ({problem}); batching grouped by length instead", flush=True)
         return False
+    if mode == "auto" and pays is not None:
+        cheaper, why = pays()
+        if not cheaper:
+            if rt.is_main:
+                print(f"[rm_trainer] packing off: grouped batches cost less here ({why}); --packing packs anyway",
+                      flush=True)
+            return False
     if rt.is_main and mode == "auto":
         print("[rm_trainer] packing on: packed rows score like padded ones for this model and attention "
               "(--no-packing for padded batches)", flush=True)
     return True
 
 
-def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime, packing: bool) -> RowSampler:
-    """The run's seeded sampler; grouping and packing read every row's token counts as two arrow columns."""
+def resolve_sharing(cfg: RunConfig, eng, backbone_config, rt: engine.Runtime, objective: Objective
+                    ) -> ShareRule | None:
+    """train.share_prompt (data.segments): which rows encode their prompt once, None for none. on: every row
+    with a common prefix, and shared rows must score like separate ones through the live engine
+    (check_sharing), else a config error; auto: the rows where sharing costs less (ShareRule.of the model),
+    where the check holds, else off, said in one line. Every rank runs the check and they agree first."""
+    mode = cfg.train.share_prompt
+    if mode == "off" or not objective.shares_prompts:
+        return None
+    if rt.sp > 1:  # share_prompt on with sequence parallelism is refused by the config's validation
+        if rt.is_main:
+            print("[rm_trainer] shared prompts off: not supported with sequence parallelism", flush=True)
+        return None
+    eng.eval()
+    problem = check_sharing(eng, backbone_config, rt.device, cfg.train.dtype)
+    eng.train()
+    if engine.host_sum(int(problem is not None)):
+        problem = problem or "another rank's shared and separate rewards differ"
+        if mode == "on":
+            raise ConfigError([f"train.share_prompt: {problem}"])
+        if rt.is_main:
+            print(f"[rm_trainer] shared prompts off ({problem})", flush=True)
+        return None
+    if rt.is_main:
+        print(f"[rm_trainer] shared prompts {'on' if mode == 'on' else 'on where they cost less'}: each row's "
+              "prompt encoded once, proven exact for this model and attention (--share_prompt off: each "
+              "response its own sequence)", flush=True)
+    return ALWAYS if mode == "on" else ShareRule.of(backbone_config)
+
+
+def make_sampler(cfg: RunConfig, train_ds, rt: engine.Runtime, packing: bool, share: bool = False) -> RowSampler:
+    """The run's seeded sampler; grouping and packing read every row's token counts as two arrow columns
+    (share: each row's tokens with its prompt once, `segment`)."""
     t = cfg.train
     lengths = {}
     if t.batching == "grouped" or packing:
-        lengths = {k: train_ds.data.column(k).to_numpy() for k in ("longest", "tokens")}
+        lengths = {k: train_ds.data.column("segment" if share else k).to_numpy() for k in ("longest", "tokens")}
     return RowSampler(len(train_ds), t.micro_batch_size, t.grad_accum, rt.dp_world, rt.dp_rank, t.seed,
                       t.batching, packing, **lengths)
 

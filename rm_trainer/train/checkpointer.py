@@ -45,7 +45,7 @@ def resume_keys(cfg: RunConfig, world: int, zero_stage: int) -> dict:
     return keys | {"world_size": world, "zero_stage": zero_stage, "sequence_parallel": t.sequence_parallel,
                    "model_config_sha256": model_id + ("+random_init" if cfg.model.random_init else ""),
                    "global_batch": t.micro_batch_size * t.grad_accum * (world // t.sequence_parallel),
-                   "batching": [t.batching, t.packing, cfg.pack_len],
+                   "batching": [t.batching, t.packing, cfg.pack_len, t.share_prompt],
                    "objective": objective.checkpoint_key()} | data_identity(cfg, objective)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rm_trainer import objectives
 from rm_trainer.config import RunConfig
 from rm_trainer.model import moe
 from rm_trainer.model.lora import apply_lora
@@ -42,6 +43,7 @@ class Estimate:
     active_params: int | None = None  # MoE: the parameters one token goes through
     sequence_parallel: int = 1  # each rank's activations are those of T / N tokens
     activations_cpu_gib: float | None = None  # --offload_activations: pinned host memory per GPU
+    share_mask_gib: float | None = None  # --share_prompt: the dense attention mask of one micro-batch
 
 
 def count_params(model_path: str, lora: dict | None = None) -> tuple[int, int, str, dict]:
@@ -150,10 +152,16 @@ def estimate_run(cfg: RunConfig, ds_cfg: dict, flags: dict) -> Estimate:
     from rm_trainer.train.engine import world_size_from_env
 
     world = flags.get("world_size") or world_size_from_env()
-    return estimate(cfg.model.path, ds_cfg, world, flags.get("gpus_per_node"), cfg.train.micro_batch_size,
-                    cfg.data.max_len, cfg.train.dtype, cfg.model.gradient_checkpointing, flags.get("gpu_memory_gb"),
-                    cfg.model.model_dump(), cfg.train.sequence_parallel, cfg.model.tiled_mlp,
-                    cfg.model.offload_activations)
+    e = estimate(cfg.model.path, ds_cfg, world, flags.get("gpus_per_node"), cfg.train.micro_batch_size,
+                 cfg.data.max_len, cfg.train.dtype, cfg.model.gradient_checkpointing, flags.get("gpu_memory_gb"),
+                 cfg.model.model_dump(), cfg.train.sequence_parallel, cfg.model.tiled_mlp,
+                 cfg.model.offload_activations)
+    if cfg.train.share_prompt != "off" and cfg.train.sequence_parallel == 1 and objectives.build(cfg).shares_prompts:
+        # a shared row is one segment of at most 2 max_len tokens (a pair; K responses: K max_len), its mask
+        # L^2 elements of the dtype, built once per forward and read by every layer
+        L = 2 * cfg.data.max_len
+        e.share_mask_gib = round(cfg.train.micro_batch_size * L * L * DTYPE_BYTES[cfg.train.dtype] / GiB, 3)
+    return e
 
 
 def _count(n: int) -> str:
@@ -182,6 +190,10 @@ def report(e: Estimate) -> str:
     if e.activations_cpu_gib is not None:
         lines.append(f"  offloaded layer inputs: {e.activations_cpu_gib:.2f} GiB of pinned CPU memory per GPU "
                      f"({e.activations_cpu_gib * e.gpus_per_node:.2f} GiB per node), copied on a side stream")
+    if e.share_mask_gib is not None:
+        lines.append(f"  shared prompts: each pair's prompt once, so its activations are at most the figure above "
+                     "(a pair of prompt P and responses R keeps P + 2R tokens instead of 2P + 2R: 0.62x at HH's 76 % "
+                     f"prompt share); the attention mask of a micro-batch adds up to {e.share_mask_gib:.3f} GiB")
     if e.fits is not None:
         verdict = "FITS" if e.fits else "DOES NOT FIT"
         lines.append(f"  {verdict} in {e.gpu_memory_gb:g} GB per GPU")

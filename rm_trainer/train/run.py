@@ -22,7 +22,7 @@ from rm_trainer.data.cache import load_data
 from rm_trainer.data.tokenize import load_tokenizer
 from rm_trainer.train import engine, sequence_parallel
 from rm_trainer.train.best import read_best
-from rm_trainer.train.build import build_engine, make_sampler, resolve_packing
+from rm_trainer.train.build import build_engine, make_sampler, resolve_layout
 from rm_trainer.train.checkpointer import EXIT_PREEMPTED, Checkpointer, Preempted, check_resume
 from rm_trainer.train.clock import Clock
 from rm_trainer.train.elastic import ensure_universal
@@ -94,9 +94,9 @@ def train(plan: Plan, started: float | None = None) -> dict:
     clock.lap("data")
     eng, backbone = build_engine(cfg, plan.ds_cfg, rt, objective, total, train_ds, test_ds)
     clock.lap("engine")
-    packing = resolve_packing(cfg, eng, backbone.config, rt)  # --packing auto: proven on this live engine
+    packing, share = resolve_layout(cfg, eng, backbone.config, rt, objective, train_ds, tok.pad_token_id)
     clock.lap("packing_check")
-    sampler = make_sampler(cfg, train_ds, rt, packing)
+    sampler = make_sampler(cfg, train_ds, rt, packing, share is not None)
     # packing: each micro step's loss sum x data-parallel groups x accum / global rows (step.train_step)
     step_opts = StepOptions(objective, rt.device, rt.dp_world * t.grad_accum / global_rows if packing else None,
                             rt.counts, StopFlag().install())
@@ -115,7 +115,7 @@ def train(plan: Plan, started: float | None = None) -> dict:
     try:
         if t.eval_at_start and done == 0 and test_ds is not None:  # e.g. the model this run continues from
             log.eval(0, evaluator.run(eng, 0), evaluator.pairs)
-        collate = functools.partial(objective.collate, pad_id=tok.pad_token_id, pack_len=cfg.pack_len)
+        collate = functools.partial(objective.collate, pad_id=tok.pad_token_id, pack_len=cfg.pack_len, share=share)
         for step, micro_batches in get_preference_iterator(train_ds, sampler, collate, done, total):
             rec = train_step(eng, step, micro_batches, step_opts)
             guard.check(rec)

@@ -82,9 +82,10 @@ class StepRecord:
         aux = {"router_aux_loss": v[n + 2] / v[n + 3]} if len(v) > n + 3 and v[n + 3] else {}
         if len(v) > n + 4:  # --tie_loss davidson: the learned nu this step used
             aux["tie_nu"] = math.exp(v[n + 4])
-        # sequences: what the step's forwards ran (all ranks), and rows (pairs, prompts) per second
+        # sequences: what the step's forwards ran (all ranks), and rows (pairs, prompts) per second; tokens:
+        # the real tokens the forwards computed (each shared prompt once)
         rates = self.objective.throughput(m, seconds)
-        return {"loss": m["loss"], **finite, **aux, "lr": self.lr, **rates,
+        return {"loss": m["loss"], **finite, **aux, "lr": self.lr, **rates, "tokens": int(v[n]),
                 "tokens_per_s": v[n] / seconds, "padding_efficiency": v[n] / v[n + 1]}
 
 

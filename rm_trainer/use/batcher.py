@@ -6,8 +6,10 @@ the first job, then keeps taking jobs until max_wait_ms has passed since the fir
 pending sequences fill max_batch_tokens, or max_batch_requests jobs are in. It tokenizes them as training
 did (data.tokenize.encode_item), scores them all in length-sorted token-budget batches
 (model.score_sequences: the same code as score_texts and rm-score) and hands each request its own
-results. A request alone in its batch gets exactly score_texts' bits; batched with others, its scores
-agree to fp32 rounding (matmul blocking depends on batch shape).
+results. Items of one prompt share it (--share_prompt: a request's responses list, queued requests with the
+same prompt, a request's full texts among themselves; data.segments). A request alone in its batch gets
+exactly score_texts' bits; batched with others, its scores agree to fp32 rounding (matmul blocking and
+shared segments depend on the batch).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from rm_trainer.data.tokenize import encode_item, special_prefix
+from rm_trainer.data.segments import ShareRule
+from rm_trainer.data.tokenize import encode_item, item_key, special_prefix
 from rm_trainer.model.scoring import score_with_attributes
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -35,7 +38,7 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.latency: dict[str, deque] = {}
         self.window = window
-        self.rows = self.forwards = self.batches = 0
+        self.rows = self.forwards = self.batches = self.tokens = self.sequence_tokens = 0
         self.rows_per_forward = [0] * (len(BATCH_BUCKETS) + 1)
         self.forward_seconds = 0.0
 
@@ -44,8 +47,12 @@ class Metrics:
             self.requests[(endpoint, code)] = self.requests.get((endpoint, code), 0) + 1
             self.latency.setdefault(endpoint, deque(maxlen=self.window)).append(seconds)
 
-    def forward(self, rows: int, seconds: float) -> None:
+    def forward(self, rows: int, seconds: float, tokens: int = 0, own: int | None = None) -> None:
+        """A forward of `rows` sequences that computed `tokens` tokens (`own`: the sequences' own, where
+        shared prompts made them differ)."""
         with self.lock:
+            self.tokens += tokens
+            self.sequence_tokens += tokens if own is None else own
             self.rows += rows
             self.forwards += 1
             self.forward_seconds += seconds
@@ -69,6 +76,9 @@ class Metrics:
             for name, kind, what, value in (
                     ("rm_rows_total", "counter", "Sequences scored.", self.rows),
                     ("rm_forwards_total", "counter", "Model forwards.", self.forwards),
+                    ("rm_forward_tokens_total", "counter", "Tokens the forwards computed (each shared prompt "
+                     "once).", self.tokens),
+                    ("rm_sequence_tokens_total", "counter", "Tokens of the scored sequences.", self.sequence_tokens),
                     ("rm_batches_total", "counter", "Batches formed from queued requests.", self.batches),
                     ("rm_forward_seconds_total", "counter", "Time in model forwards.", self.forward_seconds),
                     ("rm_queue_depth", "gauge", "Requests waiting for the model thread.", queue_depth)):
@@ -103,8 +113,8 @@ class Batcher:
     """One thread owns the model. It forms batches across requests and answers each job's future."""
 
     def __init__(self, model, max_batch_tokens: int, max_wait_ms: float, max_batch_requests: int,
-                 metrics: Metrics):
-        self.model, self.max_batch_tokens, self.metrics = model, max_batch_tokens, metrics
+                 metrics: Metrics, share: ShareRule | None = None):
+        self.model, self.max_batch_tokens, self.metrics, self.share = model, max_batch_tokens, metrics, share
         self.max_wait, self.max_batch_requests = max_wait_ms / 1000.0, max_batch_requests
         self.prefix = special_prefix(model.tokenizer)
         self.queue: queue.Queue = queue.Queue()
@@ -156,9 +166,12 @@ class Batcher:
         if not jobs:
             return
         seqs = [s for j in jobs for s in j.seqs]
+        # which sequences may share a prompt: items of one prompt, across queued requests; a request's full
+        # texts (/get_reward: a GRPO group) among themselves
+        keys = [k if (k := item_key(it)) is not None else ("request", n) for n, j in enumerate(jobs) for it in j.items]
         try:
             rewards, attributes = score_with_attributes(self.model, seqs, self.max_batch_tokens,
-                                                        on_forward=self.metrics.forward)
+                                                        on_forward=self.metrics.forward, share=self.share, keys=keys)
         except Exception as e:  # noqa: BLE001 - a bug: every waiting request gets a 500 with its traceback logged
             for j in jobs:
                 _resolve(j, error=e)

@@ -81,3 +81,4 @@ def row_items(row: dict, fmt: str, keys: RowKeys, where: str) -> list:
 def _show(v) -> str:
     s = repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
+

@@ -27,9 +27,10 @@ from rm_trainer import disk
 from rm_trainer.artifact.load import ModelOptions
 from rm_trainer.data.formats import is_jsonl, row_location
 from rm_trainer.data.read import read_table
-from rm_trainer.data.tokenize import encode_item, special_prefix
+from rm_trainer.data.tokenize import encode_item, item_key, special_prefix
 from rm_trainer.errors import DataError, UserError
-from rm_trainer.model.scoring import score_with_attributes
+from rm_trainer.model.scoring import Forwarded, score_with_attributes
+from rm_trainer.model.sharing import scoring_rule
 from rm_trainer.use.rows import RowKeys, detect_row_format, row_items, row_problem
 
 
@@ -44,6 +45,7 @@ class ScoreOptions:
     chunk_rows: int = 2048
     on_error: str = "error"  # or "skip": a malformed row is counted and left out
     wait_timeout_s: float = 86400  # rank 0's wait for the other ranks' chunks
+    share_prompt: str = "auto"  # responses to one prompt share it (model.sharing.scoring_rule); or on / off
 
 
 def read_rows(path: str, keys: RowKeys, on_error: str = "error", what: str = "--data"):
@@ -89,9 +91,13 @@ def part_path(parts: Path, lo: int, hi: int) -> Path:
     return parts / f"{lo:012d}-{hi:012d}.jsonl"
 
 
-def score_chunk(model, ds, lo: int, hi: int, fmt: str, opts: ScoreOptions) -> tuple[list[dict], Counter]:
+def score_chunk(model, ds, lo: int, hi: int, fmt: str, opts: ScoreOptions, forwarded: Forwarded | None = None
+                ) -> tuple[list[dict], Counter]:
+    """Rows lo..hi-1 scored (each with its reward, or rewards and best_index), and the malformed ones
+    counted; forwarded counts what the forwards computed."""
+    forwarded = forwarded or Forwarded()
     prefix = special_prefix(model.tokenizer)
-    rows, owners, seqs, dropped = [], [], [], Counter()
+    rows, owners, seqs, keys, dropped = [], [], [], [], Counter()
     for i in range(lo, hi):
         row = ds[i]
         if row_problem(row, fmt, opts.keys):  # read_rows has raised already unless on_error is skip
@@ -101,8 +107,11 @@ def score_chunk(model, ds, lo: int, hi: int, fmt: str, opts: ScoreOptions) -> tu
         for item in items:
             owners.append(len(rows))
             seqs.append(encode_item(model.tokenizer, item, model.max_len, prefix))
+            keys.append(item_key(item))  # rows of one prompt (a responses list, or rows repeating it) share it
         rows.append(row)
-    rewards, attributes = score_with_attributes(model, seqs, opts.max_batch_tokens) if seqs else ([], None)
+    share = scoring_rule(model, opts.share_prompt)
+    rewards, attributes = score_with_attributes(model, seqs, opts.max_batch_tokens, share=share, keys=keys,
+                                                on_forward=forwarded.add) if seqs else ([], None)
     per_row: list[list[float]] = [[] for _ in rows]
     per_row_attrs: list[list[dict]] = [[] for _ in rows]
     for j, (owner, r) in enumerate(zip(owners, rewards, strict=True)):
@@ -165,19 +174,20 @@ def run(model_opts: ModelOptions, opts: ScoreOptions) -> dict:
     parts = Path(str(output) + ".parts")
     mine = chunk_ranges(len(ds), opts.chunk_rows, rank, world)
     todo = [(lo, hi) for lo, hi in mine if not part_path(parts, lo, hi).is_file()]
-    started = time.perf_counter()
+    started, forwarded = time.perf_counter(), Forwarded()
     if todo:
         model = model_opts.load()  # before anything is written: a model that cannot load leaves nothing
         parts.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=sum(hi - lo for lo, hi in todo), unit="row", desc=f"score rank {rank}",
                    disable=rank != 0 and world > 1, dynamic_ncols=True)
         for lo, hi in todo:
-            rows, dropped = score_chunk(model, ds, lo, hi, fmt, opts)
+            rows, dropped = score_chunk(model, ds, lo, hi, fmt, opts, forwarded)
             write_part(part_path(parts, lo, hi), rows, dropped)
             bar.update(hi - lo)
         bar.close()
     report = {"rows": len(ds) + left_out, "format": fmt, "scored_here": sum(hi - lo for lo, hi in todo),
-              "resumed_chunks": len(mine) - len(todo), "seconds": round(time.perf_counter() - started, 3)}
+              "resumed_chunks": len(mine) - len(todo), "seconds": round(time.perf_counter() - started, 3),
+              "sequences": forwarded.sequences, "tokens": forwarded.tokens, "tokens_forwarded": forwarded.forwarded}
     if rank != 0:
         return report
     report |= _merge_all(len(ds), world, parts, output, opts, left_out)

@@ -61,6 +61,7 @@ class ServeOptions:
     max_chars: int = 200_000
     max_body_bytes: int = 64 << 20
     shutdown_timeout_s: float = 60.0
+    share_prompt: str = "auto"  # responses to one prompt share it (model.sharing.scoring_rule); or on / off
 
     def key(self) -> str | None:
         return self.api_key or os.environ.get(ENV_KEY) or None
@@ -226,7 +227,10 @@ def make_app(model, opts: ServeOptions, name: str = ""):
     from rm_trainer.use.batcher import Batcher, Metrics
 
     metrics = Metrics()
-    batcher = Batcher(model, opts.max_batch_tokens, opts.max_wait_ms, opts.max_batch_requests, metrics)
+    from rm_trainer.model.sharing import scoring_rule  # torch: not for rm-serve --help
+
+    batcher = Batcher(model, opts.max_batch_tokens, opts.max_wait_ms, opts.max_batch_requests, metrics,
+                      scoring_rule(model, opts.share_prompt))
     h = _Handlers(model, batcher, metrics, opts, name)
 
     async def drain(_app):  # on_cleanup: after aiohttp stopped accepting and let open requests finish

@@ -5,35 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import Live, cfg
 from transformers import AutoModel, LlamaConfig
 
-from rm_trainer.config import RunConfig
 from rm_trainer.errors import ConfigError
 from rm_trainer.model.reward import RewardModel
 from rm_trainer.train.build import resolve_packing
 from rm_trainer.train.engine import Runtime
 
 RT = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-class Live:
-    """The few Engine methods resolve_packing uses, over a real RewardModel."""
-
-    def __init__(self, model: RewardModel):
-        self.model = model
-
-    def __call__(self, *args):
-        return self.model(*args)
-
-    def eval(self):
-        self.model.eval()
-
-    def train(self):
-        self.model.train()
-
-
-def cfg(**train) -> RunConfig:
-    return RunConfig(model={"path": "m"}, data={"train_path": "d"}, output={"output_dir": "o"}, train=train)
 
 
 @pytest.fixture
@@ -64,3 +44,38 @@ def test_auto_falls_back_to_grouped_with_the_reason_and_on_refuses(live, capsys,
     assert "packing off (packed sequences attend to each other" in out and "batching grouped by length" in out
     with pytest.raises(ConfigError, match="train.packing: packed sequences attend to each other"):
         resolve_packing(cfg(packing="on"), live, live.model.config, RT)
+
+
+def rows(lengths: list[int]):
+    """An arrow dataset of pairs whose two sequences (no common prefix) have these lengths."""
+    from datasets import Dataset
+
+    ids = [[[5] * n, [6] * n] for n in lengths]
+    tokens = [2 * n for n in lengths]
+    return Dataset.from_dict({"ids": ids, "single": [[[], []]] * len(ids), "source": [0] * len(ids),
+                              "longest": lengths, "tokens": tokens, "segment": tokens})
+
+
+def test_auto_packs_only_where_packed_micro_batches_cost_less(live, capsys):
+    """Skewed lengths (a few long pairs among short ones, like HH): with one micro-batch per step grouping has
+    nothing to sort, and padding to the longest pair costs more than packing; with 16 micro-batches per step
+    grouping puts the long pairs together and leaves the short ones unpadded, and dense packed rows cost more.
+    """
+    from helpers import objective
+
+    from rm_trainer.data.segments import ShareRule
+    from rm_trainer.train.build import packing_pays
+
+    skewed = rows([60 if i % 8 == 0 else 12 for i in range(256)])
+    rule = ShareRule.of(live.model.config)
+    one_micro = cfg(micro_batch_size=16, grad_accum=1, pack_len=512)
+    many_micro = cfg(micro_batch_size=2, grad_accum=16, pack_len=512)
+    pays_one, why = packing_pays(one_micro, skewed, RT, objective(), None, rule, 0)
+    assert pays_one and "packed" in why and "grouped" in why
+    assert not packing_pays(many_micro, skewed, RT, objective(), None, rule, 0)[0]
+    # at the seam: auto asks, on does not
+    assert resolve_packing(many_micro, live, live.model.config, RT,
+                           lambda: packing_pays(many_micro, skewed, RT, objective(), None, rule, 0)) is False
+    assert "packing off: grouped batches cost less here (modelled cost" in capsys.readouterr().out
+    on = cfg(micro_batch_size=2, grad_accum=16, pack_len=512, packing="on")
+    assert resolve_packing(on, live, live.model.config, RT, lambda: (False, "")) is True

@@ -23,6 +23,7 @@ import torch
 from helpers import (
     ROOT,
     SHARED_HH,
+    hh_prompt_rows,
     metrics,
     one_rank_and_two_sequence_ranks,
     resume_from_copy,
@@ -93,24 +94,6 @@ def test_rankings_of_two_train_exactly_like_their_pairs(tmp_path, tiny_pretraine
     ea, eb = metrics(runs["pairs"], "eval")[-1], metrics(runs["ranking"], "eval")[-1]
     assert ea["acc"] == eb["acc"] and abs(ea["loss"] - eb["loss"]) <= 1e-6 * ea["loss"]
     assert eb["prompts"] == 32 and eb["responses"] == 64
-
-
-def hh_prompt_rows(n: int) -> list[dict]:
-    """The first n real HH-RLHF pairs that split into a shared prompt and two answers, as prompt rows."""
-    import gzip
-
-    from rm_trainer.data.formats import split_hh
-
-    rows = []
-    with gzip.open(SHARED_HH, "rt") as f:
-        for line in f:
-            r = json.loads(line)
-            s = split_hh(r["chosen"], r["rejected"])
-            if s is not None:
-                rows.append({"prompt": s[0], "chosen": s[1], "rejected": s[2]})
-            if len(rows) == n:
-                return rows
-    return rows
 
 
 @pytest.mark.skipif(not SHARED_HH.is_file(), reason=f"real HH-RLHF pairs not found at {SHARED_HH}")

@@ -54,6 +54,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, demo_assets, tiny_pretrained
         f.unlink()
     proc = train(b, args)  # --resume auto is the default
     assert "resumed from" in proc.stdout and "step_6" in proc.stdout
+    assert "shared prompts on" in proc.stdout  # --share_prompt auto: each pair's prompt encoded once
     assert "half-written checkpoint" in proc.stderr and not (b / "checkpoints" / "step_9.tmp").exists()
     la, lb = train_losses(a), train_losses(b)
     assert len(la) == len(lb) == STEPS - 6

@@ -157,3 +157,32 @@ def test_a_bad_row_is_named_or_counted_and_left_out(run, inputs, tmp_path):
     report = json.loads((tmp_path / "o.jsonl.report.json").read_text())
     assert report["dropped"] == {"malformed": 1} and report["written"] == len(rows) - 1
     assert sum(1 for _ in open(tmp_path / "o.jsonl")) == len(rows) - 1
+
+
+@pytest.mark.slow
+def test_best_of_8_rows_and_repeated_prompts_share_each_prompt_and_keep_each_responses_reward(run, demo_assets,
+                                                                                            tmp_path):
+    """A row of one prompt and 8 responses, and consecutive rows repeating a prompt, encode the prompt once
+    (the report's tokens_forwarded), and every reward is that of its (prompt, response) scored alone."""
+    model = str(run("torchrun_z3_w2") / "reward.pt")
+    rows = [json.loads(line) for line in open(demo_assets["test"])]
+    best = [{"prompt": r["prompt"], "responses": [x[k] for x in rows[i:i + 4] for k in ("chosen", "rejected")]}
+            for i, r in enumerate(rows[:24])]
+    repeated = [{"prompt": b["prompt"], "response": x} for b in best for x in b["responses"]]
+    rm = load_reward_model(model)
+    alone = torch.tensor([float(rm.score_texts([(r["prompt"], r["response"])], share_prompt="off")[0])
+                          for r in repeated])
+    for name, data in (("bo8", best), ("repeated", repeated)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in data))
+        reports = {}
+        for share in ("auto", "off"):
+            dest = tmp_path / f"{name}_{share}.jsonl"
+            p = score(["--model", model, "--data", str(tmp_path / f"{name}.jsonl"), "--output", str(dest),
+                       "--share_prompt", share])
+            reports[share] = json.loads(p.stdout.strip().splitlines()[-1])
+            got = [json.loads(line) for line in open(dest)]
+            flat = torch.tensor([x for g in got for x in (g["rewards"] if name == "bo8" else [g["reward"]])])
+            assert float((flat - alone).abs().max()) <= 1e-5 * float(alone.abs().max()), (name, share)
+        on, off = reports["auto"], reports["off"]
+        assert on["sequences"] == off["sequences"] == len(repeated) and on["tokens"] == off["tokens"]
+        assert off["tokens_forwarded"] == off["tokens"] and on["tokens_forwarded"] < 0.8 * on["tokens"], on

@@ -199,3 +199,34 @@ def test_sigterm_answers_the_queued_requests_then_exits(run, texts):
         log = server.stop()
     assert [c for c, _ in answers] == [200] * 6, log
     assert code == 0, log
+
+
+@pytest.mark.slow
+def test_a_group_request_shares_its_prompt_and_each_reward_is_the_responses_alone(served, texts):
+    """GRPO groups as OpenRLHF and verl send them: /score with one prompt and 8 responses, and /get_reward with
+    the group's 8 full texts; rm_forward_tokens_total grows by less than the sequences' tokens."""
+    out, server = served
+    rm = load_reward_model(out / "reward.pt")
+    prompt = texts[0]["prompt"]
+    group = [r[k] for r in texts[:4] for k in ("chosen", "rejected")]
+    alone = {"/score": torch.cat([rm.score_texts([(prompt, x)], share_prompt="off") for x in group]),
+             "/get_reward": torch.cat([rm.score_texts([prompt + x], share_prompt="off") for x in group])}
+
+    async def scenario():
+        async with aiohttp.ClientSession() as s:
+            results = []
+            for path, body in (("/score", {"rows": [{"prompt": prompt, "responses": group}]}),
+                               ("/get_reward", {"query": [prompt + x for x in group]})):
+                _, before = await server.get("/metrics", AUTH)
+                code, got = await post(s, server.url + path, body)
+                _, after = await server.get("/metrics", AUTH)
+                assert code == 200, got
+                rewards = got["results"][0]["rewards"] if path == "/score" else got["rewards"]
+                grew = {m: metric(after, m) - metric(before, m) for m in ("rm_forward_tokens_total",
+                                                                         "rm_sequence_tokens_total")}
+                results.append((path, torch.tensor(rewards), grew))
+            return results
+
+    for path, got, grew in asyncio.run(scenario()):
+        assert float((got - alone[path]).abs().max()) <= 1e-5 * float(alone[path].abs().max()), path
+        assert 0 < grew["rm_forward_tokens_total"] < 0.8 * grew["rm_sequence_tokens_total"], grew
