@@ -22,6 +22,10 @@ timeout 300 "$py" bench/loss_memory.py --preset llama1b --device cuda --dtypes b
 # full ZeRO-2 training steps: tokens/s and MFU
 timeout 240 "$py" bench/train_step.py --preset llama1b --steps 10 --warmup 3 \
   --output "$out/train_step_llama1b.json" > "$out/train_step.log" 2>&1 || echo "train_step failed or timed out: rc=$?"
+# shared prompts (issue 35) vs grouped and packed, real HH pairs, a 1B Llama shape at T=2048, bf16
+timeout 420 "$py" bench/throughput.py --hidden 2048 --layers 16 --max_len 2048 --pack_len 4096 --dtype bf16 \
+  --micro 8 --accum 4 --steps 4 --output "$out/throughput_shared_1b.json" > "$out/throughput.log" 2>&1 \
+  || echo "throughput failed or timed out: rc=$?"
 # the real entry point on CUDA/nccl, no code change: demo data, bf16, one process (ZeRO-2) and the
 # deepspeed launcher (ZeRO-3, partitioned construction)
 "$py" -m rm_trainer.demo /tmp/rm_demo >/dev/null

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""rm-score's batching: rows/s with length-sorted vs input-order token-budgeted batches (JSON out).
+"""rm-score's batching: rows/s with length-sorted vs input-order token-budgeted batches, and best-of-8 rows with
+and without shared prompts (JSON out).
 
 Rows are the real HH-RLHF pairs in ../shared/data, each chosen and each rejected response scored as a
 (prompt, response) row, tokenized exactly as rm-score does (data.tokenize.encode_item) with a 2k byte-level BPE
@@ -7,7 +8,12 @@ trained locally on them, max_len 512. The reward model has real-model proportion
 4 layers, GQA 8/2, random init, fp32). Both modes score the same rows with the same --max_batch_tokens
 through model.score_sequences (rm-score's own code), in one process; their rewards must agree.
 
-    python bench/score_speed.py               # 1,024 rows (~3 min on 2 cores)
+Best-of-8: --groups prompts of the real pairs, each with 8 responses (its own two and six of other
+conversations, as a policy's samples differ), scored as rm-score scores a `responses` row: the prompt once
+per group (data.segments, the model's ShareRule), or every response its own sequence. Target: shared
+rows/s >= 1.8x; rewards within 1e-5 relative.
+
+    python bench/score_speed.py               # 1,024 rows and 128 groups of 8 (~5 min on 2 cores)
     python bench/score_speed.py --smoke       # seconds (the tests)
 """
 
@@ -26,6 +32,7 @@ from common import add_output, bpe_tokenizer, finish, hh_pairs, llama_config
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1024)
+    ap.add_argument("--groups", type=int, default=128, help="best-of-8 prompts")
     ap.add_argument("--max_len", type=int, default=512)
     ap.add_argument("--max_batch_tokens", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=512)
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_output(ap)
     a = ap.parse_args(argv)
     if a.smoke:
-        a.rows, a.max_len, a.max_batch_tokens, a.hidden, a.layers = 64, 128, 1024, 64, 2
+        a.rows, a.groups, a.max_len, a.max_batch_tokens, a.hidden, a.layers = 64, 8, 128, 1024, 64, 2
     import torch
     from transformers import AutoModel
 
@@ -49,11 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
     hh = hh_pairs()
     with tempfile.TemporaryDirectory() as tmp:
         tok = bpe_tokenizer(hh, Path(tmp) / "tok")
-    items = []
+    items, splits = [], []
     for r in hh:
         split = split_hh(r["chosen"], r["rejected"])
         if split is not None and split[1].strip() and split[2].strip():
             items += [(split[0], split[1]), (split[0], split[2])]
+            splits.append(split)
     random.Random(0).shuffle(items)  # a scoring file in no particular length order
     items = items[:a.rows]
     prefix = special_prefix(tok)
@@ -80,7 +88,41 @@ def main(argv: list[str] | None = None) -> dict:
     diff = (rewards["sorted"] - rewards["unsorted"]).abs().max().item()
     result["max_reward_difference"] = diff
     result["rewards_agree"] = diff <= 1e-4 * max(1.0, rewards["sorted"].abs().max().item())
+    result["best_of_8"] = best_of_8(model, tok, splits, a)
     return finish(result, a.output)
+
+
+def best_of_8(model, tok, splits: list, a) -> dict:
+    """Groups of one prompt and 8 responses, scored with and without shared prompts (module docstring)."""
+    from rm_trainer.data.segments import ShareRule
+    from rm_trainer.data.tokenize import encode_item, special_prefix
+    from rm_trainer.model.scoring import Forwarded, score_sequences
+
+    rng = random.Random(1)
+    items, keys = [], []
+    for g, (prompt, c, r) in enumerate(splits[:a.groups]):
+        others = [x for s in rng.sample(splits, 3) for x in s[1:]]
+        items += [(prompt, x) for x in (c, r, *others)]
+        keys += [g] * 8
+    prefix = special_prefix(tok)
+    seqs = [encode_item(tok, it, a.max_len, prefix) for it in items]
+    out: dict = {"groups": a.groups, "rows": len(seqs), "real_tokens": sum(map(len, seqs)), "modes": {}}
+    rewards = {}
+    for mode, share in (("unshared", None), ("shared", ShareRule.of(model.config))):
+        count = Forwarded()
+        t0 = time.perf_counter()
+        rewards[mode] = score_sequences(model, seqs, a.max_batch_tokens, share=share, keys=keys, on_forward=count.add)
+        seconds = time.perf_counter() - t0
+        out["modes"][mode] = {"seconds": round(seconds, 3), "rows_per_s": round(len(seqs) / seconds, 2),
+                              "tokens_forwarded": count.forwarded}
+    m = out["modes"]
+    out["shared_over_unshared_rows_per_s"] = round(m["shared"]["rows_per_s"] / m["unshared"]["rows_per_s"], 3)
+    out["tokens_ratio"] = round(m["shared"]["tokens_forwarded"] / m["unshared"]["tokens_forwarded"], 4)
+    err = float((rewards["shared"] - rewards["unshared"]).abs().max() / rewards["unshared"].abs().max())
+    out["max_relative_reward_difference"] = err
+    out["targets"] = {"shared rows/s >= 1.8x": out["shared_over_unshared_rows_per_s"] >= 1.8,
+                      "rewards within 1e-5 relative": err <= 1e-5}
+    return out
 
 
 if __name__ == "__main__":
