@@ -12,7 +12,6 @@ the consumers of the exported model that tokenize raw text.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -81,17 +80,6 @@ def encode_item(tok, item, max_len: int, prefix: list[int]) -> list[int]:
         p, c, _ = render_conversation(tok, prompt, response, response, None)
         return encode(tok, p, c, max_len, prefix).chosen
     return encode(tok, prompt, response, max_len, prefix=prefix).chosen
-
-
-def item_key(item):
-    """Which prompt an item answers (scoring's keys: items of one prompt may share it, data.segments): the
-    prompt of a (prompt, response) pair, or a conversation's turns before the response; None for a full
-    text."""
-    if isinstance(item, tuple):
-        return item[0] if isinstance(item[0], str) else json.dumps(item[0], sort_keys=True)
-    if isinstance(item, list):
-        return json.dumps(split_conversation(item)[0], sort_keys=True)
-    return None
 
 
 def expand_groups(items: list) -> list:

@@ -33,6 +33,7 @@ from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.errors import DataError, UserError
 from rm_trainer.eval import diagnostics, report, rewardbench
 from rm_trainer.model.scoring import score_sequences
+from rm_trainer.model.sharing import scoring_rule
 from rm_trainer.objectives.base import single_view
 from rm_trainer.objectives.pair_rows import DROP_REASONS, PairKeys, PairReader
 from rm_trainer.use.score import row_where
@@ -173,7 +174,8 @@ def evaluate(model, files: list[str], opts: EvalOptions | None = None
     seqs = pairs_c + pairs_r + [s for p in v2 for s in p["seqs"]]
     if not seqs:
         raise UserError(f"--data {' '.join(files)}: no usable pairs (dropped: {dict(got['dropped'])})")
-    rewards = score_sequences(model, seqs, opts.max_batch_tokens, padding_side=opts.padding_side)
+    rewards = score_sequences(model, seqs, opts.max_batch_tokens, padding_side=opts.padding_side,
+                              share=scoring_rule(model))  # a pair's prompt once, as score_texts shares it
     n = len(pairs_c)
     r_c, r_r = rewards[:n], rewards[n:2 * n]
     strict = [j for j in range(n) if not got["tie"][j]]  # tied pairs (--tie_key) have no preferred side

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from rm_trainer.data.tokenize import encode_item, expand_groups, item_key, special_prefix
+from rm_trainer.data.tokenize import encode_item, expand_groups, special_prefix
 from rm_trainer.errors import UserError
 from rm_trainer.model import moe
 from rm_trainer.model.attributes import combination, combine
@@ -256,8 +256,8 @@ class RewardModel(nn.Module):
         batches: sorted by length, at most max_batch_tokens padded tokens per forward.
 
         A (prompt, [response, ...]) item (best-of-n, a GRPO group) gives one reward per response, in order.
-        Items of one prompt encode it once (share_prompt auto|on|off, model.sharing.scoring_rule), as do the
-        full texts of one call among themselves; each reward is the one its sequence has alone, to float
+        Sequences that start with the same tokens (items of one prompt) encode them once (share_prompt
+        auto|on|off, model.sharing.scoring_rule); each reward is the one its sequence has alone, to float
         rounding (fp32: within 1e-5 relative, the check's bound).
 
         An attribute head (--objective regression) returns its combined reward (what PPO reads), or with
@@ -267,9 +267,7 @@ class RewardModel(nn.Module):
         if attributes and self.attributes is None:
             raise UserError("attributes=True: this reward model has one scalar output, no attributes")
         prefix = special_prefix(self.tokenizer)
-        items = expand_groups(texts)
-        keys = [k if (k := item_key(t)) is not None else "texts" for t in items]
-        seqs = [encode_item(self.tokenizer, t, self.max_len, prefix) for t in items]
+        seqs = [encode_item(self.tokenizer, t, self.max_len, prefix) for t in expand_groups(texts)]
         out = score_sequences(self, seqs, max_batch_tokens, attributes=attributes,
-                              share=scoring_rule(self, share_prompt), keys=keys)
+                              share=scoring_rule(self, share_prompt))
         return (self.reward_of(out), out) if attributes else out

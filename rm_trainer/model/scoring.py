@@ -33,11 +33,13 @@ def score_sequences(model, seqs: list[list[int]], max_batch_tokens: int, sort: b
     attributes=True its (N, K) attributes). padding_side="left" pads in front, with an attention mask and
     position ids that start at each sequence's first token (what HF pipelines do); the rewards agree with
     right padding to fp32 rounding. on_forward(rows, seconds, tokens[, own tokens]) is told of every forward
-    (rm-serve's metrics; tokens: those it computed). share (model.sharing.scoring_rule) with keys: sequences
-    of one key (not None) share their common prefix where the rule says it costs less."""
+    (rm-serve's metrics; tokens: those it computed). share (model.sharing.scoring_rule): sequences that start
+    with the same tokens share them where the rule says it costs less (keys: only those of one key; default
+    all), decided from the tokens alone, so the same sequences group the same way in every caller."""
     assert padding_side in ("right", "left"), padding_side
     out = torch.empty(len(seqs), *([len(model.attributes)] if attributes else []), dtype=torch.float32)
-    if share is not None and keys is not None and padding_side == "right":
+    if share is not None and padding_side == "right":
+        keys = [0] * len(seqs) if keys is None else keys
         return _score_shared(model, seqs, max_batch_tokens, share, keys, out, on_forward, attributes)
     device = model.score.weight.device
     for batch in token_budget_batches([len(s) for s in seqs], max_batch_tokens, sort):

@@ -6,8 +6,8 @@ the first job, then keeps taking jobs until max_wait_ms has passed since the fir
 pending sequences fill max_batch_tokens, or max_batch_requests jobs are in. It tokenizes them as training
 did (data.tokenize.encode_item), scores them all in length-sorted token-budget batches
 (model.score_sequences: the same code as score_texts and rm-score) and hands each request its own
-results. Items of one prompt share it (--share_prompt: a request's responses list, queued requests with the
-same prompt, a request's full texts among themselves; data.segments). A request alone in its batch gets
+results. Sequences that start with the same tokens share them (--share_prompt, data.segments: a request's
+responses list, a GRPO group's full texts, queued requests with one prompt). A request alone in its batch gets
 exactly score_texts' bits; batched with others, its scores agree to fp32 rounding (matmul blocking and
 shared segments depend on the batch).
 """
@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rm_trainer.data.segments import ShareRule
-from rm_trainer.data.tokenize import encode_item, item_key, special_prefix
+from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.model.scoring import score_with_attributes
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -166,12 +166,9 @@ class Batcher:
         if not jobs:
             return
         seqs = [s for j in jobs for s in j.seqs]
-        # which sequences may share a prompt: items of one prompt, across queued requests; a request's full
-        # texts (/get_reward: a GRPO group) among themselves
-        keys = [k if (k := item_key(it)) is not None else ("request", n) for n, j in enumerate(jobs) for it in j.items]
-        try:
+        try:  # sequences that start with the same tokens share them, across the batch's requests
             rewards, attributes = score_with_attributes(self.model, seqs, self.max_batch_tokens,
-                                                        on_forward=self.metrics.forward, share=self.share, keys=keys)
+                                                        on_forward=self.metrics.forward, share=self.share)
         except Exception as e:  # noqa: BLE001 - a bug: every waiting request gets a 500 with its traceback logged
             for j in jobs:
                 _resolve(j, error=e)

@@ -27,7 +27,7 @@ from rm_trainer import disk
 from rm_trainer.artifact.load import ModelOptions
 from rm_trainer.data.formats import is_jsonl, row_location
 from rm_trainer.data.read import read_table
-from rm_trainer.data.tokenize import encode_item, item_key, special_prefix
+from rm_trainer.data.tokenize import encode_item, special_prefix
 from rm_trainer.errors import DataError, UserError
 from rm_trainer.model.scoring import Forwarded, score_with_attributes
 from rm_trainer.model.sharing import scoring_rule
@@ -97,7 +97,7 @@ def score_chunk(model, ds, lo: int, hi: int, fmt: str, opts: ScoreOptions, forwa
     counted; forwarded counts what the forwards computed."""
     forwarded = forwarded or Forwarded()
     prefix = special_prefix(model.tokenizer)
-    rows, owners, seqs, keys, dropped = [], [], [], [], Counter()
+    rows, owners, seqs, dropped = [], [], [], Counter()
     for i in range(lo, hi):
         row = ds[i]
         if row_problem(row, fmt, opts.keys):  # read_rows has raised already unless on_error is skip
@@ -107,10 +107,9 @@ def score_chunk(model, ds, lo: int, hi: int, fmt: str, opts: ScoreOptions, forwa
         for item in items:
             owners.append(len(rows))
             seqs.append(encode_item(model.tokenizer, item, model.max_len, prefix))
-            keys.append(item_key(item))  # rows of one prompt (a responses list, or rows repeating it) share it
         rows.append(row)
-    share = scoring_rule(model, opts.share_prompt)
-    rewards, attributes = score_with_attributes(model, seqs, opts.max_batch_tokens, share=share, keys=keys,
+    share = scoring_rule(model, opts.share_prompt)  # a chunk's sequences of one prompt share it
+    rewards, attributes = score_with_attributes(model, seqs, opts.max_batch_tokens, share=share,
                                                 on_forward=forwarded.add) if seqs else ([], None)
     per_row: list[list[float]] = [[] for _ in rows]
     per_row_attrs: list[list[dict]] = [[] for _ in rows]
